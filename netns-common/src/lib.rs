@@ -1,0 +1,291 @@
+//! Types shared by the eBPF datapath (`netns-ebpf`) and user space (`netns-user`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding (the verifier rejects reads of
+//! uninitialised stack bytes, and user space must hash the same bytes as the kernel),
+//! and has a size assertion. Addresses and ports are in network byte order unless a
+//! field says otherwise.
+#![no_std]
+
+/// Bumped whenever a map key, value or map definition changes. It is part of the bpffs
+/// pin directory name because aya reuses an existing pinned map without checking its
+/// layout: a new layout must never open an old map.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names; maps are pinned by these names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
+pub mod maps {
+    pub const CONNTRACK: &str = "NETNS_CT";
+    pub const CONFIG: &str = "NETNS_CONFIG";
+    pub const ENDPOINTS: &str = "NETNS_EPS";
+    pub const PORTS: &str = "NETNS_PORTS";
+    pub const STATS: &str = "NETNS_STATS";
+    pub const FRAGS: &str = "NETNS_FRAGS";
+}
+
+/// Program (function) names in the eBPF object.
+pub mod progs {
+    /// TC egress of the uplink: masquerade (SNAT) and reverse of port-forward DNAT.
+    pub const UPLINK_EGRESS: &str = "netns_uplink_egress";
+    /// TC ingress of the uplink: reverse SNAT of replies and port-forward DNAT.
+    pub const UPLINK_INGRESS: &str = "netns_uplink_ingress";
+    /// TC ingress of a bridge port (host end of a container's veth): source validation.
+    pub const PORT_INGRESS: &str = "netns_port_ingress";
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Where in the datapath a conntrack key was seen.
+pub mod dir {
+    /// Leaving through the uplink (TC egress): the entry rewrites the source.
+    pub const UPLINK_EGRESS: u8 = 0;
+    /// Arriving on the uplink (TC ingress): the entry rewrites the destination.
+    pub const UPLINK_INGRESS: u8 = 1;
+}
+
+/// An L4 tuple. For ICMP echo the identifier stands in for the port: it is `sport` of
+/// a request and `dport` of a reply, the other port being 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(core::mem::size_of::<Tuple>() == 12);
+
+impl Tuple {
+    /// The tuple a reply to this packet carries.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Tuple {
+        Tuple {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+}
+
+/// Conntrack key: the tuple as seen at one hook point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub tuple: Tuple,
+    pub proto: u8,
+    /// One of [`dir`].
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+
+/// What created a conntrack entry.
+pub mod ct_kind {
+    /// Masquerade of a flow a container opened.
+    pub const SNAT: u8 = 1;
+    /// Port forward of a flow a peer opened.
+    pub const DNAT: u8 = 2;
+}
+
+/// Connection states, a coarse version of Linux conntrack's.
+pub mod ct_state {
+    pub const NEW: u8 = 0;
+    pub const ESTABLISHED: u8 = 1;
+    pub const FIN_WAIT: u8 = 2;
+    pub const CLOSE: u8 = 3;
+}
+
+/// Conntrack value: what a packet matching the key is rewritten to. Each flow has two
+/// entries, one per direction; the other entry's key is `xlat.reversed()` at the other
+/// hook point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CtEntry {
+    pub xlat: Tuple,
+    /// One of [`ct_state`].
+    pub state: u8,
+    /// One of [`ct_kind`].
+    pub kind: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` at the last packet in this direction.
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
+
+/// The datapath's settings: one entry of an array map, rewritten by user space when the
+/// uplink address changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// Container subnet and mask (network order): sources inside it are masqueraded.
+    pub subnet: u32,
+    pub subnet_mask: u32,
+    /// The bridge's own address: traffic to it is never translated.
+    pub gateway: u32,
+    /// The uplink's IPv4 address, the masquerade source. 0 = not known: pass untouched.
+    pub uplink_addr: u32,
+    pub uplink_ifindex: u32,
+    pub bridge_ifindex: u32,
+    /// Range for masquerade source ports when the original is taken (host byte order).
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
+
+/// A container attached to the bridge, keyed by its IPv4 address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Ifindex of the host end of the container's veth (the bridge port).
+    pub ifindex: u32,
+    /// The container's `eth0` MAC address.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 12);
+
+/// Port-forward key. `host_addr` 0 matches any local address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    pub host_addr: u32,
+    pub host_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
+
+/// Port-forward target: the container address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortTarget {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
+
+/// IPv4 fragment key: later fragments carry no L4 header and take their ports from the
+/// first fragment of the same datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
+/// Ports of a fragmented datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
+
+/// Indexes into the per-CPU counter array. Every drop has its own reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Packets whose source was masqueraded on the way out.
+    SnatPackets = 0,
+    /// Replies translated back to a container on the way in.
+    SnatReplyPackets,
+    /// Packets of new flows that created a conntrack pair.
+    CtCreated,
+    /// Packets translated by port-forward DNAT on the way in.
+    DnatPackets,
+    /// Replies of port-forwarded flows translated on the way out.
+    DnatReplyPackets,
+    /// Conntrack pairs whose other half was missing and was rebuilt.
+    CtRepaired,
+    /// Packets that passed a bridge port's source check.
+    PortPassed,
+    /// Source port search needed retries.
+    PortRetries,
+    DropPortExhausted,
+    DropSpoofedIp,
+    DropSpoofedMac,
+    DropMalformed,
+    DropCsumHelper,
+    DropCtInsert,
+    DropFragNoFirst,
+}
+
+impl Stat {
+    pub const COUNT: u32 = Stat::DropFragNoFirst as u32 + 1;
+
+    pub const ALL: [Stat; Stat::COUNT as usize] = [
+        Stat::SnatPackets,
+        Stat::SnatReplyPackets,
+        Stat::CtCreated,
+        Stat::DnatPackets,
+        Stat::DnatReplyPackets,
+        Stat::CtRepaired,
+        Stat::PortPassed,
+        Stat::PortRetries,
+        Stat::DropPortExhausted,
+        Stat::DropSpoofedIp,
+        Stat::DropSpoofedMac,
+        Stat::DropMalformed,
+        Stat::DropCsumHelper,
+        Stat::DropCtInsert,
+        Stat::DropFragNoFirst,
+    ];
+
+    /// Stable name used by `netns stats`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::SnatPackets => "snat_packets",
+            Stat::SnatReplyPackets => "snat_reply_packets",
+            Stat::CtCreated => "ct_created",
+            Stat::DnatPackets => "dnat_packets",
+            Stat::DnatReplyPackets => "dnat_reply_packets",
+            Stat::CtRepaired => "ct_repaired",
+            Stat::PortPassed => "port_passed",
+            Stat::PortRetries => "port_retries",
+            Stat::DropPortExhausted => "drop_port_exhausted",
+            Stat::DropSpoofedIp => "drop_spoofed_ip",
+            Stat::DropSpoofedMac => "drop_spoofed_mac",
+            Stat::DropMalformed => "drop_malformed",
+            Stat::DropCsumHelper => "drop_csum_helper",
+            Stat::DropCtInsert => "drop_ct_insert",
+            Stat::DropFragNoFirst => "drop_frag_no_first",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= (Stat::DropPortExhausted as u32)
+    }
+}
+
+/// Map sizes (user space may override with `EbpfLoader::map_max_entries`).
+pub const CT_MAX_ENTRIES: u32 = 262_144;
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
+pub const PORTS_MAX_ENTRIES: u32 = 131_072;
+pub const FRAGS_MAX_ENTRIES: u32 = 8_192;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for Tuple {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortTarget {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
+}
