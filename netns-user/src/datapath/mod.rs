@@ -2,12 +2,39 @@
 //!
 //! The first caller loads the object and pins maps, programs and TCX links under
 //! `<bpffs_dir>/v<LAYOUT_VERSION>/`; later callers (every hook, the CLI) open the pins.
-//! A file lock serialises loading so nothing is loaded twice.
+//! An flock on that directory serialises loading, so nothing is loaded twice.
+//!
+//! Pin layout:
+//! ```text
+//! <bpffs_dir>/v1/maps/NETNS_*            maps (pinned by name by the loader)
+//! <bpffs_dir>/v1/progs/<program>         programs, so later hooks attach without loading
+//! <bpffs_dir>/v1/links/uplink-{egress,ingress}, links/port-<ifindex>   TCX links
+//! ```
 
+mod pins;
+mod sys;
+
+use std::fs::{self, File};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
 
-use netns_common::Endpoint;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::links::FdLink;
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
+use netns_common::{
+    Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, Stat, maps, progs,
+};
+use nix::fcntl::{Flock, FlockArg};
+
+pub use pins::Pins;
+
+/// The eBPF object built by `build.rs` (aya-build).
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netns"));
+
+/// `statfs` magic of a bpffs mount.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Errors at the datapath's edge.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +49,15 @@ pub enum DatapathError {
     },
     #[error("{0}")]
     Bpf(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Io { what, source }
+}
+
+fn bpf<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> DatapathError {
+    move |e| DatapathError::Bpf(format!("{what}: {e}"))
 }
 
 /// What the datapath needs to know about the host side of the network.
@@ -39,47 +75,388 @@ pub struct DatapathConfig {
     pub nat_ports: (u16, u16),
 }
 
+impl DatapathConfig {
+    fn to_map_value(&self) -> Config {
+        let mask: u32 = if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix_len.min(32)))
+        };
+        let gw = u32::from(self.gateway);
+        Config {
+            subnet: (gw & mask).to_be(),
+            subnet_mask: mask.to_be(),
+            gateway: gw.to_be(),
+            uplink_addr: self.uplink_addr.map_or(0, |a| u32::from(a).to_be()),
+            uplink_ifindex: self.uplink_ifindex,
+            bridge_ifindex: self.bridge_ifindex,
+            nat_port_min: self.nat_ports.0,
+            nat_port_max: self.nat_ports.1,
+            _pad: [0; 4],
+        }
+    }
+}
+
 /// An open, loaded datapath (pinned maps opened from bpffs).
 pub struct Datapath {
-    _priv: (),
+    pins: Pins,
+    /// Held while this process may load or re-attach; released on drop.
+    _lock: Option<Flock<File>>,
+}
+
+/// One map's state for `netns datapath status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MapStatus {
+    pub name: String,
+    pub pin: PathBuf,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+/// One attachment for `netns datapath status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkStatus {
+    pub pin: PathBuf,
+    pub program: String,
+    pub ifindex: u32,
+    pub attach: String,
 }
 
 impl Datapath {
     /// Loads and attaches the datapath if it is not pinned yet (under a lock), otherwise
-    /// opens the pins; in both cases refreshes the config map from `cfg`.
+    /// opens the pins; in both cases refreshes the config map from `cfg` and re-attaches
+    /// the uplink programs if the uplink changed or its links are gone.
     pub fn ensure_loaded(cfg: &DatapathConfig) -> Result<Datapath, DatapathError> {
-        let _ = cfg;
-        todo!("datapath::ensure_loaded")
+        let pins = Pins::new(&cfg.bpffs_dir);
+        ensure_bpffs(&cfg.bpffs_dir)?;
+        for d in [pins.root(), &pins.maps_dir(), &pins.progs_dir(), &pins.links_dir()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(io(format!("creating {}", d.display())))?;
+        }
+        let lock = lock_dir(pins.root())?;
+        if !pins.programs_pinned() {
+            load_and_pin(&pins).inspect_err(|_| pins.remove_programs())?;
+            log::info!("datapath loaded and pinned under {}", pins.root().display());
+        }
+        let dp = Datapath {
+            pins,
+            _lock: Some(lock),
+        };
+        dp.write_config(cfg)?;
+        dp.ensure_uplink(cfg)?;
+        Ok(dp)
     }
 
     /// Opens an already loaded datapath; `Ok(None)` if nothing is pinned there.
-    pub fn open(bpffs_dir: &std::path::Path) -> Result<Option<Datapath>, DatapathError> {
-        let _ = bpffs_dir;
-        todo!("datapath::open")
+    pub fn open(bpffs_dir: &Path) -> Result<Option<Datapath>, DatapathError> {
+        let pins = Pins::new(bpffs_dir);
+        if !pins.map(maps::CONNTRACK).exists() {
+            return Ok(None);
+        }
+        Ok(Some(Datapath { pins, _lock: None }))
+    }
+
+    /// Like [`Datapath::open`] but a missing datapath is an error.
+    pub fn open_required(bpffs_dir: &Path) -> Result<Datapath, DatapathError> {
+        Self::open(bpffs_dir)?.ok_or_else(|| DatapathError::NotLoaded(Pins::new(bpffs_dir).root().to_owned()))
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    fn map_data(&self, name: &str) -> Result<MapData, DatapathError> {
+        let p = self.pins.map(name);
+        MapData::from_pin(&p).map_err(bpf(format!("opening pinned map {}", p.display())))
+    }
+
+    fn write_config(&self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let mut m: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?))
+            .map_err(bpf("config map"))?;
+        m.set(0, cfg.to_map_value(), 0).map_err(bpf("writing config map"))
+    }
+
+    /// The config the datapath runs with.
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        let m: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?))
+            .map_err(bpf("config map"))?;
+        m.get(&0, 0).map_err(bpf("reading config map"))
+    }
+
+    /// Attaches the uplink programs unless their pinned links already point at the
+    /// configured uplink. A stale link (uplink renamed or recreated) is replaced.
+    fn ensure_uplink(&self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        for (prog, attach, link) in [
+            (progs::UPLINK_EGRESS, TcAttachType::Egress, Pins::UPLINK_EGRESS_LINK),
+            (progs::UPLINK_INGRESS, TcAttachType::Ingress, Pins::UPLINK_INGRESS_LINK),
+        ] {
+            let pin = self.pins.link(link);
+            if let Some(ifindex) = link_ifindex(&pin) {
+                if ifindex == cfg.uplink_ifindex {
+                    continue;
+                }
+                log::info!("uplink changed (ifindex {ifindex} -> {}): re-attaching {prog}", cfg.uplink_ifindex);
+            }
+            let _ = fs::remove_file(&pin);
+            attach_pinned(&self.pins.prog(prog), cfg.uplink_ifindex, attach, &pin)?;
+        }
+        Ok(())
     }
 
     /// Attaches the bridge-port program to a container's host veth (TC ingress) and pins
     /// the link as `links/port-<ifindex>`.
     pub fn attach_port(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
-        let _ = host_ifindex;
-        todo!("datapath::attach_port")
+        let pin = self.pins.port_link(host_ifindex);
+        // A pin left by an earlier veth that had the same ifindex is stale.
+        let _ = fs::remove_file(&pin);
+        attach_pinned(&self.pins.prog(progs::PORT_INGRESS), host_ifindex, TcAttachType::Ingress, &pin)
     }
 
     /// Removes the pinned link of a bridge port (no error if absent).
     pub fn detach_port(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
-        let _ = host_ifindex;
-        todo!("datapath::detach_port")
+        let pin = self.pins.port_link(host_ifindex);
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(format!("removing {}", pin.display()))(e)),
+        }
+    }
+
+    fn endpoints(&self) -> Result<HashMap<MapData, u32, Endpoint>, DatapathError> {
+        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::ENDPOINTS)?)).map_err(bpf("endpoint map"))
     }
 
     /// Registers a container address.
     pub fn add_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
-        let _ = (ip, ep);
-        todo!("datapath::add_endpoint")
+        self.endpoints()?
+            .insert(u32::from(ip).to_be(), ep, 0)
+            .map_err(bpf(format!("registering endpoint {ip}")))
     }
 
     /// Unregisters a container address and purges its conntrack entries (no error if absent).
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        let _ = ip;
-        todo!("datapath::remove_endpoint")
+        let key = u32::from(ip).to_be();
+        let mut eps = self.endpoints()?;
+        match eps.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(bpf(format!("removing endpoint {ip}"))(e)),
+        }
+        self.purge_conntrack(|k, v| k.tuple.saddr == key || k.tuple.daddr == key || v.xlat.saddr == key || v.xlat.daddr == key)?;
+        Ok(())
     }
+
+    fn conntrack(&self) -> Result<HashMap<MapData, CtKey, CtEntry>, DatapathError> {
+        HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(maps::CONNTRACK)?)).map_err(bpf("conntrack map"))
+    }
+
+    /// All conntrack entries (both halves of every flow).
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
+        let ct = self.conntrack()?;
+        let mut out = Vec::new();
+        for item in ct.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                // An entry evicted or deleted while iterating: skip it.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(bpf("reading conntrack map")(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every conntrack entry matching `pred`; returns how many.
+    pub fn purge_conntrack(&self, pred: impl Fn(&CtKey, &CtEntry) -> bool) -> Result<usize, DatapathError> {
+        let doomed: Vec<CtKey> =
+            self.conntrack_entries()?.into_iter().filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+        let mut ct = self.conntrack()?;
+        let mut n = 0;
+        for k in &doomed {
+            match ct.remove(k) {
+                Ok(()) => n += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(bpf("deleting conntrack entry")(e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Port-forward map.
+    pub fn ports(&self) -> Result<HashMap<MapData, PortKey, PortTarget>, DatapathError> {
+        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::PORTS)?)).map_err(bpf("port map"))
+    }
+
+    /// Counters summed over CPUs, in `Stat::ALL` order.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
+        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(self.map_data(maps::STATS)?))
+            .map_err(bpf("stats map"))?;
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let v = m.get(&(*s as u32), 0).map_err(bpf("reading stats map"))?;
+                Ok((*s, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Maps with their pins and entry counts.
+    pub fn map_status(&self) -> Result<Vec<MapStatus>, DatapathError> {
+        let mut out = Vec::new();
+        for name in [maps::CONNTRACK, maps::ENDPOINTS, maps::PORTS, maps::FRAGS, maps::CONFIG, maps::STATS] {
+            let pin = self.pins.map(name);
+            let data = self.map_data(name)?;
+            let info = data.info().map_err(bpf(format!("map info of {name}")))?;
+            let entries = match name {
+                n if n == maps::CONNTRACK => self.conntrack_entries()?.len(),
+                n if n == maps::ENDPOINTS => self.endpoints()?.keys().filter(Result::is_ok).count(),
+                n if n == maps::PORTS => self.ports()?.keys().filter(Result::is_ok).count(),
+                n if n == maps::FRAGS => {
+                    let m: HashMap<MapData, netns_common::FragKey, netns_common::FragPorts> =
+                        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(bpf("frag map"))?;
+                    m.keys().filter(Result::is_ok).count()
+                }
+                _ => info.max_entries() as usize,
+            };
+            out.push(MapStatus { name: name.to_owned(), pin, entries, max_entries: info.max_entries() });
+        }
+        Ok(out)
+    }
+
+    /// Pinned links with what they attach where.
+    pub fn link_status(&self) -> Result<Vec<LinkStatus>, DatapathError> {
+        let mut out = Vec::new();
+        let dir = self.pins.links_dir();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
+        };
+        let mut names: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
+        names.sort();
+        for pin in names {
+            let file = pin.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let (program, attach) = if file == Pins::UPLINK_EGRESS_LINK {
+                (progs::UPLINK_EGRESS, "tcx/egress")
+            } else if file == Pins::UPLINK_INGRESS_LINK {
+                (progs::UPLINK_INGRESS, "tcx/ingress")
+            } else {
+                (progs::PORT_INGRESS, "tcx/ingress")
+            };
+            let ifindex = link_ifindex(&pin).unwrap_or(0);
+            out.push(LinkStatus { pin, program: program.to_owned(), ifindex, attach: attach.to_owned() });
+        }
+        Ok(out)
+    }
+
+    /// Removes every pin (programs, links, maps): the datapath is gone once no process
+    /// holds a reference.
+    pub fn unload(self) -> Result<(), DatapathError> {
+        let root = self.pins.root().to_owned();
+        fs::remove_dir_all(&root).map_err(io(format!("removing {}", root.display())))
+    }
+}
+
+/// The ifindex a pinned TCX link is attached to, None if there is no pin or the link's
+/// device is gone.
+fn link_ifindex(pin: &Path) -> Option<u32> {
+    let info = sys::tcx_link_info(pin).ok()?;
+    (info.ifindex != 0).then_some(info.ifindex)
+}
+
+fn ifname(ifindex: u32) -> Result<String, DatapathError> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(io(format!("no interface with ifindex {ifindex}"))(std::io::Error::last_os_error()));
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// Attaches a pinned program to `ifindex` with a TCX link and pins the link at `link_pin`.
+fn attach_pinned(prog_pin: &Path, ifindex: u32, attach: TcAttachType, link_pin: &Path) -> Result<(), DatapathError> {
+    let name = ifname(ifindex)?;
+    let mut prog = SchedClassifier::from_pin(prog_pin).map_err(bpf(format!("opening {}", prog_pin.display())))?;
+    let id = prog.attach(&name, attach).map_err(bpf(format!("attaching {} to {name}", prog_pin.display())))?;
+    let link = prog.take_link(id).map_err(bpf("taking link"))?;
+    let fd: FdLink = link.try_into().map_err(bpf("TCX link expected (kernel >= 6.6)"))?;
+    fd.pin(link_pin).map_err(bpf(format!("pinning {}", link_pin.display())))?;
+    Ok(())
+}
+
+/// Loads the object with maps pinned by name, and pins each program.
+fn load_and_pin(pins: &Pins) -> Result<(), DatapathError> {
+    if OBJECT.is_empty() {
+        return Err(DatapathError::Bpf(
+            "this binary was built with AYA_BUILD_SKIP: it carries no eBPF object".into(),
+        ));
+    }
+    let mut ebpf: Ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps_dir())
+        .load(OBJECT)
+        .map_err(bpf("loading eBPF object"))?;
+    for name in [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
+            .try_into()
+            .map_err(bpf(format!("{name} is not a classifier")))?;
+        prog.load().map_err(bpf(format!("verifier rejected {name}")))?;
+        let pin = pins.prog(name);
+        let _ = fs::remove_file(&pin);
+        prog.pin(&pin).map_err(bpf(format!("pinning {}", pin.display())))?;
+    }
+    restrict_pins(pins.root());
+    Ok(())
+}
+
+/// Pins are root-only: they allow rewriting any container's traffic.
+fn restrict_pins(root: &Path) {
+    fn walk(p: &Path) {
+        let _ = fs::set_permissions(p, fs::Permissions::from_mode(if p.is_dir() { 0o700 } else { 0o600 }));
+        if let Ok(rd) = fs::read_dir(p) {
+            for e in rd.flatten() {
+                walk(&e.path());
+            }
+        }
+    }
+    walk(root);
+}
+
+fn lock_dir(dir: &Path) -> Result<Flock<File>, DatapathError> {
+    let f = File::open(dir).map_err(io(format!("opening {}", dir.display())))?;
+    Flock::lock(f, FlockArg::LockExclusive)
+        .map_err(|(_, e)| io(format!("locking {}", dir.display()))(std::io::Error::from(e)))
+}
+
+/// Makes sure `dir` lives on a bpffs; mounts one at /sys/fs/bpf if that is where `dir`
+/// points and nothing is mounted there yet (systemd normally does this).
+fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let sysfs_bpf = Path::new("/sys/fs/bpf");
+    let probe = if dir.exists() { dir } else { dir.parent().unwrap_or(dir) };
+    let on_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    if on_bpffs(probe) {
+        return Ok(());
+    }
+    if dir.starts_with(sysfs_bpf) && !on_bpffs(sysfs_bpf) {
+        nix::mount::mount(Some("bpf"), sysfs_bpf, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| io("mounting bpffs on /sys/fs/bpf")(std::io::Error::from(e)))?;
+        if on_bpffs(probe) || on_bpffs(sysfs_bpf) {
+            return Ok(());
+        }
+    }
+    Err(DatapathError::Bpf(format!(
+        "{} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf, or pass --bpffs-dir under a bpffs)",
+        dir.display()
+    )))
+}
+
+/// The layout version the running binary expects.
+pub const fn layout_version() -> u32 {
+    LAYOUT_VERSION
 }

@@ -1,0 +1,176 @@
+//! The conntrack-like map: lookup, accounting, coarse TCP state, and creation of a
+//! forward/reverse entry pair with source-port allocation.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use netns_common::{CtEntry, CtKey, IPPROTO_TCP, Stat, Tuple, ct_kind, ct_state, dir};
+
+use crate::{
+    maps::CONNTRACK,
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
+};
+
+/// Random probes after the original port is taken. Bounded for the verifier; with a
+/// range of ~28k ports and a sparse table the chance that 16 probes all collide is nil,
+/// and when the table is dense the drop is counted rather than a wrong translation made.
+const PORT_PROBES: u32 = 16;
+
+#[inline(always)]
+pub fn key(pkt: &Packet, dir: u8) -> CtKey {
+    CtKey {
+        tuple: pkt.tuple,
+        proto: pkt.proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// Finds the entry for `key` and accounts the packet to it. Returns the translated
+/// tuple and the entry's kind.
+#[inline(always)]
+pub fn lookup(key: &CtKey, pkt: &Packet, len: u32) -> Option<(Tuple, u8)> {
+    let e = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a valid map value pointer; concurrent writers only touch counters and
+    // single-word fields, where a lost update is harmless.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        (*e).last_seen_ns = now;
+        // Plain adds: core has no atomics for the BPF target, and a flow's packets in one
+        // direction are almost always handled on one CPU (one veth queue).
+        (*e).packets += 1;
+        (*e).bytes += len as u64;
+        if pkt.proto == IPPROTO_TCP && !pkt.later_fragment {
+            let s = next_tcp_state((*e).state, pkt.l4_flags);
+            if s != (*e).state {
+                (*e).state = s;
+            }
+        }
+        Some(((*e).xlat, (*e).kind))
+    }
+}
+
+/// A coarse per-direction TCP state; user space combines both directions of a pair.
+#[inline(always)]
+fn next_tcp_state(cur: u8, flags: u8) -> u8 {
+    if flags & TCP_RST != 0 {
+        ct_state::CLOSE
+    } else if flags & TCP_FIN != 0 {
+        if cur == ct_state::CLOSE {
+            cur
+        } else {
+            ct_state::FIN_WAIT
+        }
+    } else if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        ct_state::NEW
+    } else if cur == ct_state::NEW && flags & TCP_ACK != 0 {
+        ct_state::ESTABLISHED
+    } else {
+        cur
+    }
+}
+
+#[inline(always)]
+fn initial_state(pkt: &Packet) -> u8 {
+    if pkt.proto == IPPROTO_TCP && pkt.l4_flags & TCP_SYN == 0 {
+        // Picked up mid-stream (e.g. after an LRU eviction): treat as established.
+        ct_state::ESTABLISHED
+    } else {
+        ct_state::NEW
+    }
+}
+
+#[inline(always)]
+fn entry(xlat: Tuple, pkt: &Packet, kind: u8, now: u64, len: u32, counted: bool) -> CtEntry {
+    CtEntry {
+        xlat,
+        state: initial_state(pkt),
+        kind,
+        _pad: [0; 2],
+        created_ns: now,
+        last_seen_ns: now,
+        packets: counted as u64,
+        bytes: if counted { len as u64 } else { 0 },
+    }
+}
+
+/// Masquerade a new flow leaving through the uplink: pick a source port on `nat_addr`
+/// that no other flow to the same peer uses (the original port if possible), claim it by
+/// inserting the reverse entry with BPF_NOEXIST, then insert the forward entry.
+/// Returns the translated tuple.
+#[inline(always)]
+pub fn create_snat(pkt: &Packet, nat_addr: u32, min: u16, max: u16, len: u32) -> Result<Tuple, Stat> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let orig = pkt.tuple;
+    let mut xlat = Tuple {
+        saddr: nat_addr,
+        daddr: orig.daddr,
+        sport: orig.sport,
+        dport: orig.dport,
+    };
+    let mut rev_key = CtKey {
+        tuple: xlat.reversed(),
+        proto: pkt.proto,
+        dir: dir::UPLINK_INGRESS,
+        _pad: [0; 2],
+    };
+    let rev = entry(orig.reversed(), pkt, ct_kind::SNAT, now, len, false);
+    let span = (max as u32).saturating_sub(min as u32) + 1;
+
+    let mut claimed = CONNTRACK.insert(&rev_key, &rev, BPF_NOEXIST as u64).is_ok();
+    let mut i = 0;
+    while !claimed && i < PORT_PROBES {
+        let port = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
+        let port = (port as u16).to_be();
+        xlat.sport = port;
+        rev_key.tuple.dport = port;
+        claimed = CONNTRACK.insert(&rev_key, &rev, BPF_NOEXIST as u64).is_ok();
+        i += 1;
+    }
+    if i > 0 {
+        stats::inc(Stat::PortRetries);
+    }
+    if !claimed {
+        return Err(Stat::DropPortExhausted);
+    }
+    let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
+    if CONNTRACK.insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(&rev_key);
+        return Err(Stat::DropCtInsert);
+    }
+    stats::inc(Stat::CtCreated);
+    Ok(xlat)
+}
+
+/// Port-forward a new flow arriving on the uplink to `target` (address, port). The
+/// container sees the real peer; its replies are translated back on uplink egress.
+#[inline(always)]
+pub fn create_dnat(pkt: &Packet, target_addr: u32, target_port: u16, len: u32) -> Result<Tuple, Stat> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let orig = pkt.tuple;
+    let xlat = Tuple {
+        saddr: orig.saddr,
+        daddr: target_addr,
+        sport: orig.sport,
+        dport: target_port,
+    };
+    let rev_key = CtKey {
+        tuple: xlat.reversed(),
+        proto: pkt.proto,
+        dir: dir::UPLINK_EGRESS,
+        _pad: [0; 2],
+    };
+    let rev = entry(orig.reversed(), pkt, ct_kind::DNAT, now, len, false);
+    if CONNTRACK.insert(&rev_key, &rev, BPF_ANY as u64).is_err() {
+        return Err(Stat::DropCtInsert);
+    }
+    let fwd = entry(xlat, pkt, ct_kind::DNAT, now, len, true);
+    if CONNTRACK.insert(&key(pkt, dir::UPLINK_INGRESS), &fwd, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(&rev_key);
+        return Err(Stat::DropCtInsert);
+    }
+    stats::inc(Stat::CtCreated);
+    Ok(xlat)
+}

@@ -1,0 +1,207 @@
+//! The three programs' logic: masquerade and port-forward translation on the uplink,
+//! source validation on bridge ports.
+
+use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
+use netns_common::{
+    Config, FragKey, FragPorts, IPPROTO_TCP, IPPROTO_UDP, PortKey, Stat, ct_kind, dir,
+};
+
+use crate::{
+    conntrack,
+    maps::{ENDPOINTS, FRAGS, PORTS, config},
+    packet::{self, Packet, Parsed},
+    stats::{self, Verdict},
+};
+
+#[inline(always)]
+fn into_verdict(r: Result<(), Stat>) -> Verdict {
+    match r {
+        Ok(()) => Verdict::Pass,
+        Err(s) => Verdict::Drop(s),
+    }
+}
+
+#[inline(always)]
+fn in_subnet(cfg: &Config, addr: u32) -> bool {
+    addr & cfg.subnet_mask == cfg.subnet
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        saddr: pkt.tuple.saddr,
+        daddr: pkt.tuple.daddr,
+        id: pkt.ip_id,
+        proto: pkt.proto,
+        _pad: 0,
+    }
+}
+
+/// Later fragments carry no ports: take them from the first fragment of the datagram.
+#[inline(always)]
+fn frag_ports(pkt: &mut Packet) -> bool {
+    match unsafe { FRAGS.get(&frag_key(pkt)) } {
+        Some(p) => {
+            pkt.tuple.sport = p.sport;
+            pkt.tuple.dport = p.dport;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn remember_frag(pkt: &Packet) {
+    if pkt.first_fragment {
+        let ports = FragPorts {
+            sport: pkt.tuple.sport,
+            dport: pkt.tuple.dport,
+        };
+        let _ = FRAGS.insert(&frag_key(pkt), &ports, BPF_ANY as u64);
+    }
+}
+
+pub fn uplink_egress(ctx: &TcContext) -> Verdict {
+    into_verdict(try_uplink_egress(ctx))
+}
+
+fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
+    let Some(cfg) = config() else { return Ok(()) };
+    if cfg.uplink_addr == 0 {
+        return Ok(());
+    }
+    let mut pkt = match packet::parse(ctx)? {
+        Parsed::Other => return Ok(()),
+        Parsed::Ipv4(p) => p,
+    };
+    if pkt.later_fragment && !frag_ports(&mut pkt) {
+        // Never let a container address leak untranslated.
+        return if in_subnet(cfg, pkt.tuple.saddr) {
+            Err(Stat::DropFragNoFirst)
+        } else {
+            Ok(())
+        };
+    }
+    let len = ctx.len();
+    let key = conntrack::key(&pkt, dir::UPLINK_EGRESS);
+    let new = match conntrack::lookup(&key, &pkt, len) {
+        Some((xlat, kind)) => {
+            stats::inc(if kind == ct_kind::DNAT {
+                Stat::DnatReplyPackets
+            } else {
+                Stat::SnatPackets
+            });
+            xlat
+        }
+        None => {
+            // Only container flows leaving the host are masqueraded; the host's own
+            // traffic and anything addressed back into the subnet pass untouched.
+            if !in_subnet(cfg, pkt.tuple.saddr)
+                || pkt.tuple.saddr == cfg.gateway
+                || in_subnet(cfg, pkt.tuple.daddr)
+                || pkt.later_fragment
+            {
+                return Ok(());
+            }
+            let xlat = conntrack::create_snat(
+                &pkt,
+                cfg.uplink_addr,
+                cfg.nat_port_min,
+                cfg.nat_port_max,
+                len,
+            )?;
+            stats::inc(Stat::SnatPackets);
+            xlat
+        }
+    };
+    remember_frag(&pkt);
+    packet::rewrite(ctx, &pkt, &new)
+}
+
+pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
+    into_verdict(try_uplink_ingress(ctx))
+}
+
+fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
+    let Some(cfg) = config() else { return Ok(()) };
+    if cfg.uplink_addr == 0 {
+        return Ok(());
+    }
+    let mut pkt = match packet::parse(ctx)? {
+        Parsed::Other => return Ok(()),
+        Parsed::Ipv4(p) => p,
+    };
+    if pkt.tuple.daddr != cfg.uplink_addr {
+        return Ok(());
+    }
+    if pkt.later_fragment && !frag_ports(&mut pkt) {
+        // Not ours to judge: without a first fragment the host's own reassembly decides.
+        return Ok(());
+    }
+    let len = ctx.len();
+    let key = conntrack::key(&pkt, dir::UPLINK_INGRESS);
+    let new = match conntrack::lookup(&key, &pkt, len) {
+        Some((xlat, kind)) => {
+            stats::inc(if kind == ct_kind::DNAT {
+                Stat::DnatPackets
+            } else {
+                Stat::SnatReplyPackets
+            });
+            xlat
+        }
+        None => {
+            if pkt.later_fragment || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+                return Ok(());
+            }
+            let mut pk = PortKey {
+                host_addr: pkt.tuple.daddr,
+                host_port: pkt.tuple.dport,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            let target = match unsafe { PORTS.get(&pk) } {
+                Some(t) => *t,
+                None => {
+                    pk.host_addr = 0;
+                    match unsafe { PORTS.get(&pk) } {
+                        Some(t) => *t,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            let xlat = conntrack::create_dnat(&pkt, target.addr, target.port, len)?;
+            stats::inc(Stat::DnatPackets);
+            xlat
+        }
+    };
+    remember_frag(&pkt);
+    packet::rewrite(ctx, &pkt, &new)
+}
+
+pub fn port_ingress(ctx: &TcContext) -> Verdict {
+    into_verdict(try_port_ingress(ctx))
+}
+
+const IP_SADDR_OFF: usize = packet::ETH_HLEN + 12;
+
+/// A container may only send IPv4 from its own address and MAC, through its own port.
+fn try_port_ingress(ctx: &TcContext) -> Result<(), Stat> {
+    let eth = packet::eth(ctx)?;
+    if u16::from_be(eth.proto) != 0x0800 {
+        return Ok(());
+    }
+    let saddr: u32 = ctx.load(IP_SADDR_OFF).map_err(|_| Stat::DropMalformed)?;
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ep = match unsafe { ENDPOINTS.get(&saddr) } {
+        Some(ep) => ep,
+        None => return Err(Stat::DropSpoofedIp),
+    };
+    if ep.ifindex != ifindex {
+        return Err(Stat::DropSpoofedIp);
+    }
+    if ep.mac != eth.src {
+        return Err(Stat::DropSpoofedMac);
+    }
+    stats::inc(Stat::PortPassed);
+    Ok(())
+}

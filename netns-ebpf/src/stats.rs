@@ -1,0 +1,18 @@
+//! Per-CPU counters and the verdict type that forces every drop to carry a reason.
+
+use netns_common::Stat;
+
+use crate::maps::STATS;
+
+pub enum Verdict {
+    Pass,
+    Drop(Stat),
+}
+
+#[inline(always)]
+pub fn inc(stat: Stat) {
+    if let Some(p) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,67 @@
+//! Where the datapath's objects live in bpffs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use netns_common::{LAYOUT_VERSION, progs};
+
+/// Paths of every pinned object, rooted at `<bpffs_dir>/v<LAYOUT_VERSION>`: a new map
+/// layout gets a new directory instead of silently opening old maps.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    pub const UPLINK_EGRESS_LINK: &'static str = "uplink-egress";
+    pub const UPLINK_INGRESS_LINK: &'static str = "uplink-ingress";
+
+    pub fn new(bpffs_dir: &Path) -> Self {
+        Self { root: bpffs_dir.join(format!("v{LAYOUT_VERSION}")) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn progs_dir(&self) -> PathBuf {
+        self.root.join("progs")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn prog(&self, name: &str) -> PathBuf {
+        self.progs_dir().join(name)
+    }
+
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.links_dir().join(name)
+    }
+
+    pub fn port_link(&self, ifindex: u32) -> PathBuf {
+        self.link(&format!("port-{ifindex}"))
+    }
+
+    pub fn programs_pinned(&self) -> bool {
+        [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS]
+            .iter()
+            .all(|p| self.prog(p).exists())
+    }
+
+    /// Rolls back a failed load: programs go, maps stay (they may hold live flows).
+    pub fn remove_programs(&self) {
+        for p in [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS] {
+            let _ = fs::remove_file(self.prog(p));
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The two raw bpf(2) calls aya does not expose: reading which device a pinned TCX link
+//! is attached to (aya's `LinkInfo` hides the union).
+
+use std::ffi::CString;
+use std::os::fd::{FromRawFd as _, OwnedFd, AsRawFd as _};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+#[repr(C)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGetAttr, size_of::<ObjGetAttr>())
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `struct bpf_link_info` fields we read: type, id, prog_id, then the union whose tcx
+/// member starts with the ifindex at byte 16.
+pub struct TcxLinkInfo {
+    pub prog_id: u32,
+    pub ifindex: u32,
+}
+
+pub fn tcx_link_info(pin: &Path) -> std::io::Result<TcxLinkInfo> {
+    let fd = obj_get(pin)?;
+    let mut info = [0u32; 32];
+    let attr = InfoByFdAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr points at a buffer of info_len bytes that outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoByFdAttr, size_of::<InfoByFdAttr>())
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcxLinkInfo { prog_id: info[2], ifindex: info[4] })
+}
