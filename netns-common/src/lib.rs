@@ -19,6 +19,7 @@ pub mod maps {
     pub const PORTS: &str = "NETNS_PORTS";
     pub const STATS: &str = "NETNS_STATS";
     pub const FRAGS: &str = "NETNS_FRAGS";
+    pub const SOCK_REVNAT: &str = "NETNS_SKREV";
 }
 
 /// Program (function) names in the eBPF object.
@@ -29,6 +30,15 @@ pub mod progs {
     pub const UPLINK_INGRESS: &str = "netns_uplink_ingress";
     /// TC ingress of a bridge port (host end of a container's veth): source validation.
     pub const PORT_INGRESS: &str = "netns_port_ingress";
+    /// cgroup connect4/sendmsg4: host processes reaching a port forward via loopback
+    /// or a host address (the packets never cross a TC hook).
+    pub const SOCK_CONNECT4: &str = "netns_connect4";
+    pub const SOCK_SENDMSG4: &str = "netns_sendmsg4";
+    /// cgroup recvmsg4/getpeername4: show the address the process asked for.
+    pub const SOCK_RECVMSG4: &str = "netns_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "netns_getpeername4";
+    /// cgroup bind4: a mapped host port is reserved, host processes cannot bind it.
+    pub const SOCK_BIND4: &str = "netns_bind4";
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -41,6 +51,9 @@ pub mod dir {
     pub const UPLINK_EGRESS: u8 = 0;
     /// Arriving on the uplink (TC ingress): the entry rewrites the destination.
     pub const UPLINK_INGRESS: u8 = 1;
+    /// Arriving from a container on its bridge port (hairpin to a port forward): the
+    /// entry rewrites both ends and the packet is redirected to the target's port.
+    pub const BRIDGE: u8 = 2;
 }
 
 /// An L4 tuple. For ICMP echo the identifier stands in for the port: it is `sport` of
@@ -86,6 +99,8 @@ pub mod ct_kind {
     pub const SNAT: u8 = 1;
     /// Port forward of a flow a peer opened.
     pub const DNAT: u8 = 2;
+    /// A container reaching a port forward through the host's address (hairpin).
+    pub const HAIRPIN: u8 = 3;
 }
 
 /// Connection states, a coarse version of Linux conntrack's.
@@ -134,9 +149,13 @@ pub struct Config {
     /// Range for masquerade source ports when the original is taken (host byte order).
     pub nat_port_min: u16,
     pub nat_port_max: u16,
-    pub _pad: [u8; 4],
+    /// The bridge's MAC: source of hairpinned frames redirected to a container.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Cookie of the network namespace netns manages: socket hooks act only there.
+    pub netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 /// A container attached to the bridge, keyed by its IPv4 address (network order).
 #[repr(C)]
@@ -170,6 +189,18 @@ pub struct PortTarget {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
+
+/// A socket-level translation, keyed by the container end (address, port, proto), so
+/// that recvmsg4/getpeername4 can show the host address the process used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 8);
 
 /// IPv4 fragment key: later fragments carry no L4 header and take their ports from the
 /// first fragment of the same datagram.
@@ -220,10 +251,17 @@ pub enum Stat {
     DropCsumHelper,
     DropCtInsert,
     DropFragNoFirst,
+    /// Hairpin: a container reached a port forward through a host address.
+    HairpinPackets,
+    /// Host sockets redirected to a container by connect4/sendmsg4.
+    SockRedirects,
+    /// bind() of a mapped host port refused.
+    SockBindDenied,
+    DropNoEndpoint,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::DropFragNoFirst as u32 + 1;
+    pub const COUNT: u32 = Stat::DropNoEndpoint as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -241,6 +279,10 @@ impl Stat {
         Stat::DropCsumHelper,
         Stat::DropCtInsert,
         Stat::DropFragNoFirst,
+        Stat::HairpinPackets,
+        Stat::SockRedirects,
+        Stat::SockBindDenied,
+        Stat::DropNoEndpoint,
     ];
 
     /// Stable name used by `netns stats`.
@@ -261,11 +303,25 @@ impl Stat {
             Stat::DropCsumHelper => "drop_csum_helper",
             Stat::DropCtInsert => "drop_ct_insert",
             Stat::DropFragNoFirst => "drop_frag_no_first",
+            Stat::HairpinPackets => "hairpin_packets",
+            Stat::SockRedirects => "sock_redirects",
+            Stat::SockBindDenied => "sock_bind_denied",
+            Stat::DropNoEndpoint => "drop_no_endpoint",
         }
     }
 
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Stat::DropPortExhausted as u32)
+        matches!(
+            self,
+            Stat::DropPortExhausted
+                | Stat::DropSpoofedIp
+                | Stat::DropSpoofedMac
+                | Stat::DropMalformed
+                | Stat::DropCsumHelper
+                | Stat::DropCtInsert
+                | Stat::DropFragNoFirst
+                | Stat::DropNoEndpoint
+        )
     }
 }
 
@@ -274,6 +330,7 @@ pub const CT_MAX_ENTRIES: u32 = 262_144;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const PORTS_MAX_ENTRIES: u32 = 131_072;
 pub const FRAGS_MAX_ENTRIES: u32 = 8_192;
+pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -288,4 +345,5 @@ mod pod {
     unsafe impl aya::Pod for PortTarget {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for SockKey {}
 }

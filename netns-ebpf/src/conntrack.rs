@@ -117,26 +117,66 @@ pub fn create_snat(pkt: &Packet, nat_addr: u32, min: u16, max: u16, len: u32) ->
         _pad: [0; 2],
     };
     let rev = entry(orig.reversed(), pkt, ct_kind::SNAT, now, len, false);
-    let span = (max as u32).saturating_sub(min as u32) + 1;
+    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, min, max)?;
+    let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
+    if CONNTRACK.insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(&rev_key);
+        return Err(Stat::DropCtInsert);
+    }
+    stats::inc(Stat::CtCreated);
+    Ok(xlat)
+}
 
-    let mut claimed = CONNTRACK.insert(&rev_key, &rev, BPF_NOEXIST as u64).is_ok();
+/// Claims a free port on `nat_addr` for a flow to (`peer`, `peer_port`) by inserting the
+/// reverse entry `rev_key` (its `dport` varied) with BPF_NOEXIST: the original port
+/// first, then random probes in [min, max]. Returns the port claimed.
+#[inline(always)]
+fn claim_port(rev_key: &mut CtKey, rev: &CtEntry, orig_port: u16, min: u16, max: u16) -> Result<u16, Stat> {
+    let span = (max as u32).saturating_sub(min as u32) + 1;
+    let mut port = orig_port;
+    rev_key.tuple.dport = port;
+    let mut claimed = CONNTRACK.insert(&*rev_key, rev, BPF_NOEXIST as u64).is_ok();
     let mut i = 0;
     while !claimed && i < PORT_PROBES {
-        let port = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
-        let port = (port as u16).to_be();
-        xlat.sport = port;
+        let p = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
+        port = (p as u16).to_be();
         rev_key.tuple.dport = port;
-        claimed = CONNTRACK.insert(&rev_key, &rev, BPF_NOEXIST as u64).is_ok();
+        claimed = CONNTRACK.insert(&*rev_key, rev, BPF_NOEXIST as u64).is_ok();
         i += 1;
     }
     if i > 0 {
         stats::inc(Stat::PortRetries);
     }
-    if !claimed {
-        return Err(Stat::DropPortExhausted);
-    }
-    let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
-    if CONNTRACK.insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64).is_err() {
+    if claimed { Ok(port) } else { Err(Stat::DropPortExhausted) }
+}
+
+/// Hairpin a container's flow to a port forward: the target sees the gateway as peer.
+#[inline(always)]
+pub fn create_hairpin(
+    pkt: &Packet,
+    cfg: &netns_common::Config,
+    target_addr: u32,
+    target_port: u16,
+    len: u32,
+) -> Result<Tuple, Stat> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let orig = pkt.tuple;
+    let mut xlat = Tuple {
+        saddr: cfg.gateway,
+        daddr: target_addr,
+        sport: orig.sport,
+        dport: target_port,
+    };
+    let mut rev_key = CtKey {
+        tuple: xlat.reversed(),
+        proto: pkt.proto,
+        dir: dir::BRIDGE,
+        _pad: [0; 2],
+    };
+    let rev = entry(orig.reversed(), pkt, ct_kind::HAIRPIN, now, len, false);
+    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, cfg.nat_port_min, cfg.nat_port_max)?;
+    let fwd = entry(xlat, pkt, ct_kind::HAIRPIN, now, len, true);
+    if CONNTRACK.insert(&key(pkt, dir::BRIDGE), &fwd, BPF_ANY as u64).is_err() {
         let _ = CONNTRACK.remove(&rev_key);
         return Err(Stat::DropCtInsert);
     }

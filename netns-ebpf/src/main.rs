@@ -12,9 +12,15 @@ mod conntrack;
 mod maps;
 mod nat;
 mod packet;
+mod sock;
 mod stats;
 
-use aya_ebpf::{bindings::TC_ACT_OK, bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 use crate::stats::Verdict;
 
@@ -33,6 +39,31 @@ pub fn netns_port_ingress(ctx: TcContext) -> i32 {
     verdict(nat::port_ingress(&ctx))
 }
 
+#[cgroup_sock_addr(connect4)]
+pub fn netns_connect4(ctx: SockAddrContext) -> i32 {
+    sock::redirect_to_container(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn netns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::redirect_to_container(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn netns_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore_host_addr(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn netns_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore_host_addr(&ctx)
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn netns_bind4(ctx: SockAddrContext) -> i32 {
+    sock::check_bind(&ctx)
+}
+
 /// Every drop is counted with its reason; everything else continues down the stack.
 #[inline(always)]
 fn verdict(v: Verdict) -> i32 {
@@ -42,6 +73,8 @@ fn verdict(v: Verdict) -> i32 {
             stats::inc(reason);
             TC_ACT_SHOT
         }
+        // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
     }
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use netns_common::{
     CT_MAX_ENTRIES, Config, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
-    FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey, PortTarget, Stat,
+    FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, Stat,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
@@ -29,6 +29,11 @@ pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::pinned(PORTS_MAX_ENTRI
 /// Ports of fragmented datagrams, from their first fragment.
 #[map(name = "NETNS_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGS_MAX_ENTRIES, 0);
+
+/// Socket-level port forwards: container end -> the host address the process used.
+#[map(name = "NETNS_SKREV")]
+pub static SOCK_REVNAT: LruHashMap<SockKey, PortTarget> =
+    LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
 
 /// Counters by `Stat`, per CPU so the fast path never contends.
 #[map(name = "NETNS_STATS")]

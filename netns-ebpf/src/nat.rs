@@ -179,16 +179,22 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
 }
 
 pub fn port_ingress(ctx: &TcContext) -> Verdict {
-    into_verdict(try_port_ingress(ctx))
+    match try_port_ingress(ctx) {
+        Ok(Some(ifindex)) => Verdict::Redirect(ifindex),
+        Ok(None) => Verdict::Pass,
+        Err(s) => Verdict::Drop(s),
+    }
 }
 
 const IP_SADDR_OFF: usize = packet::ETH_HLEN + 12;
 
 /// A container may only send IPv4 from its own address and MAC, through its own port.
-fn try_port_ingress(ctx: &TcContext) -> Result<(), Stat> {
+/// Then hairpin: a container reaching a port forward through a host address is sent
+/// straight to the target container. Returns the ifindex to redirect to, if any.
+fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     let eth = packet::eth(ctx)?;
     if u16::from_be(eth.proto) != 0x0800 {
-        return Ok(());
+        return Ok(None);
     }
     let saddr: u32 = ctx.load(IP_SADDR_OFF).map_err(|_| Stat::DropMalformed)?;
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -203,5 +209,58 @@ fn try_port_ingress(ctx: &TcContext) -> Result<(), Stat> {
         return Err(Stat::DropSpoofedMac);
     }
     stats::inc(Stat::PortPassed);
-    Ok(())
+    hairpin(ctx)
+}
+
+/// Hairpin NAT: destination -> the target container (port forward), source -> the
+/// gateway with an allocated port, so the target's reply comes back to the gateway,
+/// through the target's own bridge port, where the reverse entry undoes both. Frames
+/// are redirected port to port, so the host stack (and its martian-source check on a
+/// gateway-sourced packet) is never involved, and a container can reach itself.
+#[inline(always)]
+fn hairpin(ctx: &TcContext) -> Result<Option<u32>, Stat> {
+    let Some(cfg) = config() else { return Ok(None) };
+    let pkt = match packet::parse(ctx)? {
+        Parsed::Ipv4(p) if !p.later_fragment => p,
+        _ => return Ok(None),
+    };
+    let len = ctx.len();
+    let key = conntrack::key(&pkt, dir::BRIDGE);
+    let new = match conntrack::lookup(&key, &pkt, len) {
+        Some((xlat, _)) => xlat,
+        None => {
+            let d = pkt.tuple.daddr;
+            if (d != cfg.uplink_addr && d != cfg.gateway) || d == 0 {
+                return Ok(None);
+            }
+            if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
+                return Ok(None);
+            }
+            let mut pk = PortKey {
+                host_addr: d,
+                host_port: pkt.tuple.dport,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            let target = match unsafe { PORTS.get(&pk) } {
+                Some(t) => *t,
+                None => {
+                    pk.host_addr = 0;
+                    match unsafe { PORTS.get(&pk) } {
+                        Some(t) => *t,
+                        None => return Ok(None),
+                    }
+                }
+            };
+            conntrack::create_hairpin(&pkt, cfg, target.addr, target.port, len)?
+        }
+    };
+    let ep = match unsafe { ENDPOINTS.get(&new.daddr) } {
+        Some(ep) => *ep,
+        None => return Err(Stat::DropNoEndpoint),
+    };
+    packet::rewrite(ctx, &pkt, &new)?;
+    packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac)?;
+    stats::inc(Stat::HairpinPackets);
+    Ok(Some(ep.ifindex))
 }

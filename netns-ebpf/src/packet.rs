@@ -141,6 +141,15 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
     Ok(Parsed::Ipv4(pkt))
 }
 
+/// Sets the Ethernet addresses of a frame about to be redirected to a bridge port.
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Stat> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dst);
+    macs[6..].copy_from_slice(src);
+    ctx.store(0, &macs, 0).map_err(|_| Stat::DropCsumHelper)
+}
+
 #[inline(always)]
 fn l4_csum_off(proto: u8) -> usize {
     match proto {

@@ -7,6 +7,8 @@ use crate::maps::STATS;
 pub enum Verdict {
     Pass,
     Drop(Stat),
+    /// Sent straight to a bridge port's egress (hairpin), bypassing the host stack.
+    Redirect(u32),
 }
 
 #[inline(always)]

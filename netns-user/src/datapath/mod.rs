@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::FdLink;
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use netns_common::{
     Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, Stat, maps, progs,
@@ -76,14 +76,17 @@ pub struct DatapathConfig {
 }
 
 impl DatapathConfig {
-    fn to_map_value(&self) -> Config {
+    fn to_map_value(&self) -> Result<Config, DatapathError> {
         let mask: u32 = if self.prefix_len == 0 {
             0
         } else {
             u32::MAX << (32 - u32::from(self.prefix_len.min(32)))
         };
         let gw = u32::from(self.gateway);
-        Config {
+        let bridge_mac = sys::if_mac(&ifname(self.bridge_ifindex)?)
+            .map_err(io(format!("reading the MAC of bridge ifindex {}", self.bridge_ifindex)))?;
+        let netns_cookie = sys::netns_cookie().map_err(io("reading this network namespace's cookie"))?;
+        Ok(Config {
             subnet: (gw & mask).to_be(),
             subnet_mask: mask.to_be(),
             gateway: gw.to_be(),
@@ -92,8 +95,10 @@ impl DatapathConfig {
             bridge_ifindex: self.bridge_ifindex,
             nat_port_min: self.nat_ports.0,
             nat_port_max: self.nat_ports.1,
-            _pad: [0; 4],
-        }
+            bridge_mac,
+            _pad: [0; 2],
+            netns_cookie,
+        })
     }
 }
 
@@ -176,7 +181,7 @@ impl Datapath {
     fn write_config(&self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
         let mut m: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?))
             .map_err(bpf("config map"))?;
-        m.set(0, cfg.to_map_value(), 0).map_err(bpf("writing config map"))
+        m.set(0, cfg.to_map_value()?, 0).map_err(bpf("writing config map"))
     }
 
     /// The config the datapath runs with.
@@ -404,6 +409,17 @@ fn load_and_pin(pins: &Pins) -> Result<(), DatapathError> {
             .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
             .try_into()
             .map_err(bpf(format!("{name} is not a classifier")))?;
+        prog.load().map_err(bpf(format!("verifier rejected {name}")))?;
+        let pin = pins.prog(name);
+        let _ = fs::remove_file(&pin);
+        prog.pin(&pin).map_err(bpf(format!("pinning {}", pin.display())))?;
+    }
+    for name in Pins::SOCK_PROGS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
+            .try_into()
+            .map_err(bpf(format!("{name} is not a cgroup/sock_addr program")))?;
         prog.load().map_err(bpf(format!("verifier rejected {name}")))?;
         let pin = pins.prog(name);
         let _ = fs::remove_file(&pin);

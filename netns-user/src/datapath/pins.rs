@@ -16,6 +16,15 @@ impl Pins {
     pub const UPLINK_EGRESS_LINK: &'static str = "uplink-egress";
     pub const UPLINK_INGRESS_LINK: &'static str = "uplink-ingress";
 
+    pub const TC_PROGS: [&'static str; 3] = [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS];
+    pub const SOCK_PROGS: [&'static str; 5] = [
+        progs::SOCK_CONNECT4,
+        progs::SOCK_SENDMSG4,
+        progs::SOCK_RECVMSG4,
+        progs::SOCK_GETPEERNAME4,
+        progs::SOCK_BIND4,
+    ];
+
     pub fn new(bpffs_dir: &Path) -> Self {
         Self { root: bpffs_dir.join(format!("v{LAYOUT_VERSION}")) }
     }
@@ -53,14 +62,12 @@ impl Pins {
     }
 
     pub fn programs_pinned(&self) -> bool {
-        [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS]
-            .iter()
-            .all(|p| self.prog(p).exists())
+        Self::TC_PROGS.iter().chain(Self::SOCK_PROGS.iter()).all(|p| self.prog(p).exists())
     }
 
     /// Rolls back a failed load: programs go, maps stay (they may hold live flows).
     pub fn remove_programs(&self) {
-        for p in [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS] {
+        for p in Self::TC_PROGS.iter().chain(Self::SOCK_PROGS.iter()) {
             let _ = fs::remove_file(self.prog(p));
         }
     }

@@ -61,3 +61,55 @@ pub fn tcx_link_info(pin: &Path) -> std::io::Result<TcxLinkInfo> {
     }
     Ok(TcxLinkInfo { prog_id: info[2], ifindex: info[4] })
 }
+
+/// The MAC address of an interface of the current network namespace.
+pub fn if_mac(name: &str) -> std::io::Result<[u8; 6]> {
+    let sock = socket()?;
+    // SAFETY: ifreq is plain data; zeroed is a valid initial value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the ioctl succeeded, so the union holds ifr_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(mac)
+}
+
+/// The cookie of the current network namespace (SO_NETNS_COOKIE, Linux >= 5.14): the
+/// socket hooks compare it with `bpf_get_netns_cookie` to act only here.
+pub fn netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = socket()?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie/len describe a valid u64 buffer.
+    let r = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+fn socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
