@@ -56,8 +56,17 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
     move |source| DatapathError::Io { what, source }
 }
 
-fn bpf<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> DatapathError {
-    move |e| DatapathError::Bpf(format!("{what}: {e}"))
+/// Wraps an aya error with its whole source chain (aya's Display omits the errno).
+fn bpf<E: std::error::Error>(what: impl std::fmt::Display) -> impl FnOnce(E) -> DatapathError {
+    move |e| {
+        let mut msg = format!("{what}: {e}");
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        DatapathError::Bpf(msg)
+    }
 }
 
 /// What the datapath needs to know about the host side of the network.
@@ -211,6 +220,38 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket programs (host processes reaching port forwards through
+    /// loopback or a host address; bind reservation of mapped ports) to a cgroup v2
+    /// directory, once: links are pinned as `links/cgroup-<program>`. The programs
+    /// act only on sockets of the network namespace netns manages (netns cookie check),
+    /// so attaching at the cgroup root does not affect other namespaces.
+    pub fn attach_cgroup(&self, cgroup: &Path) -> Result<(), DatapathError> {
+        use aya::programs::{CgroupAttachMode, CgroupSockAddrAttachType as T};
+        let dir = File::open(cgroup).map_err(io(format!("opening cgroup {}", cgroup.display())))?;
+        for (name, ty) in [
+            (progs::SOCK_CONNECT4, T::Connect4),
+            (progs::SOCK_SENDMSG4, T::UDPSendMsg4),
+            (progs::SOCK_RECVMSG4, T::UDPRecvMsg4),
+            (progs::SOCK_GETPEERNAME4, T::GetPeerName4),
+            (progs::SOCK_BIND4, T::Bind4),
+        ] {
+            let link_pin = self.pins.link(&format!("cgroup-{name}"));
+            if link_pin.exists() {
+                continue;
+            }
+            let pin = self.pins.prog(name);
+            let mut prog = CgroupSockAddr::from_pin(&pin, ty).map_err(bpf(format!("opening {}", pin.display())))?;
+            let id = prog
+                // bpf_link_create takes no flags for cgroups: links always coexist.
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(bpf(format!("attaching {name} to cgroup {}", cgroup.display())))?;
+            let link = prog.take_link(id).map_err(bpf("taking link"))?;
+            let fd: FdLink = link.try_into().map_err(bpf("bpf_link expected (kernel >= 5.7)"))?;
+            fd.pin(&link_pin).map_err(bpf(format!("pinning {}", link_pin.display())))?;
+        }
+        Ok(())
+    }
+
     /// Attaches the bridge-port program to a container's host veth (TC ingress) and pins
     /// the link as `links/port-<ifindex>`.
     pub fn attach_port(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
@@ -342,14 +383,16 @@ impl Datapath {
         names.sort();
         for pin in names {
             let file = pin.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-            let (program, attach) = if file == Pins::UPLINK_EGRESS_LINK {
+            let (program, attach) = if let Some(p) = file.strip_prefix("cgroup-") {
+                (p, "cgroup")
+            } else if file == Pins::UPLINK_EGRESS_LINK {
                 (progs::UPLINK_EGRESS, "tcx/egress")
             } else if file == Pins::UPLINK_INGRESS_LINK {
                 (progs::UPLINK_INGRESS, "tcx/ingress")
             } else {
                 (progs::PORT_INGRESS, "tcx/ingress")
             };
-            let ifindex = link_ifindex(&pin).unwrap_or(0);
+            let ifindex = if attach == "cgroup" { 0 } else { link_ifindex(&pin).unwrap_or(0) };
             out.push(LinkStatus { pin, program: program.to_owned(), ifindex, attach: attach.to_owned() });
         }
         Ok(out)
