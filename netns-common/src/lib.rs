@@ -258,10 +258,16 @@ pub enum Stat {
     /// bind() of a mapped host port refused.
     SockBindDenied,
     DropNoEndpoint,
+    /// ICMP errors about tracked flows translated (outer and quoted headers).
+    IcmpErrors,
+    /// Later fragments sent around again because their first fragment was not seen yet.
+    FragRecirculated,
+    /// Later fragments of a container's datagram translated by address only.
+    FragAddrOnly,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::DropNoEndpoint as u32 + 1;
+    pub const COUNT: u32 = Stat::FragAddrOnly as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -283,6 +289,9 @@ impl Stat {
         Stat::SockRedirects,
         Stat::SockBindDenied,
         Stat::DropNoEndpoint,
+        Stat::IcmpErrors,
+        Stat::FragRecirculated,
+        Stat::FragAddrOnly,
     ];
 
     /// Stable name used by `netns stats`.
@@ -307,6 +316,9 @@ impl Stat {
             Stat::SockRedirects => "sock_redirects",
             Stat::SockBindDenied => "sock_bind_denied",
             Stat::DropNoEndpoint => "drop_no_endpoint",
+            Stat::IcmpErrors => "icmp_errors",
+            Stat::FragRecirculated => "frag_recirculated",
+            Stat::FragAddrOnly => "frag_addr_only",
         }
     }
 

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
 use netns_common::{
-    Config, FragKey, FragPorts, IPPROTO_TCP, IPPROTO_UDP, PortKey, Stat, ct_kind, dir,
+    Config, FragKey, FragPorts, IPPROTO_TCP, IPPROTO_UDP, PortKey, Stat, Tuple, ct_kind, dir,
 };
 
 use crate::{
-    conntrack,
+    conntrack, icmp,
     maps::{ENDPOINTS, FRAGS, PORTS, config},
     packet::{self, Packet, Parsed},
     stats::{self, Verdict},
@@ -70,17 +70,26 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
     if cfg.uplink_addr == 0 {
         return Ok(());
     }
-    let mut pkt = match packet::parse(ctx)? {
+    let pkt = match packet::parse(ctx)? {
         Parsed::Other => return Ok(()),
         Parsed::Ipv4(p) => p,
+        Parsed::IcmpError(p) => {
+            if icmp::translate_error(ctx, &p, dir::UPLINK_EGRESS)? {
+                stats::inc(Stat::IcmpErrors);
+            }
+            return Ok(());
+        }
     };
-    if pkt.later_fragment && !frag_ports(&mut pkt) {
-        // Never let a container address leak untranslated.
-        return if in_subnet(cfg, pkt.tuple.saddr) {
-            Err(Stat::DropFragNoFirst)
-        } else {
-            Ok(())
-        };
+    if pkt.later_fragment {
+        // A later fragment has no ports, and needs none: every flow leaving through the
+        // uplink takes the uplink address, and the ports were rewritten in the first
+        // fragment. So fragments translate in any order, without waiting for the first.
+        if !in_subnet(cfg, pkt.tuple.saddr) || in_subnet(cfg, pkt.tuple.daddr) {
+            return Ok(());
+        }
+        let new = Tuple { saddr: cfg.uplink_addr, ..pkt.tuple };
+        stats::inc(Stat::FragAddrOnly);
+        return packet::rewrite(ctx, &pkt, &new);
     }
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::UPLINK_EGRESS);
@@ -99,7 +108,6 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             if !in_subnet(cfg, pkt.tuple.saddr)
                 || pkt.tuple.saddr == cfg.gateway
                 || in_subnet(cfg, pkt.tuple.daddr)
-                || pkt.later_fragment
             {
                 return Ok(());
             }
@@ -114,29 +122,54 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             xlat
         }
     };
-    remember_frag(&pkt);
     packet::rewrite(ctx, &pkt, &new)
 }
 
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
-    into_verdict(try_uplink_ingress(ctx))
+    match try_uplink_ingress(ctx) {
+        Ok(Some(ifindex)) => Verdict::RedirectIngress(ifindex),
+        Ok(None) => Verdict::Pass,
+        Err(s) => Verdict::Drop(s),
+    }
 }
 
-fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
-    let Some(cfg) = config() else { return Ok(()) };
+/// skb->mark tag of a fragment sent around again, with the round count in the low bits.
+const RECIRC_TAG: u32 = 0x4e53_f000;
+const RECIRC_MASK: u32 = 0xffff_f000;
+const RECIRC_MAX: u32 = 64;
+
+/// Returns Some(ifindex) to send the packet around the uplink's ingress once more.
+fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
+    let Some(cfg) = config() else { return Ok(None) };
     if cfg.uplink_addr == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let mut pkt = match packet::parse(ctx)? {
-        Parsed::Other => return Ok(()),
+        Parsed::Other => return Ok(None),
         Parsed::Ipv4(p) => p,
+        Parsed::IcmpError(p) => {
+            if p.tuple.daddr == cfg.uplink_addr && icmp::translate_error(ctx, &p, dir::UPLINK_INGRESS)? {
+                stats::inc(Stat::IcmpErrors);
+            }
+            return Ok(None);
+        }
     };
     if pkt.tuple.daddr != cfg.uplink_addr {
-        return Ok(());
+        return Ok(None);
     }
     if pkt.later_fragment && !frag_ports(&mut pkt) {
-        // Not ours to judge: without a first fragment the host's own reassembly decides.
-        return Ok(());
+        // A later fragment that overtook its first fragment: which container it is for
+        // is in the first fragment's ports. Send it around the uplink's ingress again
+        // (to the back of the backlog, behind the first fragment) a bounded number of
+        // times; Cilium and einat drop it instead.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        let rounds = if mark & RECIRC_MASK == RECIRC_TAG { mark & !RECIRC_MASK } else { 0 };
+        if rounds >= RECIRC_MAX {
+            return Err(Stat::DropFragNoFirst);
+        }
+        ctx.set_mark(RECIRC_TAG | (rounds + 1));
+        stats::inc(Stat::FragRecirculated);
+        return Ok(Some(cfg.uplink_ifindex));
     }
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::UPLINK_INGRESS);
@@ -151,7 +184,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
         }
         None => {
             if pkt.later_fragment || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
-                return Ok(());
+                return Ok(None);
             }
             let mut pk = PortKey {
                 host_addr: pkt.tuple.daddr,
@@ -165,7 +198,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
                     pk.host_addr = 0;
                     match unsafe { PORTS.get(&pk) } {
                         Some(t) => *t,
-                        None => return Ok(()),
+                        None => return Ok(None),
                     }
                 }
             };
@@ -175,7 +208,11 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
         }
     };
     remember_frag(&pkt);
-    packet::rewrite(ctx, &pkt, &new)
+    if unsafe { (*ctx.skb.skb).mark } & RECIRC_MASK == RECIRC_TAG {
+        ctx.set_mark(0);
+    }
+    packet::rewrite(ctx, &pkt, &new)?;
+    Ok(None)
 }
 
 pub fn port_ingress(ctx: &TcContext) -> Verdict {

@@ -11,12 +11,15 @@ use netns_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETERPROB: u8 = 12;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -28,17 +31,17 @@ pub struct EthHdr {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Ipv4Hdr {
-    vihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
 }
 
 /// What the datapath needs of an IPv4 packet.
@@ -67,6 +70,9 @@ pub enum Parsed {
     /// Not IPv4, or an L4 protocol the datapath leaves alone.
     Other,
     Ipv4(Packet),
+    /// An ICMP error (unreachable, time exceeded, parameter problem): it quotes the
+    /// header of a packet of some flow, which must be translated with the outer one.
+    IcmpError(Packet),
 }
 
 #[inline(always)]
@@ -133,6 +139,9 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
                 ICMP_ECHO_REPLY => {
                     pkt.tuple.dport = ctx.load(pkt.l4_off + 4).map_err(|_| Stat::DropMalformed)?;
                 }
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
+                    return Ok(Parsed::IcmpError(pkt));
+                }
                 _ => return Ok(Parsed::Other),
             }
         }
@@ -151,7 +160,7 @@ pub fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Sta
 }
 
 #[inline(always)]
-fn l4_csum_off(proto: u8) -> usize {
+pub fn l4_csum_off(proto: u8) -> usize {
     match proto {
         IPPROTO_TCP => 16,
         IPPROTO_UDP => 6,
