@@ -20,6 +20,8 @@ pub mod maps {
     pub const STATS: &str = "NETNS_STATS";
     pub const FRAGS: &str = "NETNS_FRAGS";
     pub const SOCK_REVNAT: &str = "NETNS_SKREV";
+    pub const FRAG_STASH: &str = "NETNS_FSTASH";
+    pub const SCRATCH: &str = "NETNS_SCRATCH";
 }
 
 /// Program (function) names in the eBPF object.
@@ -215,6 +217,30 @@ pub struct FragKey {
 }
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 
+/// A held fragment: which datagram, and which of its held fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct StashKey {
+    pub frag: FragKey,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<StashKey>() == 16);
+
+/// Largest frame (Ethernet header included) that can be held.
+pub const STASH_FRAME_MAX: usize = 1536;
+/// Fragments held per datagram before its first fragment arrives.
+pub const STASH_SLOTS: u32 = 8;
+
+/// A frame held until the first fragment of its datagram arrives.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StashedFrame {
+    pub len: u32,
+    pub _pad: u32,
+    pub data: [u8; STASH_FRAME_MAX],
+}
+const _: () = assert!(core::mem::size_of::<StashedFrame>() == 8 + STASH_FRAME_MAX);
+
 /// Ports of a fragmented datagram's first fragment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -260,14 +286,18 @@ pub enum Stat {
     DropNoEndpoint,
     /// ICMP errors about tracked flows translated (outer and quoted headers).
     IcmpErrors,
-    /// Later fragments sent around again because their first fragment was not seen yet.
-    FragRecirculated,
     /// Later fragments of a container's datagram translated by address only.
     FragAddrOnly,
+    /// Fragments that arrived before their first fragment, held in a map.
+    FragStashed,
+    /// Held fragments sent on once their first fragment arrived.
+    FragReplayed,
+    /// A fragment too large to hold, or no free slot for its datagram.
+    DropFragStash,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::FragAddrOnly as u32 + 1;
+    pub const COUNT: u32 = Stat::DropFragStash as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -290,8 +320,10 @@ impl Stat {
         Stat::SockBindDenied,
         Stat::DropNoEndpoint,
         Stat::IcmpErrors,
-        Stat::FragRecirculated,
         Stat::FragAddrOnly,
+        Stat::FragStashed,
+        Stat::FragReplayed,
+        Stat::DropFragStash,
     ];
 
     /// Stable name used by `netns stats`.
@@ -317,8 +349,10 @@ impl Stat {
             Stat::SockBindDenied => "sock_bind_denied",
             Stat::DropNoEndpoint => "drop_no_endpoint",
             Stat::IcmpErrors => "icmp_errors",
-            Stat::FragRecirculated => "frag_recirculated",
             Stat::FragAddrOnly => "frag_addr_only",
+            Stat::FragStashed => "frag_stashed",
+            Stat::FragReplayed => "frag_replayed",
+            Stat::DropFragStash => "drop_frag_stash",
         }
     }
 
@@ -333,6 +367,7 @@ impl Stat {
                 | Stat::DropCtInsert
                 | Stat::DropFragNoFirst
                 | Stat::DropNoEndpoint
+                | Stat::DropFragStash
         )
     }
 }
@@ -343,6 +378,7 @@ pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const PORTS_MAX_ENTRIES: u32 = 131_072;
 pub const FRAGS_MAX_ENTRIES: u32 = 8_192;
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
+pub const FRAG_STASH_MAX_ENTRIES: u32 = 256;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod conntrack;
+mod frag;
 mod icmp;
 mod maps;
 mod nat;
@@ -17,7 +18,7 @@ mod sock;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
@@ -76,8 +77,6 @@ fn verdict(v: Verdict) -> i32 {
         }
         // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
-        // SAFETY: as above.
-        Verdict::RedirectIngress(ifindex) => unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32 },
     }
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use netns_common::{
     CT_MAX_ENTRIES, Config, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
-    FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, Stat,
+    FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, Stat, FRAG_STASH_MAX_ENTRIES, StashKey, StashedFrame,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
@@ -29,6 +29,16 @@ pub static PORTS: HashMap<PortKey, PortTarget> = HashMap::pinned(PORTS_MAX_ENTRI
 /// Ports of fragmented datagrams, from their first fragment.
 #[map(name = "NETNS_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGS_MAX_ENTRIES, 0);
+
+/// Fragments that overtook their first fragment, until it arrives (LRU: an orphan
+/// is evicted eventually).
+#[map(name = "NETNS_FSTASH")]
+pub static FRAG_STASH: LruHashMap<StashKey, StashedFrame> =
+    LruHashMap::pinned(FRAG_STASH_MAX_ENTRIES, 0);
+
+/// Per-CPU room for one frame (larger than the BPF stack).
+#[map(name = "NETNS_SCRATCH")]
+pub static SCRATCH: PerCpuArray<StashedFrame> = PerCpuArray::with_max_entries(1, 0);
 
 /// Socket-level port forwards: container end -> the host address the process used.
 #[map(name = "NETNS_SKREV")]

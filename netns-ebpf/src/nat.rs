@@ -7,7 +7,7 @@ use netns_common::{
 };
 
 use crate::{
-    conntrack, icmp,
+    conntrack, frag, icmp,
     maps::{ENDPOINTS, FRAGS, PORTS, config},
     packet::{self, Packet, Parsed},
     stats::{self, Verdict},
@@ -126,50 +126,32 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
 }
 
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
-    match try_uplink_ingress(ctx) {
-        Ok(Some(ifindex)) => Verdict::RedirectIngress(ifindex),
-        Ok(None) => Verdict::Pass,
-        Err(s) => Verdict::Drop(s),
-    }
+    into_verdict(try_uplink_ingress(ctx))
 }
 
-/// skb->mark tag of a fragment sent around again, with the round count in the low bits.
-const RECIRC_TAG: u32 = 0x4e53_f000;
-const RECIRC_MASK: u32 = 0xffff_f000;
-const RECIRC_MAX: u32 = 64;
-
-/// Returns Some(ifindex) to send the packet around the uplink's ingress once more.
-fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
-    let Some(cfg) = config() else { return Ok(None) };
+fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
+    let Some(cfg) = config() else { return Ok(()) };
     if cfg.uplink_addr == 0 {
-        return Ok(None);
+        return Ok(());
     }
     let mut pkt = match packet::parse(ctx)? {
-        Parsed::Other => return Ok(None),
+        Parsed::Other => return Ok(()),
         Parsed::Ipv4(p) => p,
         Parsed::IcmpError(p) => {
             if p.tuple.daddr == cfg.uplink_addr && icmp::translate_error(ctx, &p, dir::UPLINK_INGRESS)? {
                 stats::inc(Stat::IcmpErrors);
             }
-            return Ok(None);
+            return Ok(());
         }
     };
     if pkt.tuple.daddr != cfg.uplink_addr {
-        return Ok(None);
+        return Ok(());
     }
     if pkt.later_fragment && !frag_ports(&mut pkt) {
-        // A later fragment that overtook its first fragment: which container it is for
-        // is in the first fragment's ports. Send it around the uplink's ingress again
-        // (to the back of the backlog, behind the first fragment) a bounded number of
-        // times; Cilium and einat drop it instead.
-        let mark = unsafe { (*ctx.skb.skb).mark };
-        let rounds = if mark & RECIRC_MASK == RECIRC_TAG { mark & !RECIRC_MASK } else { 0 };
-        if rounds >= RECIRC_MAX {
-            return Err(Stat::DropFragNoFirst);
-        }
-        ctx.set_mark(RECIRC_TAG | (rounds + 1));
-        stats::inc(Stat::FragRecirculated);
-        return Ok(Some(cfg.uplink_ifindex));
+        // It overtook its first fragment, whose ports say which container it is for:
+        // hold it until the first fragment arrives. Dropped here, sent on from there.
+        frag::stash(ctx, &frag_key(&pkt))?;
+        return Err(Stat::FragStashed);
     }
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::UPLINK_INGRESS);
@@ -184,7 +166,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
         }
         None => {
             if pkt.later_fragment || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
-                return Ok(None);
+                return Ok(());
             }
             let mut pk = PortKey {
                 host_addr: pkt.tuple.daddr,
@@ -198,7 +180,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
                     pk.host_addr = 0;
                     match unsafe { PORTS.get(&pk) } {
                         Some(t) => *t,
-                        None => return Ok(None),
+                        None => return Ok(()),
                     }
                 }
             };
@@ -208,11 +190,11 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
         }
     };
     remember_frag(&pkt);
-    if unsafe { (*ctx.skb.skb).mark } & RECIRC_MASK == RECIRC_TAG {
-        ctx.set_mark(0);
-    }
     packet::rewrite(ctx, &pkt, &new)?;
-    Ok(None)
+    if pkt.first_fragment {
+        frag::replay(ctx, &frag_key(&pkt), cfg.uplink_ifindex)?;
+    }
+    Ok(())
 }
 
 pub fn port_ingress(ctx: &TcContext) -> Verdict {

@@ -9,8 +9,6 @@ pub enum Verdict {
     Drop(Stat),
     /// Sent straight to a bridge port's egress (hairpin), bypassing the host stack.
     Redirect(u32),
-    /// Sent to a device's ingress again (a fragment waiting for its first fragment).
-    RedirectIngress(u32),
 }
 
 #[inline(always)]
