@@ -156,8 +156,45 @@ pub struct Config {
     pub _pad: [u8; 2],
     /// Cookie of the network namespace netns manages: socket hooks act only there.
     pub netns_cookie: u64,
+    /// Conntrack timeouts, read by the garbage collector (seconds).
+    pub timeouts: Timeouts,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 80);
+
+/// Conntrack timeouts in seconds, by state; defaults are Linux conntrack's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP flow whose SYN was not answered yet (nf_conntrack_tcp_timeout_syn_sent).
+    pub tcp_syn: u32,
+    pub tcp_established: u32,
+    /// After a FIN (fin_wait / time_wait).
+    pub tcp_fin: u32,
+    /// After a RST (close).
+    pub tcp_close: u32,
+    /// UDP seen in one direction only, and once replies were seen (udp_stream).
+    pub udp: u32,
+    pub udp_stream: u32,
+    pub icmp: u32,
+    /// How often the collector sweeps.
+    pub gc_interval: u32,
+}
+const _: () = assert!(core::mem::size_of::<Timeouts>() == 32);
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn: 120,
+            tcp_established: 432_000,
+            tcp_fin: 120,
+            tcp_close: 10,
+            udp: 30,
+            udp_stream: 120,
+            icmp: 30,
+            gc_interval: 30,
+        }
+    }
+}
 
 /// A container attached to the bridge, keyed by its IPv4 address (network order).
 #[repr(C)]
@@ -270,6 +307,11 @@ pub enum Stat {
     PortPassed,
     /// Source port search needed retries.
     PortRetries,
+    /// The original source port was kept (free on the uplink).
+    PortKept,
+    /// The original source port was in use by a host socket: one from the NAT range
+    /// was taken instead.
+    PortHostSocket,
     DropPortExhausted,
     DropSpoofedIp,
     DropSpoofedMac,
@@ -308,6 +350,8 @@ impl Stat {
         Stat::CtRepaired,
         Stat::PortPassed,
         Stat::PortRetries,
+        Stat::PortKept,
+        Stat::PortHostSocket,
         Stat::DropPortExhausted,
         Stat::DropSpoofedIp,
         Stat::DropSpoofedMac,
@@ -337,6 +381,8 @@ impl Stat {
             Stat::CtRepaired => "ct_repaired",
             Stat::PortPassed => "port_passed",
             Stat::PortRetries => "port_retries",
+            Stat::PortKept => "port_kept",
+            Stat::PortHostSocket => "port_host_socket",
             Stat::DropPortExhausted => "drop_port_exhausted",
             Stat::DropSpoofedIp => "drop_spoofed_ip",
             Stat::DropSpoofedMac => "drop_spoofed_mac",
@@ -394,4 +440,5 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for Timeouts {}
 }

@@ -2,10 +2,11 @@
 //! forward/reverse entry pair with source-port allocation.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    programs::TcContext,
 };
-use netns_common::{CtEntry, CtKey, IPPROTO_TCP, Stat, Tuple, ct_kind, ct_state, dir};
+use netns_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple, ct_kind, ct_state, dir};
 
 use crate::{
     maps::CONNTRACK,
@@ -96,12 +97,65 @@ fn entry(xlat: Tuple, pkt: &Packet, kind: u8, now: u64, len: u32, counted: bool)
     }
 }
 
-/// Masquerade a new flow leaving through the uplink: pick a source port on `nat_addr`
-/// that no other flow to the same peer uses (the original port if possible), claim it by
-/// inserting the reverse entry with BPF_NOEXIST, then insert the forward entry.
-/// Returns the translated tuple.
+/// Does a socket of the host itself own (`local`:`port`) towards `peer`:`peer_port`, or
+/// listen on it? Then a reply to that port is the host's, not a container's.
 #[inline(always)]
-pub fn create_snat(pkt: &Packet, nat_addr: u32, min: u16, max: u16, len: u32) -> Result<Tuple, Stat> {
+fn host_socket_owns(ctx: &TcContext, proto: u8, local: u32, port: u16, peer: u32, peer_port: u16) -> bool {
+    // SAFETY: zeroed is a valid bpf_sock_tuple; we fill the IPv4 member.
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    t.__bindgen_anon_1.ipv4.saddr = peer;
+    t.__bindgen_anon_1.ipv4.daddr = local;
+    t.__bindgen_anon_1.ipv4.sport = peer_port;
+    t.__bindgen_anon_1.ipv4.dport = port;
+    let size = 12; // sizeof(tuple.ipv4)
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: helper calls with a valid tuple; a non-null socket is released at once.
+    unsafe {
+        let sk = match proto {
+            IPPROTO_TCP => bpf_sk_lookup_tcp(ctx.skb.skb.cast(), &mut t, size, netns, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx.skb.skb.cast(), &mut t, size, netns, 0),
+            _ => return false,
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
+}
+
+/// Checks the reverse half of a masquerade pair on the egress fast path. LRU eviction
+/// can remove one half (Cilium issue 12686): a missing reverse entry is rebuilt; one
+/// that another flow has claimed since means this forward entry is stale, and it is
+/// deleted so the packet creates a fresh pair. Returns false for the stale case.
+#[inline(always)]
+pub fn check_reverse(pkt: &Packet, xlat: &Tuple) -> bool {
+    let rev_key = CtKey { tuple: xlat.reversed(), proto: pkt.proto, dir: dir::UPLINK_INGRESS, _pad: [0; 2] };
+    match unsafe { CONNTRACK.get(&rev_key) } {
+        Some(r) => {
+            if r.xlat.daddr == pkt.tuple.saddr && r.xlat.dport == pkt.tuple.sport {
+                return true;
+            }
+            let _ = CONNTRACK.remove(&key(pkt, dir::UPLINK_EGRESS));
+            stats::inc(Stat::CtRepaired);
+            false
+        }
+        None => {
+            let now = unsafe { bpf_ktime_get_ns() };
+            let rev = entry(pkt.tuple.reversed(), pkt, ct_kind::SNAT, now, 0, false);
+            let _ = CONNTRACK.insert(&rev_key, &rev, BPF_NOEXIST as u64);
+            stats::inc(Stat::CtRepaired);
+            true
+        }
+    }
+}
+
+/// Masquerade a new flow leaving through the uplink: pick a source port on `nat_addr`
+/// that no other flow to the same peer uses (the original port if neither a flow nor a
+/// host socket has it), claim it by inserting the reverse entry with BPF_NOEXIST, then
+/// insert the forward entry. Returns the translated tuple.
+#[inline(always)]
+pub fn create_snat(ctx: &TcContext, pkt: &Packet, nat_addr: u32, min: u16, max: u16, len: u32) -> Result<Tuple, Stat> {
     let now = unsafe { bpf_ktime_get_ns() };
     let orig = pkt.tuple;
     let mut xlat = Tuple {
@@ -117,7 +171,14 @@ pub fn create_snat(pkt: &Packet, nat_addr: u32, min: u16, max: u16, len: u32) ->
         _pad: [0; 2],
     };
     let rev = entry(orig.reversed(), pkt, ct_kind::SNAT, now, len, false);
-    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, min, max)?;
+    let host_owned = host_socket_owns(ctx, pkt.proto, nat_addr, orig.sport, orig.daddr, orig.dport);
+    if host_owned {
+        stats::inc(Stat::PortHostSocket);
+    }
+    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, !host_owned, min, max)?;
+    if xlat.sport == orig.sport {
+        stats::inc(Stat::PortKept);
+    }
     let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
     if CONNTRACK.insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64).is_err() {
         let _ = CONNTRACK.remove(&rev_key);
@@ -129,13 +190,20 @@ pub fn create_snat(pkt: &Packet, nat_addr: u32, min: u16, max: u16, len: u32) ->
 
 /// Claims a free port on `nat_addr` for a flow to (`peer`, `peer_port`) by inserting the
 /// reverse entry `rev_key` (its `dport` varied) with BPF_NOEXIST: the original port
-/// first, then random probes in [min, max]. Returns the port claimed.
+/// first (if `try_orig`), then random probes in [min, max]. Returns the port claimed.
 #[inline(always)]
-fn claim_port(rev_key: &mut CtKey, rev: &CtEntry, orig_port: u16, min: u16, max: u16) -> Result<u16, Stat> {
+fn claim_port(
+    rev_key: &mut CtKey,
+    rev: &CtEntry,
+    orig_port: u16,
+    try_orig: bool,
+    min: u16,
+    max: u16,
+) -> Result<u16, Stat> {
     let span = (max as u32).saturating_sub(min as u32) + 1;
     let mut port = orig_port;
     rev_key.tuple.dport = port;
-    let mut claimed = CONNTRACK.insert(&*rev_key, rev, BPF_NOEXIST as u64).is_ok();
+    let mut claimed = try_orig && CONNTRACK.insert(&*rev_key, rev, BPF_NOEXIST as u64).is_ok();
     let mut i = 0;
     while !claimed && i < PORT_PROBES {
         let p = min as u32 + unsafe { bpf_get_prandom_u32() } % span;
@@ -174,7 +242,7 @@ pub fn create_hairpin(
         _pad: [0; 2],
     };
     let rev = entry(orig.reversed(), pkt, ct_kind::HAIRPIN, now, len, false);
-    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, cfg.nat_port_min, cfg.nat_port_max)?;
+    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, true, cfg.nat_port_min, cfg.nat_port_max)?;
     let fwd = entry(xlat, pkt, ct_kind::HAIRPIN, now, len, true);
     if CONNTRACK.insert(&key(pkt, dir::BRIDGE), &fwd, BPF_ANY as u64).is_err() {
         let _ = CONNTRACK.remove(&rev_key);

@@ -93,15 +93,19 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
     }
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::UPLINK_EGRESS);
-    let new = match conntrack::lookup(&key, &pkt, len) {
-        Some((xlat, kind)) => {
-            stats::inc(if kind == ct_kind::DNAT {
-                Stat::DnatReplyPackets
-            } else {
-                Stat::SnatPackets
-            });
-            xlat
+    let hit = match conntrack::lookup(&key, &pkt, len) {
+        Some((xlat, kind)) if kind == ct_kind::DNAT => {
+            stats::inc(Stat::DnatReplyPackets);
+            Some(xlat)
         }
+        Some((xlat, _)) if conntrack::check_reverse(&pkt, &xlat) => {
+            stats::inc(Stat::SnatPackets);
+            Some(xlat)
+        }
+        _ => None,
+    };
+    let new = match hit {
+        Some(xlat) => xlat,
         None => {
             // Only container flows leaving the host are masqueraded; the host's own
             // traffic and anything addressed back into the subnet pass untouched.
@@ -112,6 +116,7 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
                 return Ok(());
             }
             let xlat = conntrack::create_snat(
+                ctx,
                 &pkt,
                 cfg.uplink_addr,
                 cfg.nat_port_min,

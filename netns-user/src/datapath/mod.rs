@@ -24,7 +24,7 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use netns_common::{
-    Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, Stat, maps, progs,
+    Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, Stat, Timeouts, maps, progs,
 };
 use nix::fcntl::{Flock, FlockArg};
 
@@ -107,6 +107,7 @@ impl DatapathConfig {
             bridge_mac,
             _pad: [0; 2],
             netns_cookie,
+            timeouts: Timeouts::default(),
         })
     }
 }
@@ -187,17 +188,32 @@ impl Datapath {
         MapData::from_pin(&p).map_err(bpf(format!("opening pinned map {}", p.display())))
     }
 
+    fn config_map(&self) -> Result<Array<MapData, Config>, DatapathError> {
+        Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?)).map_err(bpf("config map"))
+    }
+
+    /// Writes the config, keeping conntrack timeouts already set (see `set_timeouts`).
     fn write_config(&self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
-        let mut m: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?))
-            .map_err(bpf("config map"))?;
-        m.set(0, cfg.to_map_value()?, 0).map_err(bpf("writing config map"))
+        let mut m = self.config_map()?;
+        let mut v = cfg.to_map_value()?;
+        let old = m.get(&0, 0).map_err(bpf("reading config map"))?;
+        if old.timeouts.gc_interval != 0 {
+            v.timeouts = old.timeouts;
+        }
+        m.set(0, v, 0).map_err(bpf("writing config map"))
+    }
+
+    /// Sets the conntrack timeouts and GC interval every collector uses.
+    pub fn set_timeouts(&self, t: Timeouts) -> Result<(), DatapathError> {
+        let mut m = self.config_map()?;
+        let mut v = m.get(&0, 0).map_err(bpf("reading config map"))?;
+        v.timeouts = t;
+        m.set(0, v, 0).map_err(bpf("writing config map"))
     }
 
     /// The config the datapath runs with.
     pub fn config(&self) -> Result<Config, DatapathError> {
-        let m: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?))
-            .map_err(bpf("config map"))?;
-        m.get(&0, 0).map_err(bpf("reading config map"))
+        self.config_map()?.get(&0, 0).map_err(bpf("reading config map"))
     }
 
     /// Attaches the uplink programs unless their pinned links already point at the
