@@ -11,6 +11,7 @@
 //! <bpffs_dir>/v1/links/uplink-{egress,ingress}, links/port-<ifindex>   TCX links
 //! ```
 
+pub mod gc;
 mod pins;
 mod sys;
 
