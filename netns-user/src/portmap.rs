@@ -1,0 +1,433 @@
+//! Port forwards: the `docker run -p` spec, validation against existing mappings and
+//! the host's own sockets, the persisted table, and the datapath's port map.
+//!
+//! Every change is all-or-nothing: a batch is validated in full before the first map
+//! entry is written, and a failed write rolls back what the batch wrote. Conntrack
+//! entries that use a mapped host port are flushed when the mapping is added and when
+//! it is removed, so a remapped port never keeps delivering stale (UDP) flows.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::str::FromStr;
+
+use netns_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, PortKey, PortTarget, dir};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{Datapath, DatapathError, gc::partner_key};
+
+/// The OCI annotation a container declares its port forwards in: specs separated by
+/// commas or whitespace, e.g. `"netns.ports": "8080:80/tcp, 5353:53/udp"`.
+pub const ANNOTATION: &str = "netns.ports";
+
+/// File name of the mapping table in the state directory.
+pub const TABLE: &str = "ports.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("{spec:?}: expected [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]")]
+    Syntax { spec: String },
+    #[error("{spec:?}: unknown protocol {proto:?} (tcp or udp)")]
+    Proto { spec: String, proto: String },
+    #[error("{spec:?}: port {port:?} is not in 1..65535")]
+    Port { spec: String, port: String },
+    #[error("{spec:?}: range {range:?} ends before it starts")]
+    Range { spec: String, range: String },
+    #[error("{spec:?}: host range has {host} ports but container range has {container}")]
+    RangeLength { spec: String, host: u32, container: u32 },
+    #[error("{spec:?}: {ip:?} is not an IPv4 address")]
+    HostIp { spec: String, ip: String },
+}
+
+/// One `-p` spec: a host port range forwarded one to one to a container port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    pub host_ip: Option<Ipv4Addr>,
+    pub host: (u16, u16),
+    pub container: (u16, u16),
+    pub proto: Proto,
+}
+
+fn parse_range(spec: &str, s: &str) -> Result<(u16, u16), SpecError> {
+    let port = |p: &str| -> Result<u16, SpecError> {
+        match p.parse::<u32>() {
+            Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+            _ => Err(SpecError::Port { spec: spec.into(), port: p.into() }),
+        }
+    };
+    match s.split_once('-') {
+        None => {
+            let p = port(s)?;
+            Ok((p, p))
+        }
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if a > b {
+                return Err(SpecError::Range { spec: spec.into(), range: s.into() });
+            }
+            Ok((a, b))
+        }
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = SpecError;
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let s = spec.trim();
+        let (body, proto) = match s.rsplit_once('/') {
+            Some((b, p)) => {
+                let proto = match p.to_ascii_lowercase().as_str() {
+                    "tcp" => Proto::Tcp,
+                    "udp" => Proto::Udp,
+                    _ => return Err(SpecError::Proto { spec: spec.into(), proto: p.into() }),
+                };
+                (b, proto)
+            }
+            None => (s, Proto::Tcp),
+        };
+        let parts: Vec<&str> = body.split(':').collect();
+        let (host_ip, host, container) = match parts.as_slice() {
+            [h, c] => (None, *h, *c),
+            [ip, h, c] => {
+                let ip = ip.parse::<Ipv4Addr>().map_err(|_| SpecError::HostIp { spec: spec.into(), ip: (*ip).into() })?;
+                (Some(ip).filter(|ip| !ip.is_unspecified()), *h, *c)
+            }
+            _ => return Err(SpecError::Syntax { spec: spec.into() }),
+        };
+        if host.is_empty() || container.is_empty() {
+            return Err(SpecError::Syntax { spec: spec.into() });
+        }
+        let host = parse_range(spec, host)?;
+        let container = parse_range(spec, container)?;
+        let (hn, cn) = (u32::from(host.1 - host.0) + 1, u32::from(container.1 - container.0) + 1);
+        if hn != cn {
+            return Err(SpecError::RangeLength { spec: spec.into(), host: hn, container: cn });
+        }
+        Ok(PortSpec { host_ip, host, container, proto })
+    }
+}
+
+/// Specs from an annotation value: separated by commas or whitespace.
+pub fn parse_list(s: &str) -> Result<Vec<PortSpec>, SpecError> {
+    s.split(|c: char| c == ',' || c.is_whitespace()).filter(|p| !p.is_empty()).map(str::parse).collect()
+}
+
+/// One forwarded host port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub container_id: String,
+    pub container_ip: Ipv4Addr,
+    pub proto: Proto,
+    /// None: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+impl Mapping {
+    fn key(&self) -> PortKey {
+        PortKey {
+            host_addr: self.host_ip.map_or(0, |a| u32::from(a).to_be()),
+            host_port: self.host_port.to_be(),
+            proto: self.proto.number(),
+            _pad: 0,
+        }
+    }
+
+    fn target(&self) -> PortTarget {
+        PortTarget { addr: u32::from(self.container_ip).to_be(), port: self.container_port.to_be(), _pad: [0; 2] }
+    }
+
+    /// Same protocol and port on addresses that overlap (a wildcard overlaps all).
+    fn collides(&self, o: &Mapping) -> bool {
+        self.proto == o.proto
+            && self.host_port == o.host_port
+            && (self.host_ip.is_none() || o.host_ip.is_none() || self.host_ip == o.host_ip)
+    }
+
+    fn describe(&self) -> String {
+        match self.host_ip {
+            Some(ip) => format!("{ip}:{}/{}", self.host_port, self.proto),
+            None => format!("{}/{}", self.host_port, self.proto),
+        }
+    }
+}
+
+/// Expands specs for one container into single-port mappings.
+pub fn expand(container_id: &str, container_ip: Ipv4Addr, specs: &[PortSpec]) -> Vec<Mapping> {
+    let mut out = Vec::new();
+    for s in specs {
+        for i in 0..=(s.host.1 - s.host.0) {
+            out.push(Mapping {
+                container_id: container_id.to_owned(),
+                container_ip,
+                proto: s.proto,
+                host_ip: s.host_ip,
+                host_port: s.host.0 + i,
+                container_port: s.container.0 + i,
+            });
+        }
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortMapError {
+    #[error("host port {new} is already mapped to container {owner}")]
+    Collision { new: String, owner: String },
+    #[error("host port {0} appears twice in this request")]
+    Duplicate(String),
+    #[error("host port {port} is already in use on the host ({source})")]
+    InUse {
+        port: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no mapping of host port {0}")]
+    NotMapped(String),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// Is a host socket bound to the port? Try binding it, as docker does when it holds
+/// the port.
+fn check_host_port_free(m: &Mapping) -> Result<(), PortMapError> {
+    let addr = SocketAddrV4::new(m.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), m.host_port);
+    let r = match m.proto {
+        Proto::Tcp => TcpListener::bind(addr).map(drop),
+        Proto::Udp => UdpSocket::bind(addr).map(drop),
+    };
+    match r {
+        Ok(()) => Ok(()),
+        // EADDRNOTAVAIL: a host IP that is not (yet) local. Forwarding to it still works
+        // once the address exists, and there is nothing bound there now.
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
+        Err(source) => Err(PortMapError::InUse { port: m.describe(), source }),
+    }
+}
+
+/// Validates `new` against the table, itself and the host's sockets.
+pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<(), PortMapError> {
+    let mut seen: HashSet<(Proto, u16, Option<Ipv4Addr>)> = HashSet::new();
+    // Wildcards of this batch by (proto, port), to catch a wildcard + specific pair.
+    let mut any: HashSet<(Proto, u16)> = HashSet::new();
+    for m in new {
+        if !seen.insert((m.proto, m.host_port, m.host_ip))
+            || any.contains(&(m.proto, m.host_port))
+            || (m.host_ip.is_none() && seen.iter().any(|s| s.0 == m.proto && s.1 == m.host_port && s.2.is_some()))
+        {
+            return Err(PortMapError::Duplicate(m.describe()));
+        }
+        if m.host_ip.is_none() {
+            any.insert((m.proto, m.host_port));
+        }
+    }
+    // Index the table by (proto, port) so 10,000 mappings validate in linear time.
+    let mut by_port: std::collections::HashMap<(Proto, u16), Vec<&Mapping>> = std::collections::HashMap::new();
+    for t in table {
+        by_port.entry((t.proto, t.host_port)).or_default().push(t);
+    }
+    for m in new {
+        if let Some(owner) = by_port.get(&(m.proto, m.host_port)).and_then(|v| v.iter().find(|t| t.collides(m))) {
+            return Err(PortMapError::Collision { new: m.describe(), owner: owner.container_id.clone() });
+        }
+    }
+    if check_host {
+        for m in new {
+            check_host_port_free(m)?;
+        }
+    }
+    Ok(())
+}
+
+/// Does conntrack entry (k, v) belong to a flow through host port `port`/`proto`?
+fn uses_host_port(k: &CtKey, v: &CtEntry, proto: u8, port_be: u16) -> bool {
+    k.proto == proto
+        && match k.dir {
+            dir::UPLINK_INGRESS | dir::BRIDGE => k.tuple.dport == port_be,
+            _ => v.xlat.sport == port_be,
+        }
+}
+
+/// Deletes every conntrack pair that uses one of the host ports of `ms`.
+pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathError> {
+    if ms.is_empty() {
+        return Ok(0);
+    }
+    let ports: HashSet<(u8, u16)> = ms.iter().map(|m| (m.proto.number(), m.host_port.to_be())).collect();
+    let entries = dp.conntrack_entries()?;
+    let mut doomed = HashSet::new();
+    for (k, v) in &entries {
+        let hit = ports.iter().any(|&(p, port)| uses_host_port(k, v, p, port));
+        if hit {
+            doomed.insert(*k);
+            doomed.insert(partner_key(k, v));
+        }
+    }
+    dp.purge_conntrack(|k, _| doomed.contains(k))
+}
+
+/// Writes mappings into the datapath; on failure removes what it wrote.
+pub fn install(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
+    let mut map = dp.ports()?;
+    for (i, m) in ms.iter().enumerate() {
+        if let Err(e) = map.insert(m.key(), m.target(), 0) {
+            for done in &ms[..i] {
+                let _ = map.remove(&done.key());
+            }
+            return Err(DatapathError::Bpf(format!("writing port map entry {}: {e}", m.describe())).into());
+        }
+    }
+    flush_conntrack(dp, ms)?;
+    Ok(())
+}
+
+/// Removes mappings from the datapath (absent entries are fine) and their flows.
+pub fn uninstall(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
+    let mut map = dp.ports()?;
+    for m in ms {
+        match map.remove(&m.key()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(DatapathError::Bpf(format!("removing port map entry {}: {e}", m.describe())).into()),
+        }
+    }
+    flush_conntrack(dp, ms)?;
+    Ok(())
+}
+
+/// Picks the mappings of `table` that `specs` name (host side), erroring on any that is
+/// not mapped. `container`: only that container's.
+pub fn select(table: &[Mapping], specs: &[PortSpec], container: Option<&str>) -> Result<Vec<Mapping>, PortMapError> {
+    let mut out = Vec::new();
+    for s in specs {
+        for i in 0..=(s.host.1 - s.host.0) {
+            let port = s.host.0 + i;
+            let found = table.iter().find(|t| {
+                t.proto == s.proto
+                    && t.host_port == port
+                    && t.host_ip == s.host_ip
+                    && container.is_none_or(|c| t.container_id == c)
+            });
+            match found {
+                Some(t) => out.push(t.clone()),
+                None => {
+                    let d = match s.host_ip {
+                        Some(ip) => format!("{ip}:{port}/{}", s.proto),
+                        None => format!("{port}/{}", s.proto),
+                    };
+                    return Err(PortMapError::NotMapped(d));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(s: &str) -> PortSpec {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_docker_specs() {
+        assert_eq!(
+            spec("8080:80"),
+            PortSpec { host_ip: None, host: (8080, 8080), container: (80, 80), proto: Proto::Tcp }
+        );
+        assert_eq!(
+            spec("127.0.0.1:5353:53/udp"),
+            PortSpec {
+                host_ip: Some(Ipv4Addr::LOCALHOST),
+                host: (5353, 5353),
+                container: (53, 53),
+                proto: Proto::Udp
+            }
+        );
+        assert_eq!(spec("8000-8010:9000-9010/TCP").host, (8000, 8010));
+        assert_eq!(spec("0.0.0.0:1:2").host_ip, None);
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        for bad in ["80", "a:80", "0:80", "65536:80", "80:80/sctp", "10-5:10-5", "1-3:1-2", "x.y:1:2", "1:2:3:4", ":80"] {
+            assert!(bad.parse::<PortSpec>().is_err(), "{bad} should be rejected");
+        }
+        assert_eq!(
+            "8000-8010:9000-9005".parse::<PortSpec>(),
+            Err(SpecError::RangeLength { spec: "8000-8010:9000-9005".into(), host: 11, container: 6 })
+        );
+    }
+
+    #[test]
+    fn expands_ranges_one_to_one() {
+        let ms = expand("c", Ipv4Addr::new(172, 19, 0, 2), &[spec("8000-8002:9000-9002/udp")]);
+        let pairs: Vec<_> = ms.iter().map(|m| (m.host_port, m.container_port)).collect();
+        assert_eq!(pairs, [(8000, 9000), (8001, 9001), (8002, 9002)]);
+    }
+
+    #[test]
+    fn detects_collisions() {
+        let ip = Ipv4Addr::new(172, 19, 0, 2);
+        let table = expand("a", ip, &[spec("8080:80")]);
+        let err = validate(&table, &expand("b", ip, &[spec("8080:81")]), false).unwrap_err();
+        assert!(matches!(err, PortMapError::Collision { ref owner, .. } if owner == "a"), "{err}");
+        // Same port, other protocol: fine. Specific address vs wildcard: collides.
+        validate(&table, &expand("b", ip, &[spec("8080:80/udp")]), false).unwrap();
+        assert!(validate(&table, &expand("b", ip, &[spec("127.0.0.1:8080:80")]), false).is_err());
+        // Two specific addresses do not collide.
+        let t2 = expand("a", ip, &[spec("127.0.0.1:9090:80")]);
+        validate(&t2, &expand("b", ip, &[spec("127.0.0.2:9090:80")]), false).unwrap();
+        // Duplicates inside one request.
+        assert!(matches!(
+            validate(&[], &expand("b", ip, &[spec("7000:70"), spec("7000:71")]), false),
+            Err(PortMapError::Duplicate(_))
+        ));
+    }
+
+    #[test]
+    fn reports_host_port_in_use() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let ms = expand("c", Ipv4Addr::new(172, 19, 0, 2), &[spec(&format!("127.0.0.1:{port}:80"))]);
+        assert!(matches!(validate(&[], &ms, true), Err(PortMapError::InUse { .. })));
+        drop(l);
+        validate(&[], &ms, true).unwrap();
+    }
+
+    #[test]
+    fn selects_and_reports_missing() {
+        let ip = Ipv4Addr::new(172, 19, 0, 2);
+        let table = expand("a", ip, &[spec("8080-8081:80-81")]);
+        assert_eq!(select(&table, &[spec("8081:1")], None).unwrap().len(), 1);
+        assert!(matches!(select(&table, &[spec("9999:1")], None), Err(PortMapError::NotMapped(_))));
+        assert!(select(&table, &[spec("8080:80")], Some("b")).is_err());
+    }
+}
