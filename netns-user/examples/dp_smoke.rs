@@ -20,6 +20,9 @@ fn main() {
         dp.attach_port(ifi).unwrap();
         dp.add_endpoint(ip, netns_common::Endpoint { ifindex: ifi, mac, _pad: [0; 2] }).unwrap();
     }
+    if std::env::var("RELOAD").is_ok() { println!("reloaded {:?}", dp.reload().unwrap()); }
+    if std::env::var("CHECK").is_ok() { println!("repaired {:?}", dp.check(&cfg, None).unwrap()); }
+    if let Ok(cg) = std::env::var("CGROUP") { dp.attach_cgroup(std::path::Path::new(&cg)).unwrap(); }
     for (s, v) in dp.stats().unwrap() { if v > 0 { println!("{} {}", s.name(), v); } }
     for (k, v) in dp.conntrack_entries().unwrap() { println!("{k:?} -> {v:?}"); }
 }

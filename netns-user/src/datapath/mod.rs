@@ -415,6 +415,79 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Replaces every program with the ones of this binary's object, keeping the maps
+    /// (conntrack, port forwards, endpoints): each pinned link is switched to the new
+    /// program atomically (BPF_LINK_UPDATE), so established flows see no gap.
+    /// Returns the programs replaced.
+    pub fn reload(&self) -> Result<Vec<String>, DatapathError> {
+        let staging = self.pins.root().join("progs_new");
+        let _ = fs::remove_dir_all(&staging);
+        fs::DirBuilder::new().mode(0o700).create(&staging).map_err(io(format!("creating {}", staging.display())))?;
+        let result = (|| {
+            let staged = Pins::staged(&self.pins, &staging);
+            load_and_pin(&staged)?;
+            let mut replaced = Vec::new();
+            for link in self.link_status()? {
+                let new_prog = staging.join(&link.program);
+                sys::link_update(&link.pin, &new_prog)
+                    .map_err(io(format!("switching {} to the new {}", link.pin.display(), link.program)))?;
+                replaced.push(link.pin.display().to_string());
+            }
+            for name in Pins::TC_PROGS.iter().chain(Pins::SOCK_PROGS.iter()) {
+                let (from, to) = (staging.join(name), self.pins.prog(name));
+                fs::rename(&from, &to).map_err(io(format!("moving {} to {}", from.display(), to.display())))?;
+            }
+            Ok(replaced)
+        })();
+        let _ = fs::remove_dir_all(&staging);
+        result
+    }
+
+    /// Verifies every attachment and re-attaches what is missing or detached: the
+    /// uplink programs, each registered container's bridge port, and the cgroup
+    /// programs (if `cgroup` is given). Returns what it repaired.
+    pub fn check(&self, cfg: &DatapathConfig, cgroup: Option<&Path>) -> Result<Vec<String>, DatapathError> {
+        let mut repaired = Vec::new();
+        for (prog, link) in [
+            (progs::UPLINK_EGRESS, Pins::UPLINK_EGRESS_LINK),
+            (progs::UPLINK_INGRESS, Pins::UPLINK_INGRESS_LINK),
+        ] {
+            if link_ifindex(&self.pins.link(link)) != Some(cfg.uplink_ifindex) {
+                repaired.push(format!("{prog} on uplink ifindex {}", cfg.uplink_ifindex));
+            }
+        }
+        self.write_config(cfg)?;
+        self.ensure_uplink(cfg)?;
+        let eps: Vec<(u32, Endpoint)> = self.endpoints()?.iter().filter_map(Result::ok).collect();
+        for (addr, ep) in eps {
+            let pin = self.pins.port_link(ep.ifindex);
+            if link_ifindex(&pin) != Some(ep.ifindex) {
+                let _ = fs::remove_file(&pin);
+                match attach_pinned(&self.pins.prog(progs::PORT_INGRESS), ep.ifindex, TcAttachType::Ingress, &pin) {
+                    Ok(()) => repaired.push(format!(
+                        "{} on bridge port ifindex {} ({})",
+                        progs::PORT_INGRESS,
+                        ep.ifindex,
+                        Ipv4Addr::from(u32::from_be(addr))
+                    )),
+                    Err(e) => repaired.push(format!("could not re-attach port ifindex {}: {e}", ep.ifindex)),
+                }
+            }
+        }
+        if let Some(cg) = cgroup {
+            for name in Pins::SOCK_PROGS {
+                let pin = self.pins.link(&format!("cgroup-{name}"));
+                let alive = sys::link_info(&pin).is_ok_and(|i| i.cgroup_id != 0);
+                if !alive {
+                    let _ = fs::remove_file(&pin);
+                    repaired.push(format!("{name} on cgroup {}", cg.display()));
+                }
+            }
+            self.attach_cgroup(cg)?;
+        }
+        Ok(repaired)
+    }
+
     /// Removes every pin (programs, links, maps): the datapath is gone once no process
     /// holds a reference.
     pub fn unload(self) -> Result<(), DatapathError> {
@@ -426,7 +499,7 @@ impl Datapath {
 /// The ifindex a pinned TCX link is attached to, None if there is no pin or the link's
 /// device is gone.
 fn link_ifindex(pin: &Path) -> Option<u32> {
-    let info = sys::tcx_link_info(pin).ok()?;
+    let info = sys::link_info(pin).ok()?;
     (info.ifindex != 0).then_some(info.ifindex)
 }
 
@@ -453,7 +526,7 @@ fn attach_pinned(prog_pin: &Path, ifindex: u32, attach: TcAttachType, link_pin: 
 }
 
 /// Loads the object with maps pinned by name, and pins each program.
-fn load_and_pin(pins: &Pins) -> Result<(), DatapathError> {
+fn load_and_pin(pins: &impl pins::PinLayout) -> Result<(), DatapathError> {
     if OBJECT.is_empty() {
         return Err(DatapathError::Bpf(
             "this binary was built with AYA_BUILD_SKIP: it carries no eBPF object".into(),

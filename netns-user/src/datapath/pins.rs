@@ -29,6 +29,11 @@ impl Pins {
         Self { root: bpffs_dir.join(format!("v{LAYOUT_VERSION}")) }
     }
 
+    /// Pins whose programs go to `progs_dir` but whose maps are `live`'s (for reload).
+    pub fn staged(live: &Pins, progs_dir: &Path) -> StagedPins {
+        StagedPins { live: live.clone(), progs: progs_dir.to_owned() }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -70,5 +75,42 @@ impl Pins {
         for p in Self::TC_PROGS.iter().chain(Self::SOCK_PROGS.iter()) {
             let _ = fs::remove_file(self.prog(p));
         }
+    }
+}
+
+/// Pins for a reload: maps of the live datapath, programs in a staging directory.
+pub struct StagedPins {
+    live: Pins,
+    progs: PathBuf,
+}
+
+/// What `load_and_pin` needs to know about where things go.
+pub trait PinLayout {
+    fn maps_dir(&self) -> PathBuf;
+    fn prog(&self, name: &str) -> PathBuf;
+    fn root(&self) -> &Path;
+}
+
+impl PinLayout for Pins {
+    fn maps_dir(&self) -> PathBuf {
+        Pins::maps_dir(self)
+    }
+    fn prog(&self, name: &str) -> PathBuf {
+        Pins::prog(self, name)
+    }
+    fn root(&self) -> &Path {
+        Pins::root(self)
+    }
+}
+
+impl PinLayout for StagedPins {
+    fn maps_dir(&self) -> PathBuf {
+        self.live.maps_dir()
+    }
+    fn prog(&self, name: &str) -> PathBuf {
+        self.progs.join(name)
+    }
+    fn root(&self) -> &Path {
+        &self.progs
     }
 }

@@ -37,14 +37,16 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `struct bpf_link_info` fields we read: type, id, prog_id, then the union whose tcx
-/// member starts with the ifindex at byte 16.
-pub struct TcxLinkInfo {
+/// `struct bpf_link_info` fields we read: type, id, prog_id, then the union: the tcx
+/// member starts with the ifindex at byte 16, the cgroup member with the cgroup id.
+/// A link whose device or cgroup is gone (or that was detached) reads 0 there.
+pub struct LinkInfo {
     pub prog_id: u32,
     pub ifindex: u32,
+    pub cgroup_id: u64,
 }
 
-pub fn tcx_link_info(pin: &Path) -> std::io::Result<TcxLinkInfo> {
+pub fn link_info(pin: &Path) -> std::io::Result<LinkInfo> {
     let fd = obj_get(pin)?;
     let mut info = [0u32; 32];
     let attr = InfoByFdAttr {
@@ -59,7 +61,37 @@ pub fn tcx_link_info(pin: &Path) -> std::io::Result<TcxLinkInfo> {
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(TcxLinkInfo { prog_id: info[2], ifindex: info[4] })
+    Ok(LinkInfo { prog_id: info[2], ifindex: info[4], cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32) })
+}
+
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// BPF_LINK_UPDATE: atomically swaps the program behind a pinned link (TCX or cgroup),
+/// with no moment where no program is attached.
+pub fn link_update(link_pin: &Path, prog_pin: &Path) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let link = obj_get(link_pin)?;
+    let prog = obj_get(prog_pin)?;
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_UPDATE and outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr as *const LinkUpdateAttr, size_of::<LinkUpdateAttr>())
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The MAC address of an interface of the current network namespace.
