@@ -102,3 +102,32 @@ pub fn sweep(dp: &Datapath, now_ns: u64) -> Result<GcReport, DatapathError> {
     dp.purge_conntrack(|k, _| doomed.contains(k))?;
     Ok(report)
 }
+
+/// Sweeps every `interval` until the datapath's pins disappear (unloaded, or a test's
+/// bpffs directory removed), checking for that every second.
+pub fn run(bpffs_dir: &std::path::Path, interval: Option<Duration>) -> Result<(), DatapathError> {
+    let mut last: Option<std::time::Instant> = None;
+    loop {
+        let Some(dp) = Datapath::open(bpffs_dir)? else {
+            log::info!("datapath under {} is gone: collector exits", bpffs_dir.display());
+            return Ok(());
+        };
+        let every = match interval {
+            Some(i) => i,
+            None => Duration::from_secs(u64::from(dp.config()?.timeouts.gc_interval.max(1))),
+        };
+        if last.is_none_or(|l| l.elapsed() >= every) {
+            match sweep(&dp, monotonic_ns()) {
+                Ok(r) if r.expired + r.orphans > 0 => {
+                    log::info!("gc: {} entries, {} flows expired, {} orphans purged", r.entries, r.expired, r.orphans)
+                }
+                Ok(_) => {}
+                // The pins can vanish mid-sweep; the next round notices.
+                Err(e) => log::warn!("gc sweep failed: {e}"),
+            }
+            last = Some(std::time::Instant::now());
+        }
+        drop(dp);
+        std::thread::sleep(Duration::from_secs(1).min(every));
+    }
+}
