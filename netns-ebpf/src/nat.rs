@@ -217,11 +217,30 @@ const IP_SADDR_OFF: usize = packet::ETH_HLEN + 12;
 /// straight to the target container. Returns the ifindex to redirect to, if any.
 fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     let eth = packet::eth(ctx)?;
-    if u16::from_be(eth.proto) != 0x0800 {
-        return Ok(None);
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match u16::from_be(eth.proto) {
+        0x0800 => {}
+        // ARP: the sender must be the container itself, or it could poison the host's
+        // and its neighbours' caches (claim the gateway or another container).
+        0x0806 => {
+            let sender_mac: [u8; 6] = ctx.load(packet::ETH_HLEN + 8).map_err(|_| Stat::DropMalformed)?;
+            let sender_ip: u32 = ctx.load(packet::ETH_HLEN + 14).map_err(|_| Stat::DropMalformed)?;
+            if sender_ip == 0 {
+                // ARP probe (duplicate address detection) carries no claim.
+                return if sender_mac == eth.src { Ok(None) } else { Err(Stat::DropSpoofedMac) };
+            }
+            let ep = match unsafe { ENDPOINTS.get(&sender_ip) } {
+                Some(ep) if ep.ifindex == ifindex => ep,
+                _ => return Err(Stat::DropSpoofedIp),
+            };
+            if ep.mac != eth.src || ep.mac != sender_mac {
+                return Err(Stat::DropSpoofedMac);
+            }
+            return Ok(None);
+        }
+        _ => return Ok(None),
     }
     let saddr: u32 = ctx.load(IP_SADDR_OFF).map_err(|_| Stat::DropMalformed)?;
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ep = match unsafe { ENDPOINTS.get(&saddr) } {
         Some(ep) => ep,
         None => return Err(Stat::DropSpoofedIp),
