@@ -24,21 +24,24 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 
+use aya_log_ebpf::warn;
+use netns_common::Stat;
+
 use crate::stats::Verdict;
 
 #[classifier]
 pub fn netns_uplink_egress(ctx: TcContext) -> i32 {
-    verdict(nat::uplink_egress(&ctx))
+    verdict(&ctx, nat::uplink_egress(&ctx))
 }
 
 #[classifier]
 pub fn netns_uplink_ingress(ctx: TcContext) -> i32 {
-    verdict(nat::uplink_ingress(&ctx))
+    verdict(&ctx, nat::uplink_ingress(&ctx))
 }
 
 #[classifier]
 pub fn netns_port_ingress(ctx: TcContext) -> i32 {
-    verdict(nat::port_ingress(&ctx))
+    verdict(&ctx, nat::port_ingress(&ctx))
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -67,12 +70,20 @@ pub fn netns_bind4(ctx: SockAddrContext) -> i32 {
 }
 
 /// Every drop is counted with its reason; everything else continues down the stack.
+/// Drops that signal a problem of netns itself (not of the traffic) are also logged
+/// (`netns load --follow` prints them).
 #[inline(always)]
-fn verdict(v: Verdict) -> i32 {
+fn verdict(ctx: &TcContext, v: Verdict) -> i32 {
     match v {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop(reason) => {
             stats::inc(reason);
+            if matches!(
+                reason,
+                Stat::DropPortExhausted | Stat::DropCtInsert | Stat::DropCsumHelper | Stat::DropFragStash
+            ) {
+                warn!(ctx, "netns drop: {}", reason.name());
+            }
             TC_ACT_SHOT
         }
         // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
