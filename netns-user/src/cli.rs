@@ -1,0 +1,406 @@
+//! Command line. Every global flag can also come from an environment variable because
+//! runc hands a hook both `args` and `env` from config.json.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand};
+
+/// iproute2 keeps named network namespaces here; our state must never live there.
+pub const IPROUTE2_NETNS_DIR: &str = "/run/netns";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netns",
+    version,
+    about = "OCI prestart/poststop hook giving runc containers a bridge network with eBPF NAT",
+    long_about = "OCI prestart/poststop hook giving runc containers a bridge network with eBPF NAT.\n\
+                  Without a command, runs as an OCI hook: reads the container state JSON on stdin;\n\
+                  status \"creating\"/\"created\" sets the network up, \"stopped\" tears it down."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Bridge the containers' host-side veths are enslaved to.
+    #[arg(long, env = "NETNS_BRIDGE", default_value = "netns0", value_parser = parse_ifname, global = true)]
+    pub bridge: String,
+
+    /// Gateway address of the bridge with the subnet's prefix length.
+    #[arg(long, env = "NETNS_IP", default_value = "172.19.0.1/16", global = true)]
+    pub ip: Gateway,
+
+    /// MTU of bridge and veths [default: the uplink's MTU, 1500 without uplink].
+    #[arg(long, env = "NETNS_MTU", value_parser = clap::value_parser!(u32).range(68..=65535), global = true)]
+    pub mtu: Option<u32>,
+
+    /// Interface masqueraded traffic leaves through [default: device of the IPv4 default route].
+    #[arg(long, env = "NETNS_UPLINK", value_parser = parse_ifname, global = true)]
+    pub uplink: Option<String>,
+
+    /// Directory of the lock and the lease/container records (not /run/netns).
+    #[arg(long, env = "NETNS_STATE_DIR", default_value = "/run/netns-hook", value_parser = parse_state_dir, global = true)]
+    pub state_dir: PathBuf,
+
+    /// Directory on a bpffs where the datapath's maps, programs and links are pinned.
+    #[arg(
+        long,
+        env = "NETNS_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/netns",
+        global = true
+    )]
+    pub bpffs_dir: PathBuf,
+
+    /// Source port range used by masquerade when a container's port is taken.
+    #[arg(
+        long,
+        env = "NETNS_NAT_PORTS",
+        default_value = "32768-60999",
+        global = true
+    )]
+    pub nat_ports: PortRange,
+
+    /// Log at debug level (default: warnings only); logs go to stderr.
+    #[arg(short, long, env = "NETNS_DEBUG", global = true)]
+    pub debug: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Run as OCI hook (the default): state JSON on stdin.
+    Hook,
+    /// List containers with their address and host veth.
+    Ls {
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print version and datapath layout version.
+    Version,
+}
+
+/// Errors of flag validation (shown by clap next to the offending flag).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgError {
+    #[error("interface name must be 1 to 15 bytes, got {0}")]
+    IfnameLength(usize),
+    #[error("interface name must not contain '/', ':' or whitespace")]
+    IfnameChars,
+    #[error("expected ADDRESS/PREFIX such as 172.19.0.1/16")]
+    CidrSyntax,
+    #[error(
+        "prefix length {0} is out of range: the subnet needs room for a gateway and containers (1..=30)"
+    )]
+    Prefix(u8),
+    #[error("{0} is the network address of its subnet, not a usable gateway")]
+    NetworkAddress(Ipv4Addr),
+    #[error("{0} is the broadcast address of its subnet, not a usable gateway")]
+    BroadcastAddress(Ipv4Addr),
+    #[error("expected MIN-MAX with 1 <= MIN <= MAX <= 65535, such as 32768-60999")]
+    PortRange,
+    #[error(
+        "{0} is (or is inside) iproute2's named-namespace directory {IPROUTE2_NETNS_DIR}; choose another state directory"
+    )]
+    StateDirIsNetnsDir(PathBuf),
+    #[error("state directory must be an absolute path")]
+    StateDirRelative,
+}
+
+/// Linux interface name rules (IFNAMSIZ - 1 bytes; '/', ':' and whitespace break sysfs or aliases).
+pub fn parse_ifname(s: &str) -> Result<String, ArgError> {
+    if s.is_empty() || s.len() > 15 {
+        return Err(ArgError::IfnameLength(s.len()));
+    }
+    if s == "."
+        || s == ".."
+        || s.chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(ArgError::IfnameChars);
+    }
+    Ok(s.to_owned())
+}
+
+/// The bridge's gateway address and the subnet's prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateway {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Gateway {
+    pub fn mask(self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+    pub fn broadcast(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+    /// The subnet as `a.b.c.d/n`.
+    pub fn subnet(self) -> String {
+        format!("{}/{}", self.network(), self.prefix_len)
+    }
+}
+
+impl FromStr for Gateway {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (a, p) = s.split_once('/').ok_or(ArgError::CidrSyntax)?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| ArgError::CidrSyntax)?;
+        let prefix_len: u8 = p.parse().map_err(|_| ArgError::CidrSyntax)?;
+        if !(1..=30).contains(&prefix_len) {
+            return Err(ArgError::Prefix(prefix_len));
+        }
+        let gw = Gateway { addr, prefix_len };
+        if addr == gw.network() {
+            return Err(ArgError::NetworkAddress(addr));
+        }
+        if addr == gw.broadcast() {
+            return Err(ArgError::BroadcastAddress(addr));
+        }
+        Ok(gw)
+    }
+}
+
+impl fmt::Display for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Inclusive port range `MIN-MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (a, b) = s.split_once('-').ok_or(ArgError::PortRange)?;
+        let min: u16 = a.trim().parse().map_err(|_| ArgError::PortRange)?;
+        let max: u16 = b.trim().parse().map_err(|_| ArgError::PortRange)?;
+        if min == 0 || min > max {
+            return Err(ArgError::PortRange);
+        }
+        Ok(PortRange { min, max })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+/// Refuses /run/netns (and /var/run/netns, which usually is the same directory) and
+/// anything below it: iproute2 treats every entry there as a namespace name.
+pub fn parse_state_dir(s: &str) -> Result<PathBuf, ArgError> {
+    let p = Path::new(s);
+    if !p.is_absolute() {
+        return Err(ArgError::StateDirRelative);
+    }
+    let lexical = normalize(p);
+    let netns = Path::new(IPROUTE2_NETNS_DIR);
+    let resolved = resolve_existing_prefix(&lexical);
+    let netns_resolved = resolve_existing_prefix(netns);
+    for cand in [&lexical, &resolved] {
+        if cand.starts_with(netns)
+            || cand.starts_with(&netns_resolved)
+            || cand.starts_with("/var/run/netns")
+        {
+            return Err(ArgError::StateDirIsNetnsDir(p.to_owned()));
+        }
+    }
+    Ok(lexical)
+}
+
+/// Drops `.` and resolves `..` lexically (no symlinks).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Canonicalizes the longest existing ancestor (symlinks such as /var/run -> /run) and
+/// appends the rest, so a directory that does not exist yet can still be compared.
+fn resolve_existing_prefix(p: &Path) -> PathBuf {
+    let mut existing = p.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            let mut out = c;
+            for r in rest.iter().rev() {
+                out.push(r);
+            }
+            return out;
+        }
+        match (
+            existing.file_name().map(ToOwned::to_owned),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let mut v = vec!["netns"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+        let g = cli.global;
+        assert_eq!(g.bridge, "netns0");
+        assert_eq!(g.ip, "172.19.0.1/16".parse().unwrap());
+        assert_eq!(g.state_dir, PathBuf::from("/run/netns-hook"));
+        assert_eq!(g.bpffs_dir, PathBuf::from("/sys/fs/bpf/netns"));
+        assert_eq!(
+            g.nat_ports,
+            PortRange {
+                min: 32768,
+                max: 60999
+            }
+        );
+        assert_eq!(g.mtu, None);
+        assert_eq!(g.uplink, None);
+    }
+
+    #[test]
+    fn subcommands_and_global_flags_after_them() {
+        let cli = parse(&["ls", "--json", "--bridge", "br9"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Ls { json: true })));
+        assert_eq!(cli.global.bridge, "br9");
+        assert!(matches!(
+            parse(&["-d", "hook"]).unwrap().command,
+            Some(Command::Hook)
+        ));
+        assert!(matches!(
+            parse(&["version"]).unwrap().command,
+            Some(Command::Version)
+        ));
+    }
+
+    #[test]
+    fn ifnames() {
+        assert!(parse_ifname("netns0").is_ok());
+        assert!(parse_ifname("abcdefghijklmno").is_ok());
+        assert_eq!(
+            parse_ifname("abcdefghijklmnop"),
+            Err(ArgError::IfnameLength(16))
+        );
+        assert_eq!(parse_ifname(""), Err(ArgError::IfnameLength(0)));
+        for bad in ["a/b", "a:b", "a b", "a\tb", ".", ".."] {
+            assert_eq!(parse_ifname(bad), Err(ArgError::IfnameChars), "{bad}");
+        }
+        assert!(parse(&["--bridge", "x y"]).is_err());
+    }
+
+    #[test]
+    fn gateway() {
+        let g: Gateway = "10.1.2.3/24".parse().unwrap();
+        assert_eq!(g.network(), Ipv4Addr::new(10, 1, 2, 0));
+        assert_eq!(g.broadcast(), Ipv4Addr::new(10, 1, 2, 255));
+        assert_eq!(g.subnet(), "10.1.2.0/24");
+        assert!("10.0.0.1/30".parse::<Gateway>().is_ok());
+        assert_eq!("10.0.0.1/31".parse::<Gateway>(), Err(ArgError::Prefix(31)));
+        assert_eq!("10.0.0.1/0".parse::<Gateway>(), Err(ArgError::Prefix(0)));
+        assert_eq!(
+            "10.0.0.0/24".parse::<Gateway>(),
+            Err(ArgError::NetworkAddress(Ipv4Addr::new(10, 0, 0, 0)))
+        );
+        assert_eq!(
+            "10.0.0.255/24".parse::<Gateway>(),
+            Err(ArgError::BroadcastAddress(Ipv4Addr::new(10, 0, 0, 255)))
+        );
+        for bad in ["10.0.0.1", "10.0.0.1/", "10.0.0/24", "10.0.0.1/x", "::1/64"] {
+            assert_eq!(bad.parse::<Gateway>(), Err(ArgError::CidrSyntax), "{bad}");
+        }
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("1-1".parse::<PortRange>(), Ok(PortRange { min: 1, max: 1 }));
+        for bad in ["0-10", "10-9", "10", "a-b", "1-65536", "-5"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn state_dir_refuses_iproute2_dir() {
+        for bad in [
+            "/run/netns",
+            "/run/netns/",
+            "/run/netns/x",
+            "/run/./netns",
+            "/run/x/../netns",
+            "/var/run/netns",
+        ] {
+            assert!(
+                matches!(parse_state_dir(bad), Err(ArgError::StateDirIsNetnsDir(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_state_dir("rel"), Err(ArgError::StateDirRelative));
+        assert_eq!(
+            parse_state_dir("/run/netns-hook").unwrap(),
+            PathBuf::from("/run/netns-hook")
+        );
+        assert!(parse(&["--state-dir", "/run/netns"]).is_err());
+    }
+
+    #[test]
+    fn env_vars_feed_flags() {
+        // Each env var is checked through a fresh parse; the process env is shared by
+        // tests, so use clap's own env lookup on a command built here.
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let envs: Vec<_> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        for e in [
+            "NETNS_BRIDGE",
+            "NETNS_IP",
+            "NETNS_MTU",
+            "NETNS_UPLINK",
+            "NETNS_STATE_DIR",
+            "NETNS_BPFFS_DIR",
+            "NETNS_NAT_PORTS",
+        ] {
+            assert!(envs.iter().any(|x| x == e), "{e} missing");
+        }
+    }
+}
