@@ -1,1 +1,28 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use netns::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(if cli.global.debug {
+            log::LevelFilter::Debug
+        } else {
+            log::LevelFilter::Warn
+        })
+        .target(env_logger::Target::Stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netns: {}", netns::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    netns::commands::run(cli)?;
+    Ok(())
+}

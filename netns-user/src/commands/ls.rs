@@ -1,0 +1,121 @@
+//! `netns ls [--json]`: containers with a lease in the state directory.
+//!
+//! `--json` prints an array sorted by id; each object has
+//! `id, pid, ip, prefix_len, gateway, host_veth, host_ifindex, mac, bridge,
+//! created` (RFC 3339, UTC), `created_unix` (seconds) and `complete` (false while a
+//! prestart is in progress or died half-way).
+
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use super::CommandError;
+use crate::cli::GlobalArgs;
+use crate::ipam;
+use crate::store::Store;
+
+#[derive(Debug, Serialize)]
+pub struct Entry {
+    pub id: String,
+    pub pid: u32,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub host_veth: String,
+    pub host_ifindex: u32,
+    pub mac: Option<String>,
+    pub bridge: String,
+    pub created: String,
+    pub created_unix: u64,
+    pub complete: bool,
+}
+
+/// The listing `ls` prints; empty if the state directory does not exist.
+pub fn entries(g: &GlobalArgs) -> Result<Vec<Entry>, CommandError> {
+    let Some(store) = Store::open_existing(&g.state_dir)? else {
+        return Ok(Vec::new());
+    };
+    let lock = store.lock_shared()?;
+    Ok(ipam::list(&lock)?
+        .into_iter()
+        .map(|(id, l)| Entry {
+            id,
+            pid: l.pid,
+            ip: l.ip,
+            prefix_len: l.prefix_len,
+            gateway: l.gateway,
+            host_veth: l.host_veth,
+            host_ifindex: l.host_ifindex,
+            mac: l.mac,
+            bridge: l.bridge,
+            created: rfc3339(l.created_unix),
+            created_unix: l.created_unix,
+            complete: l.complete,
+        })
+        .collect())
+}
+
+pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
+    let list = entries(g)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &list)
+            .map_err(|e| CommandError::Output(e.into()))?;
+        writeln!(out).map_err(CommandError::Output)?;
+        return Ok(());
+    }
+    let w = list.iter().map(|e| e.id.len()).max().unwrap_or(0).max(2);
+    let mut text = format!(
+        "{:<w$}  {:>7}  {:<18}  {:<15}  CREATED\n",
+        "ID", "PID", "IP", "HOST VETH"
+    );
+    for e in &list {
+        let ip = format!("{}/{}", e.ip, e.prefix_len);
+        let created = if e.complete {
+            e.created.clone()
+        } else {
+            format!("{} (incomplete)", e.created)
+        };
+        text.push_str(&format!(
+            "{:<w$}  {:>7}  {ip:<18}  {:<15}  {created}\n",
+            e.id, e.pid, e.host_veth
+        ));
+    }
+    out.write_all(text.as_bytes()).map_err(CommandError::Output)
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
+pub fn rfc3339(unix: u64) -> String {
+    let days = i64::try_from(unix / 86_400).unwrap_or(i64::MAX);
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+}

@@ -1,0 +1,41 @@
+//! The bridge every container's host-side veth is enslaved to.
+
+use rtnetlink::LinkBridge;
+
+use super::NetworkError;
+use super::netlink::{Link, Netlink};
+use crate::cli::Gateway;
+
+/// Creates the bridge if it is missing, sets the gateway address and MTU and brings it
+/// up. Never rolled back: other containers share it.
+pub async fn ensure(nl: &Netlink, name: &str, gw: Gateway, mtu: u32) -> Result<Link, NetworkError> {
+    let link = match nl.link_by_name(name).await? {
+        Some(l) if !l.is_bridge() => {
+            return Err(NetworkError::NotABridge {
+                name: name.to_owned(),
+                kind: l
+                    .kind
+                    .unwrap_or_else(|| "a device without link kind".to_owned()),
+            });
+        }
+        Some(l) => l,
+        None => {
+            log::debug!("creating bridge {name}");
+            nl.add_link(
+                LinkBridge::new(name).mtu(mtu).build(),
+                &format!("creating bridge {name}"),
+            )
+            .await?;
+            nl.link_by_name(name)
+                .await?
+                .ok_or_else(|| NetworkError::Vanished(name.to_owned()))?
+        }
+    };
+    let mtu_change = (link.mtu != Some(mtu)).then_some(mtu);
+    if !link.up || mtu_change.is_some() {
+        nl.set_link(link.index, true, mtu_change, None).await?;
+    }
+    nl.ensure_ipv4_addr(link.index, gw.addr, gw.prefix_len)
+        .await?;
+    Ok(link)
+}

@@ -1,0 +1,149 @@
+//! Kernel networking: links, addresses and routes over rtnetlink, and sysctls.
+//!
+//! Async functions take a [`Netlink`] handle and run on a tokio current-thread
+//! runtime ([`runtime`]); the `*_blocking` helpers wrap them for callers without one.
+
+pub mod bridge;
+pub mod netlink;
+pub mod sysctl;
+pub mod veth;
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt as _;
+
+pub use netlink::{Link, Netlink, NetlinkError, format_mac};
+
+/// MTU used when neither `--mtu` nor an uplink gives one.
+pub const DEFAULT_MTU: u32 = 1500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("{name} exists but is not a bridge (it is {kind}); choose another --bridge")]
+    NotABridge { name: String, kind: String },
+    #[error("interface {0} disappeared right after it was created or configured")]
+    Vanished(String),
+    #[error("{0} has no Ethernet address")]
+    NoMac(&'static str),
+    #[error("no interface named {0}")]
+    NoSuchLink(String),
+    #[error(
+        "no IPv4 default route in this network namespace to pick the uplink from; pass --uplink"
+    )]
+    NoDefaultRoute,
+    #[error("opening the network namespace of pid {pid} ({path})")]
+    OpenNetns {
+        pid: u32,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pid {0} shares the hook's network namespace (no network namespace in config.json?): \
+         refusing to add eth0 to the host"
+    )]
+    SharedNetns(u32),
+    #[error("starting the netlink runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// A tokio current-thread runtime with the I/O driver netlink sockets need.
+pub fn runtime() -> Result<tokio::runtime::Runtime, NetworkError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(NetworkError::Runtime)
+}
+
+/// Opens `/proc/<pid>/ns/net` and makes sure it is not the caller's own namespace.
+pub fn open_container_netns(pid: u32) -> Result<File, NetworkError> {
+    let path = format!("/proc/{pid}/ns/net");
+    let open_err = |source| NetworkError::OpenNetns {
+        pid,
+        path: path.clone(),
+        source,
+    };
+    let f = File::open(&path).map_err(open_err)?;
+    let theirs = f.metadata().map_err(open_err)?;
+    let ours = std::fs::metadata("/proc/self/ns/net").map_err(open_err)?;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Err(NetworkError::SharedNetns(pid));
+    }
+    Ok(f)
+}
+
+/// The interface masqueraded traffic leaves through.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    pub name: String,
+    pub index: u32,
+    pub mtu: Option<u32>,
+    /// First IPv4 address (the masquerade source), None if it has none.
+    pub addr: Option<Ipv4Addr>,
+}
+
+/// Resolves `--uplink` (or the IPv4 default route's device when None).
+pub async fn uplink(nl: &Netlink, name: Option<&str>) -> Result<Uplink, NetworkError> {
+    let link = match name {
+        Some(n) => nl
+            .link_by_name(n)
+            .await?
+            .ok_or_else(|| NetworkError::NoSuchLink(n.to_owned()))?,
+        None => {
+            let idx = nl
+                .default_route_ifindex()
+                .await?
+                .ok_or(NetworkError::NoDefaultRoute)?;
+            nl.link_by_index(idx)
+                .await?
+                .ok_or_else(|| NetworkError::NoSuchLink(format!("index {idx}")))?
+        }
+    };
+    let addr = first_ipv4(nl, link.index).await?;
+    Ok(Uplink {
+        name: link.name,
+        index: link.index,
+        mtu: link.mtu,
+        addr,
+    })
+}
+
+/// The first IPv4 address of a link.
+pub async fn first_ipv4(nl: &Netlink, index: u32) -> Result<Option<Ipv4Addr>, NetworkError> {
+    Ok(nl.ipv4_addrs(index).await?.first().map(|(a, _)| *a))
+}
+
+/// Ifindex of `name` in the current namespace.
+pub async fn ifindex(nl: &Netlink, name: &str) -> Result<u32, NetworkError> {
+    nl.link_by_name(name)
+        .await?
+        .map(|l| l.index)
+        .ok_or_else(|| NetworkError::NoSuchLink(name.to_owned()))
+}
+
+/// MAC of `name` inside the network namespace `ns` (e.g. a container's eth0).
+pub async fn mac_in_netns(ns: &File, name: &str) -> Result<[u8; 6], NetworkError> {
+    let nl = Netlink::in_netns(ns)?;
+    let link = nl
+        .link_by_name(name)
+        .await?
+        .ok_or_else(|| NetworkError::NoSuchLink(name.to_owned()))?;
+    link.mac.ok_or(NetworkError::NoMac("interface"))
+}
+
+/// [`uplink`] for callers without a runtime.
+pub fn uplink_blocking(name: Option<&str>) -> Result<Uplink, NetworkError> {
+    runtime()?.block_on(async { uplink(&Netlink::current()?, name).await })
+}
+
+/// [`ifindex`] for callers without a runtime.
+pub fn ifindex_blocking(name: &str) -> Result<u32, NetworkError> {
+    runtime()?.block_on(async { ifindex(&Netlink::current()?, name).await })
+}
+
+/// [`mac_in_netns`] for callers without a runtime.
+pub fn mac_in_netns_blocking(ns: &File, name: &str) -> Result<[u8; 6], NetworkError> {
+    runtime()?.block_on(mac_in_netns(ns, name))
+}

@@ -1,0 +1,349 @@
+//! rtnetlink 0.24 helpers: one [`Netlink`] handle per network namespace.
+//!
+//! A netlink socket talks to the namespace it was created in, so a handle for another
+//! namespace is made by creating the socket in a short-lived thread that `setns()`s
+//! into it; the socket is then driven from the caller's runtime.
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd as _, FromRawFd as _, IntoRawFd as _};
+
+use futures::TryStreamExt as _;
+use nix::sched::{CloneFlags, setns};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteType};
+use rtnetlink::sys::{Socket, TokioSocket, protocols::NETLINK_ROUTE};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("{what}")]
+    Request {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening a netlink socket")]
+    Socket(#[source] io::Error),
+    #[error("entering the network namespace to open a netlink socket there")]
+    Setns(#[source] io::Error),
+}
+
+impl NetlinkError {
+    /// The errno, if the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Request { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Turns rtnetlink's error (whose Display is "Received a netlink error message ...")
+/// into the kernel's errno so messages read like `ip`'s.
+fn req(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let what = what.into();
+    move |e| {
+        let source = match e {
+            rtnetlink::Error::NetlinkError(m) => m.to_io(),
+            other => io::Error::other(other.to_string()),
+        };
+        NetlinkError::Request { what, source }
+    }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == errno)
+}
+
+/// A link as far as netns cares.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+    /// `IFLA_INFO_KIND` (bridge, veth, ...); None for physical devices.
+    pub kind: Option<String>,
+    pub controller: Option<u32>,
+    pub up: bool,
+}
+
+impl Link {
+    fn from_message(m: &LinkMessage) -> Link {
+        let mut l = Link {
+            index: m.header.index,
+            name: String::new(),
+            mtu: None,
+            mac: None,
+            kind: None,
+            controller: None,
+            up: m.header.flags.contains(LinkFlags::Up),
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => l.name.clone_from(n),
+                LinkAttribute::Mtu(v) => l.mtu = Some(*v),
+                LinkAttribute::Address(a) => l.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                LinkAttribute::Controller(c) => l.controller = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(k) = i {
+                            l.kind = Some(match k {
+                                InfoKind::Bridge => "bridge".to_owned(),
+                                InfoKind::Veth => "veth".to_owned(),
+                                other => other.to_string(),
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        l
+    }
+
+    pub fn is_bridge(&self) -> bool {
+        self.kind.as_deref() == Some("bridge")
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A route-netlink handle bound to one network namespace.
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// A handle for the caller's network namespace. Must run inside a tokio runtime
+    /// (the connection is spawned on it).
+    pub fn current() -> Result<Netlink, NetlinkError> {
+        let sock = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+        Self::from_socket(sock)
+    }
+
+    /// A handle for the network namespace `ns` (an open `/proc/<pid>/ns/net`).
+    pub fn in_netns(ns: &File) -> Result<Netlink, NetlinkError> {
+        let sock = std::thread::scope(|s| {
+            s.spawn(|| -> Result<Socket, NetlinkError> {
+                let home = File::open("/proc/thread-self/ns/net").map_err(NetlinkError::Setns)?;
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| NetlinkError::Setns(e.into()))?;
+                let sock = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket);
+                // The thread ends right after; restoring anyway keeps it harmless
+                // should it ever be reused.
+                if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+                    log::warn!("could not return the netlink thread to its namespace: {e}");
+                }
+                sock
+            })
+            .join()
+            .expect("netlink socket thread panicked")
+        })?;
+        Self::from_socket(sock)
+    }
+
+    fn from_socket(sock: Socket) -> Result<Netlink, NetlinkError> {
+        sock.set_non_blocking(true).map_err(NetlinkError::Socket)?;
+        // SAFETY: the fd comes from a socket we own and give up here.
+        let tokio_sock = unsafe { TokioSocket::from_raw_fd(sock.into_raw_fd()) };
+        let (conn, handle, _) = rtnetlink::from_socket(tokio_sock);
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The link called `name`, None if there is none.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(req(format!("looking up interface {name}"))(e)),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(req(format!("looking up interface index {index}"))(e)),
+        }
+    }
+
+    /// Sets some of up/MTU/controller of a link in one request.
+    pub async fn set_link(
+        &self,
+        index: u32,
+        up: bool,
+        mtu: Option<u32>,
+        controller: Option<u32>,
+    ) -> Result<(), NetlinkError> {
+        let mut b = LinkUnspec::new_with_index(index);
+        if up {
+            b = b.up();
+        }
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        if let Some(c) = controller {
+            b = b.controller(c);
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(req(format!("configuring interface index {index}")))
+    }
+
+    /// Deletes a link; Ok(false) if it was already gone.
+    pub async fn del_link(&self, index: u32) -> Result<bool, NetlinkError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
+            Err(e) => Err(req(format!("deleting interface index {index}"))(e)),
+        }
+    }
+
+    /// Creates a link from a prepared message.
+    pub async fn add_link(&self, msg: LinkMessage, what: &str) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(req(what))
+    }
+
+    /// IPv4 addresses with prefix length of a link, in kernel order (primary first).
+    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req(format!("listing addresses of interface index {index}")))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == index)
+            .filter_map(|m| {
+                // IFA_LOCAL is the local address; IFA_ADDRESS is the peer on point-to-point links.
+                let local = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+                    _ => None,
+                });
+                let addr = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                    _ => None,
+                });
+                local.or(addr).map(|a| (a, m.header.prefix_len))
+            })
+            .collect())
+    }
+
+    /// Adds `addr/prefix` to a link unless it is there already.
+    pub async fn ensure_ipv4_addr(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        if self.ipv4_addrs(index).await?.contains(&(addr, prefix)) {
+            return Ok(());
+        }
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(req(format!(
+                "adding {addr}/{prefix} to interface index {index}"
+            ))(e)),
+        }
+    }
+
+    /// The output interface of the IPv4 default route in the main table (the first
+    /// next hop of a multipath route), None if there is no default route.
+    pub async fn default_route_ifindex(&self) -> Result<Option<u32>, NetlinkError> {
+        let routes: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing IPv4 routes"))?;
+        let mut best: Option<(u32, u32)> = None; // (priority, oif)
+        for r in &routes {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            if r.header.destination_prefix_length != 0
+                || table != u32::from(RouteHeader::RT_TABLE_MAIN)
+                || r.header.kind != RouteType::Unicast
+            {
+                continue;
+            }
+            let mut oif = None;
+            let mut prio = 0;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Priority(p) => prio = *p,
+                    RouteAttribute::MultiPath(hops) if oif.is_none() => {
+                        oif = hops.first().map(|h| h.interface_index);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(o) = oif
+                && best.is_none_or(|(p, _)| prio < p)
+            {
+                best = Some((prio, o));
+            }
+        }
+        Ok(best.map(|(_, o)| o))
+    }
+
+    /// Adds `default via gw` (no error if a default route exists already).
+    pub async fn add_default_route(&self, gw: Ipv4Addr) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build();
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(req(format!("adding default route via {gw}"))(e)),
+        }
+    }
+}
