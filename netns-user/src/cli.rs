@@ -18,7 +18,10 @@ pub const IPROUTE2_NETNS_DIR: &str = "/run/netns";
     about = "OCI prestart/poststop hook giving runc containers a bridge network with eBPF NAT",
     long_about = "OCI prestart/poststop hook giving runc containers a bridge network with eBPF NAT.\n\
                   Without a command, runs as an OCI hook: reads the container state JSON on stdin;\n\
-                  status \"creating\"/\"created\" sets the network up, \"stopped\" tears it down."
+                  status \"creating\"/\"created\" sets the network up, \"stopped\" tears it down.",
+    after_long_help = "Testing aid: NETNS_FAIL_AT=<step> makes prestart fail after that step \
+                       (bridge, ip-forward, ipam, veth, container-net, datapath-load, attach-port, \
+                       add-endpoint, persist) so that tests can check the rollback."
 )]
 pub struct Cli {
     #[command(flatten)]

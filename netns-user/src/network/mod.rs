@@ -45,6 +45,11 @@ pub enum NetworkError {
          refusing to add eth0 to the host"
     )]
     SharedNetns(u32),
+    #[error(
+        "pid {0} is in the network namespace of pid 1 (the machine's own): \
+         refusing to add eth0 there"
+    )]
+    InitNetns(u32),
     #[error("starting the netlink runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -67,9 +72,15 @@ pub fn open_container_netns(pid: u32) -> Result<File, NetworkError> {
     };
     let f = File::open(&path).map_err(open_err)?;
     let theirs = f.metadata().map_err(open_err)?;
+    let same = |m: &std::fs::Metadata| (theirs.dev(), theirs.ino()) == (m.dev(), m.ino());
     let ours = std::fs::metadata("/proc/self/ns/net").map_err(open_err)?;
-    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+    if same(&ours) {
         return Err(NetworkError::SharedNetns(pid));
+    }
+    // A hook running in a child namespace must not put eth0 into the machine's own
+    // namespace either (pid 1's, when visible).
+    if std::fs::metadata("/proc/1/ns/net").is_ok_and(|m| same(&m)) {
+        return Err(NetworkError::InitNetns(pid));
     }
     Ok(f)
 }
