@@ -216,6 +216,10 @@ pub fn prestart(g: &GlobalArgs, st: &State) -> Result<(), HookError> {
             log::debug!("container {id}: already set up, nothing to do");
             return Ok(());
         }
+        let ns_nl = Netlink::in_netns(&ns).map_err(|e| setup(e.into()))?;
+        network::check_fresh_netns(&ns_nl, pid, &[])
+            .await
+            .map_err(|e| setup(e.into()))?;
         // Uplink first: its MTU is the default, and the datapath needs it.
         let uplink = network::uplink(&p.nl, g.uplink.as_deref())
             .await

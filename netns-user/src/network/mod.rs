@@ -50,6 +50,11 @@ pub enum NetworkError {
          refusing to add eth0 there"
     )]
     InitNetns(u32),
+    #[error(
+        "the network namespace of pid {pid} already has interfaces ({names}): \
+         a container's new namespace holds only lo, so this pid is probably not the container's"
+    )]
+    NotFresh { pid: u32, names: String },
     #[error("starting the netlink runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -83,6 +88,28 @@ pub fn open_container_netns(pid: u32) -> Result<File, NetworkError> {
         return Err(NetworkError::InitNetns(pid));
     }
     Ok(f)
+}
+
+/// Refuses a namespace with interfaces other than `lo`: the pid is then not a fresh
+/// container (a wrong pid must never get eth0, an address and a default route added to
+/// some other namespace, such as the machine's own). `allow` names interfaces that a
+/// partial earlier setup of this very container may have left.
+pub async fn check_fresh_netns(ns: &Netlink, pid: u32, allow: &[&str]) -> Result<(), NetworkError> {
+    let others: Vec<String> = ns
+        .links()
+        .await?
+        .into_iter()
+        .map(|l| l.name)
+        .filter(|n| n != "lo" && !allow.contains(&n.as_str()))
+        .collect();
+    if others.is_empty() {
+        Ok(())
+    } else {
+        Err(NetworkError::NotFresh {
+            pid,
+            names: others.join(", "),
+        })
+    }
 }
 
 /// The interface masqueraded traffic leaves through.

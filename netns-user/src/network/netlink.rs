@@ -190,6 +190,19 @@ impl Netlink {
         }
     }
 
+    /// All links.
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing interfaces"))?;
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
     /// Sets some of up/MTU/controller of a link in one request.
     pub async fn set_link(
         &self,
