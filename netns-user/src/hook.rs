@@ -319,6 +319,7 @@ impl Prestart<'_> {
             lease.pid = self.pid;
             lease.host_veth.clone_from(&host_veth);
             lease.host_ifindex = 0;
+            lease.created_unix = ipam::now_unix();
             lease.complete = false;
             ipam::update(self.lock, self.id, &lease).map_err(|e| (step, e.into()))?;
         }

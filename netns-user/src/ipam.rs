@@ -180,7 +180,8 @@ pub fn list(lock: &Locked<'_>) -> Result<BTreeMap<String, Lease>, IpamError> {
     Ok(load(lock)?.leases)
 }
 
-fn now_unix() -> u64 {
+/// Seconds since the epoch (0 if the clock is before it).
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
