@@ -61,14 +61,28 @@ pub struct GlobalArgs {
     )]
     pub bpffs_dir: PathBuf,
 
-    /// Source port range used by masquerade when a container's port is taken.
+    /// Source ports masquerade uses when a container's own port is taken on the
+    /// uplink. The default lies above Linux's ephemeral range, and the range is added
+    /// to net.ipv4.ip_local_reserved_ports, so host sockets never pick these ports.
     #[arg(
         long,
         env = "NETNS_NAT_PORTS",
-        default_value = "32768-60999",
+        default_value = "61000-65535",
         global = true
     )]
     pub nat_ports: PortRange,
+
+    /// cgroup v2 directory the socket programs attach to (host processes reaching
+    /// port forwards via 127.0.0.1 or a host address; reservation of mapped ports):
+    /// "auto" = the cgroup2 mount, "none" = off. They act only in this network
+    /// namespace whatever the cgroup.
+    #[arg(long, env = "NETNS_CGROUP", default_value = "auto", global = true)]
+    pub cgroup: String,
+
+    /// Seconds between conntrack garbage-collection sweeps of the collector the hook
+    /// starts (see `netns gc`).
+    #[arg(long, env = "NETNS_GC_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub gc_interval: u32,
 
     /// Log at debug level (default: warnings only); logs go to stderr.
     #[arg(short, long, env = "NETNS_DEBUG", global = true)]
@@ -87,6 +101,94 @@ pub enum Command {
     },
     /// Print version and datapath layout version.
     Version,
+    /// Load and attach the datapath (creating the bridge if needed) and exit; with
+    /// --follow, stay: print the datapath's log and collect expired conntrack entries.
+    Load {
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Port forwards (docker -p syntax).
+    #[command(subcommand)]
+    Port(PortCommand),
+    /// The connection-tracking table of the datapath.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+    /// Translation counters and drops by reason.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove expired conntrack entries: once, or every --interval seconds until the
+    /// datapath is unloaded.
+    Gc(GcArgs),
+    /// Inspect and manage the pinned datapath.
+    #[command(subcommand)]
+    Datapath(DatapathCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PortCommand {
+    /// Forward host ports to a container: SPEC = [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp].
+    Add {
+        /// Container id, or its address.
+        container: String,
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
+    /// Remove forwards (the host side of SPEC is what counts; CONTAINER may be "-" for any).
+    Rm {
+        container: String,
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
+    /// List forwards.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConntrackCommand {
+    /// List flows: protocol, original and translated tuples, state, age, packets/bytes.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every entry.
+    Flush,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    /// Sweep every SECONDS until the datapath is gone (default: one sweep).
+    #[arg(long)]
+    pub interval: Option<u64>,
+    /// Detach from the terminal (used by the hook to start the collector).
+    #[arg(long, requires = "interval")]
+    pub daemon: bool,
+    /// Set the conntrack timeouts (seconds) all collectors use, e.g.
+    /// `tcp_syn=120,tcp_established=432000,tcp_fin=120,tcp_close=10,udp=30,udp_stream=120,icmp=30`.
+    #[arg(long)]
+    pub timeouts: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DatapathCommand {
+    /// Programs, links and maps: where they are pinned and how many entries.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the programs with this binary's, keeping maps and flows.
+    Reload,
+    /// Re-attach whatever is missing or detached; reports what it repaired.
+    Check,
+    /// Detach and unpin everything (and with --bridge, delete the bridge).
+    Unload {
+        #[arg(long)]
+        bridge: bool,
+    },
 }
 
 /// Errors of flag validation (shown by clap next to the offending flag).

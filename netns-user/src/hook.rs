@@ -24,6 +24,7 @@ use crate::datapath::{Datapath, DatapathConfig, DatapathError};
 use crate::ipam::{self, IpamError, Lease, LeaseRequest};
 use crate::network::{self, Netlink, NetworkError, Uplink, bridge, sysctl, veth};
 use crate::oci::{OciError, Phase, State};
+use crate::portmap::{self, Mapping};
 use crate::store::{Locked, Store, StoreError};
 
 /// Environment variable naming the prestart step to fail (testing aid).
@@ -48,12 +49,14 @@ pub enum Step {
     AttachPort,
     /// Register the container in the endpoint map. Undo: remove it.
     AddEndpoint,
+    /// Port forwards declared in the `netns.ports` annotation. Undo: remove them.
+    PortMap,
     /// Mark the lease complete with ifindex and MAC.
     Persist,
 }
 
 impl Step {
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 10] = [
         Step::Bridge,
         Step::IpForward,
         Step::Ipam,
@@ -62,6 +65,7 @@ impl Step {
         Step::DatapathLoad,
         Step::AttachPort,
         Step::AddEndpoint,
+        Step::PortMap,
         Step::Persist,
     ];
 
@@ -76,6 +80,7 @@ impl Step {
             Step::DatapathLoad => "datapath-load",
             Step::AttachPort => "attach-port",
             Step::AddEndpoint => "add-endpoint",
+            Step::PortMap => "port-map",
             Step::Persist => "persist",
         }
     }
@@ -104,6 +109,12 @@ pub enum StepError {
     Ipam(#[from] IpamError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    PortMap(#[from] portmap::PortMapError),
+    #[error("annotation netns.ports: {0}")]
+    Annotation(#[from] portmap::SpecError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("failure injected by {FAIL_AT_ENV}={0}")]
     Injected(Step),
 }
@@ -175,11 +186,13 @@ enum Undo {
     Veth(u32),
     Port(u32),
     Endpoint(Ipv4Addr),
+    PortMaps(Vec<Mapping>),
 }
 
 struct Prestart<'a> {
     g: &'a GlobalArgs,
     id: &'a str,
+    annotations: &'a std::collections::BTreeMap<String, String>,
     pid: u32,
     lock: &'a Locked<'a>,
     nl: Netlink,
@@ -205,6 +218,7 @@ pub fn prestart(g: &GlobalArgs, st: &State) -> Result<(), HookError> {
         let mut p = Prestart {
             g,
             id,
+            annotations: &st.annotations,
             pid,
             lock: &lock,
             nl,
@@ -225,7 +239,14 @@ pub fn prestart(g: &GlobalArgs, st: &State) -> Result<(), HookError> {
             .await
             .map_err(|e| setup(e.into()))?;
         match p.steps(&ns, &uplink).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The collector is best effort: a container without it still works,
+                // only its idle flows wait for LRU eviction instead of expiring.
+                if let Err(e) = crate::commands::gc::spawn_collector(g) {
+                    log::warn!("could not start the conntrack collector: {e}");
+                }
+                Ok(())
+            }
             Err((step, source)) => {
                 log::debug!(
                     "container {id}: step {step} failed, rolling back {:?}",
@@ -375,7 +396,14 @@ impl Prestart<'_> {
             prefix_len: gw.prefix_len,
             nat_ports: (g.nat_ports.min, g.nat_ports.max),
         };
-        self.dp = Some(Datapath::ensure_loaded(&cfg).map_err(|e| (step, e.into()))?);
+        let dp = Datapath::ensure_loaded(&cfg).map_err(|e| (step, e.into()))?;
+        dp.set_gc_interval(g.gc_interval).map_err(|e| (step, e.into()))?;
+        if let Some(cg) = crate::cgroup::resolve(&g.cgroup).map_err(|e| (step, e.into()))? {
+            dp.attach_cgroup(&cg).map_err(|e| (step, e.into()))?;
+        }
+        // Host sockets must never pick a masquerade port as their ephemeral port.
+        sysctl::reserve_ports(g.nat_ports.min, g.nat_ports.max).map_err(|e| (step, e.into()))?;
+        self.dp = Some(dp);
         self.check(step)?;
 
         let step = Step::AttachPort;
@@ -396,6 +424,17 @@ impl Prestart<'_> {
         self.undo.push(Undo::Endpoint(lease.ip));
         self.check(step)?;
 
+        let step = Step::PortMap;
+        if let Some(spec) = self.annotations.get(portmap::ANNOTATION) {
+            let specs = portmap::parse_list(spec).map_err(|e| (step, e.into()))?;
+            let dp = self.dp.as_ref().expect("loaded above");
+            let added =
+                portmap::add(self.lock, dp, self.id, lease.ip, &specs).map_err(|e| (step, e.into()))?;
+            log::debug!("container {}: {} port forward(s)", self.id, added.len());
+            self.undo.push(Undo::PortMaps(added));
+        }
+        self.check(step)?;
+
         let step = Step::Persist;
         lease.host_ifindex = host_index;
         lease.mac = Some(network::format_mac(mac));
@@ -410,6 +449,7 @@ impl Prestart<'_> {
         let mut failures = 0;
         while let Some(u) = self.undo.pop() {
             let r: Result<(), StepError> = match &u {
+                Undo::PortMaps(ms) => portmap::remove(self.lock, self.dp.as_ref(), ms).map_err(Into::into),
                 Undo::Endpoint(ip) => match self.dp.as_mut() {
                     Some(dp) => dp.remove_endpoint(*ip).map_err(Into::into),
                     None => Ok(()),
@@ -477,6 +517,10 @@ async fn teardown(
 
     match Datapath::open(&g.bpffs_dir) {
         Ok(Some(mut dp)) => {
+            // Port forwards first, so nothing is forwarded to a vanishing address.
+            if let Err(e) = portmap::remove_container(lock, Some(&dp), id) {
+                fail("removing port forwards", &e);
+            }
             if let Err(e) = dp.remove_endpoint(lease.ip) {
                 fail("removing the datapath endpoint", &e);
             }

@@ -15,6 +15,7 @@ use netns_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, PortKey, PortTarget
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{Datapath, DatapathError, gc::partner_key};
+use crate::store::Locked;
 
 /// The OCI annotation a container declares its port forwards in: specs separated by
 /// commas or whitespace, e.g. `"netns.ports": "8080:80/tcp, 5353:53/udp"`.
@@ -212,6 +213,56 @@ pub enum PortMapError {
     NotMapped(String),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// The persisted mappings (all containers).
+pub fn load_table(lock: &Locked<'_>) -> Result<Vec<Mapping>, PortMapError> {
+    Ok(lock.read(TABLE)?.unwrap_or_default())
+}
+
+fn save_table(lock: &Locked<'_>, t: &[Mapping]) -> Result<(), PortMapError> {
+    Ok(lock.write(TABLE, &t)?)
+}
+
+/// Validates, installs and records a container's forwards, all or nothing.
+pub fn add(
+    lock: &Locked<'_>,
+    dp: &Datapath,
+    id: &str,
+    ip: Ipv4Addr,
+    specs: &[PortSpec],
+) -> Result<Vec<Mapping>, PortMapError> {
+    let mut table = load_table(lock)?;
+    let new = expand(id, ip, specs);
+    validate(&table, &new, true)?;
+    install(dp, &new)?;
+    table.extend(new.iter().cloned());
+    if let Err(e) = save_table(lock, &table) {
+        let _ = uninstall(dp, &new);
+        return Err(e);
+    }
+    Ok(new)
+}
+
+/// Uninstalls and forgets mappings.
+pub fn remove(lock: &Locked<'_>, dp: Option<&Datapath>, ms: &[Mapping]) -> Result<(), PortMapError> {
+    if let Some(dp) = dp {
+        uninstall(dp, ms)?;
+    }
+    let mut table = load_table(lock)?;
+    table.retain(|t| !ms.contains(t));
+    save_table(lock, &table)
+}
+
+/// Removes every forward of a container; returns how many.
+pub fn remove_container(lock: &Locked<'_>, dp: Option<&Datapath>, id: &str) -> Result<usize, PortMapError> {
+    let mine: Vec<Mapping> = load_table(lock)?.into_iter().filter(|m| m.container_id == id).collect();
+    if !mine.is_empty() {
+        remove(lock, dp, &mine)?;
+    }
+    Ok(mine.len())
 }
 
 /// Is a host socket bound to the port? Try binding it, as docker does when it holds

@@ -1,8 +1,14 @@
 //! One module per verb (netavark style). Add a verb: a `cli::Command` variant, a
 //! module here with a `run`, a match arm in [`run`], and an error variant if needed.
 
+pub mod conntrack;
+pub mod datapath;
+pub mod gc;
 pub mod hook;
+pub mod load;
 pub mod ls;
+pub mod port;
+pub mod stats;
 pub mod version;
 
 use crate::cli::{Cli, Command};
@@ -19,6 +25,26 @@ pub enum CommandError {
     Ipam(#[from] crate::ipam::IpamError),
     #[error("writing output")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Datapath(#[from] crate::datapath::DatapathError),
+    #[error(transparent)]
+    PortMap(#[from] crate::portmap::PortMapError),
+    #[error(transparent)]
+    Spec(#[from] crate::portmap::SpecError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
+    Netlink(#[from] crate::network::NetlinkError),
+    #[error(transparent)]
+    Sysctl(#[from] crate::network::sysctl::SysctlError),
+    #[error("no container {0:?} (not an id or address of a container with a lease)")]
+    UnknownContainer(String),
+    #[error("--timeouts: {0}")]
+    Timeouts(String),
+    #[error("starting the collector")]
+    Daemon(#[source] std::io::Error),
 }
 
 /// Runs the parsed command line; no command means `hook`.
@@ -27,5 +53,11 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
         Command::Hook => hook::run(&cli.global),
         Command::Ls { json } => ls::run(&cli.global, json),
         Command::Version => version::run(),
+        Command::Load { follow } => load::run(&cli.global, follow),
+        Command::Port(ref c) => port::run(&cli.global, c),
+        Command::Conntrack(ref c) => conntrack::run(&cli.global, c),
+        Command::Stats { json } => stats::run(&cli.global, json),
+        Command::Gc(ref a) => gc::run(&cli.global, a),
+        Command::Datapath(ref c) => datapath::run(&cli.global, c),
     }
 }

@@ -204,6 +204,14 @@ impl Datapath {
         m.set(0, v, 0).map_err(bpf("writing config map"))
     }
 
+    /// Sets only the collector interval (the hook's `--gc-interval`).
+    pub fn set_gc_interval(&self, secs: u32) -> Result<(), DatapathError> {
+        let mut m = self.config_map()?;
+        let mut v = m.get(&0, 0).map_err(bpf("reading config map"))?;
+        v.timeouts.gc_interval = secs.max(1);
+        m.set(0, v, 0).map_err(bpf("writing config map"))
+    }
+
     /// Sets the conntrack timeouts and GC interval every collector uses.
     pub fn set_timeouts(&self, t: Timeouts) -> Result<(), DatapathError> {
         let mut m = self.config_map()?;
@@ -383,6 +391,28 @@ impl Datapath {
                 _ => info.max_entries() as usize,
             };
             out.push(MapStatus { name: name.to_owned(), pin, entries, max_entries: info.max_entries() });
+        }
+        Ok(out)
+    }
+
+    /// The kernel id of a pinned program (for aya-log's `init_from_id`).
+    pub fn program_id(&self, name: &str) -> Result<u32, DatapathError> {
+        let pin = self.pins.prog(name);
+        let prog = SchedClassifier::from_pin(&pin).map_err(bpf(format!("opening {}", pin.display())))?;
+        let info = prog.info().map_err(bpf(format!("program info of {name}")))?;
+        Ok(info.id())
+    }
+
+    /// Pinned programs as `name (id N, tag T)`.
+    pub fn program_status(&self) -> Result<Vec<String>, DatapathError> {
+        let mut out = Vec::new();
+        for name in Pins::TC_PROGS.iter().chain(Pins::SOCK_PROGS.iter()) {
+            let pin = self.pins.prog(name);
+            let line = match sys::prog_id(&pin) {
+                Ok(id) => format!("{name} (id {id}) {}", pin.display()),
+                Err(e) => format!("{name}: MISSING ({e}) {}", pin.display()),
+            };
+            out.push(line);
         }
         Ok(out)
     }

@@ -145,3 +145,22 @@ fn socket() -> std::io::Result<OwnedFd> {
     // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// The id of a pinned program (`struct bpf_prog_info` starts with type, id).
+pub fn prog_id(pin: &Path) -> std::io::Result<u32> {
+    let fd = obj_get(pin)?;
+    let mut info = [0u32; 64];
+    let attr = InfoByFdAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr points at a buffer of info_len bytes that outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoByFdAttr, size_of::<InfoByFdAttr>())
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info[1])
+}
