@@ -395,8 +395,8 @@ mod tests {
         assert_eq!(
             g.nat_ports,
             PortRange {
-                min: 32768,
-                max: 60999
+                min: 61000,
+                max: 65535
             }
         );
         assert_eq!(g.mtu, None);
