@@ -3,7 +3,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+    },
     programs::TcContext,
 };
 use netns_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple, ct_kind, ct_state, dir};
@@ -100,7 +102,14 @@ fn entry(xlat: Tuple, pkt: &Packet, kind: u8, now: u64, len: u32, counted: bool)
 /// Does a socket of the host itself own (`local`:`port`) towards `peer`:`peer_port`, or
 /// listen on it? Then a reply to that port is the host's, not a container's.
 #[inline(always)]
-fn host_socket_owns(ctx: &TcContext, proto: u8, local: u32, port: u16, peer: u32, peer_port: u16) -> bool {
+fn host_socket_owns(
+    ctx: &TcContext,
+    proto: u8,
+    local: u32,
+    port: u16,
+    peer: u32,
+    peer_port: u16,
+) -> bool {
     // SAFETY: zeroed is a valid bpf_sock_tuple; we fill the IPv4 member.
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     t.__bindgen_anon_1.ipv4.saddr = peer;
@@ -130,7 +139,12 @@ fn host_socket_owns(ctx: &TcContext, proto: u8, local: u32, port: u16, peer: u32
 /// deleted so the packet creates a fresh pair. Returns false for the stale case.
 #[inline(always)]
 pub fn check_reverse(pkt: &Packet, xlat: &Tuple) -> bool {
-    let rev_key = CtKey { tuple: xlat.reversed(), proto: pkt.proto, dir: dir::UPLINK_INGRESS, _pad: [0; 2] };
+    let rev_key = CtKey {
+        tuple: xlat.reversed(),
+        proto: pkt.proto,
+        dir: dir::UPLINK_INGRESS,
+        _pad: [0; 2],
+    };
     match unsafe { CONNTRACK.get(&rev_key) } {
         Some(r) => {
             if r.xlat.daddr == pkt.tuple.saddr && r.xlat.dport == pkt.tuple.sport {
@@ -155,7 +169,14 @@ pub fn check_reverse(pkt: &Packet, xlat: &Tuple) -> bool {
 /// host socket has it), claim it by inserting the reverse entry with BPF_NOEXIST, then
 /// insert the forward entry. Returns the translated tuple.
 #[inline(always)]
-pub fn create_snat(ctx: &TcContext, pkt: &Packet, nat_addr: u32, min: u16, max: u16, len: u32) -> Result<Tuple, Stat> {
+pub fn create_snat(
+    ctx: &TcContext,
+    pkt: &Packet,
+    nat_addr: u32,
+    min: u16,
+    max: u16,
+    len: u32,
+) -> Result<Tuple, Stat> {
     let now = unsafe { bpf_ktime_get_ns() };
     let orig = pkt.tuple;
     let mut xlat = Tuple {
@@ -180,7 +201,10 @@ pub fn create_snat(ctx: &TcContext, pkt: &Packet, nat_addr: u32, min: u16, max: 
         stats::inc(Stat::PortKept);
     }
     let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
-    if CONNTRACK.insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64).is_err() {
+    if CONNTRACK
+        .insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64)
+        .is_err()
+    {
         let _ = CONNTRACK.remove(&rev_key);
         return Err(Stat::DropCtInsert);
     }
@@ -215,7 +239,11 @@ fn claim_port(
     if i > 0 {
         stats::inc(Stat::PortRetries);
     }
-    if claimed { Ok(port) } else { Err(Stat::DropPortExhausted) }
+    if claimed {
+        Ok(port)
+    } else {
+        Err(Stat::DropPortExhausted)
+    }
 }
 
 /// Hairpin a container's flow to a port forward: the target sees the gateway as peer.
@@ -242,9 +270,19 @@ pub fn create_hairpin(
         _pad: [0; 2],
     };
     let rev = entry(orig.reversed(), pkt, ct_kind::HAIRPIN, now, len, false);
-    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, true, cfg.nat_port_min, cfg.nat_port_max)?;
+    xlat.sport = claim_port(
+        &mut rev_key,
+        &rev,
+        orig.sport,
+        true,
+        cfg.nat_port_min,
+        cfg.nat_port_max,
+    )?;
     let fwd = entry(xlat, pkt, ct_kind::HAIRPIN, now, len, true);
-    if CONNTRACK.insert(&key(pkt, dir::BRIDGE), &fwd, BPF_ANY as u64).is_err() {
+    if CONNTRACK
+        .insert(&key(pkt, dir::BRIDGE), &fwd, BPF_ANY as u64)
+        .is_err()
+    {
         let _ = CONNTRACK.remove(&rev_key);
         return Err(Stat::DropCtInsert);
     }
@@ -255,7 +293,12 @@ pub fn create_hairpin(
 /// Port-forward a new flow arriving on the uplink to `target` (address, port). The
 /// container sees the real peer; its replies are translated back on uplink egress.
 #[inline(always)]
-pub fn create_dnat(pkt: &Packet, target_addr: u32, target_port: u16, len: u32) -> Result<Tuple, Stat> {
+pub fn create_dnat(
+    pkt: &Packet,
+    target_addr: u32,
+    target_port: u16,
+    len: u32,
+) -> Result<Tuple, Stat> {
     let now = unsafe { bpf_ktime_get_ns() };
     let orig = pkt.tuple;
     let xlat = Tuple {
@@ -275,7 +318,10 @@ pub fn create_dnat(pkt: &Packet, target_addr: u32, target_port: u16, len: u32) -
         return Err(Stat::DropCtInsert);
     }
     let fwd = entry(xlat, pkt, ct_kind::DNAT, now, len, true);
-    if CONNTRACK.insert(&key(pkt, dir::UPLINK_INGRESS), &fwd, BPF_ANY as u64).is_err() {
+    if CONNTRACK
+        .insert(&key(pkt, dir::UPLINK_INGRESS), &fwd, BPF_ANY as u64)
+        .is_err()
+    {
         let _ = CONNTRACK.remove(&rev_key);
         return Err(Stat::DropCtInsert);
     }

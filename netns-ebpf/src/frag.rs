@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_clone_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
     programs::TcContext,
 };
-use netns_common::{FragKey, STASH_FRAME_MAX, STASH_SLOTS, Stat, StashKey, StashedFrame};
+use netns_common::{FragKey, STASH_FRAME_MAX, STASH_SLOTS, StashKey, StashedFrame, Stat};
 
 use crate::{
     maps::{FRAG_STASH, SCRATCH},
@@ -66,7 +66,10 @@ pub fn stash(ctx: &TcContext, key: &FragKey) -> Result<(), Stat> {
     while slot < STASH_SLOTS {
         let k = StashKey { frag: *key, slot };
         // SAFETY: frame is a valid map value pointer.
-        if FRAG_STASH.insert(&k, unsafe { &*frame }, BPF_NOEXIST as u64).is_ok() {
+        if FRAG_STASH
+            .insert(&k, unsafe { &*frame }, BPF_NOEXIST as u64)
+            .is_ok()
+        {
             return Ok(());
         }
         slot += 1;
@@ -80,7 +83,14 @@ pub fn stash(ctx: &TcContext, key: &FragKey) -> Result<(), Stat> {
 #[inline(always)]
 pub fn replay(ctx: &TcContext, key: &FragKey, ifindex: u32) -> Result<(), Stat> {
     // Cheap check first: nothing held is the common case.
-    if unsafe { FRAG_STASH.get(&StashKey { frag: *key, slot: 0 }) }.is_none() {
+    if unsafe {
+        FRAG_STASH.get(&StashKey {
+            frag: *key,
+            slot: 0,
+        })
+    }
+    .is_none()
+    {
         return Ok(());
     }
     let first = capture(ctx)?;

@@ -18,7 +18,13 @@ use crate::{
 /// Writes `to` over the `SIZE`-byte field at `off` inside the ICMP payload and fixes the
 /// ICMP checksum for it.
 #[inline(always)]
-fn patch<T: Copy + Into<u64>>(ctx: &TcContext, icmp_csum: usize, off: usize, from: T, to: T) -> Result<(), Stat> {
+fn patch<T: Copy + Into<u64>>(
+    ctx: &TcContext,
+    icmp_csum: usize,
+    off: usize,
+    from: T,
+    to: T,
+) -> Result<(), Stat> {
     let size = core::mem::size_of::<T>() as u64;
     ctx.store(off, &to, 0).map_err(|_| Stat::DropCsumHelper)?;
     ctx.l4_csum_replace(icmp_csum, from.into(), to.into(), size)
@@ -45,7 +51,8 @@ fn patch_inner_csum(
     if zero_means_none && old == 0 {
         return Ok(());
     }
-    ctx.l4_csum_replace(csum_off, from, to, size).map_err(|_| Stat::DropCsumHelper)?;
+    ctx.l4_csum_replace(csum_off, from, to, size)
+        .map_err(|_| Stat::DropCsumHelper)?;
     let new: u16 = ctx.load(csum_off).map_err(|_| Stat::DropCsumHelper)?;
     ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 2)
         .map_err(|_| Stat::DropCsumHelper)
@@ -57,24 +64,37 @@ fn patch_inner_csum(
 pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, Stat> {
     let icmp_csum = outer.l4_off + 2;
     let ip_off = outer.l4_off + 8;
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(ip_off) else { return Ok(false) };
+    let Ok(ip) = ctx.load::<Ipv4Hdr>(ip_off) else {
+        return Ok(false);
+    };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return Ok(false);
     }
     let l4_off = ip_off + ihl;
-    let mut quoted = Tuple { saddr: ip.saddr, daddr: ip.daddr, sport: 0, dport: 0 };
+    let mut quoted = Tuple {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: 0,
+        dport: 0,
+    };
     let mut icmp_id_off = 0;
     let mut echo_request = false;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let Ok(ports) = ctx.load::<[u16; 2]>(l4_off) else { return Ok(false) };
+            let Ok(ports) = ctx.load::<[u16; 2]>(l4_off) else {
+                return Ok(false);
+            };
             quoted.sport = ports[0];
             quoted.dport = ports[1];
         }
         IPPROTO_ICMP => {
-            let Ok(ty) = ctx.load::<u8>(l4_off) else { return Ok(false) };
-            let Ok(id) = ctx.load::<u16>(l4_off + 4) else { return Ok(false) };
+            let Ok(ty) = ctx.load::<u8>(l4_off) else {
+                return Ok(false);
+            };
+            let Ok(id) = ctx.load::<u16>(l4_off + 4) else {
+                return Ok(false);
+            };
             icmp_id_off = l4_off + 4;
             if ty == ICMP_ECHO_REQUEST {
                 quoted.sport = id;
@@ -89,8 +109,15 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
     }
     // The quoted packet travelled the other way: a packet of the same flow arriving
     // here would carry the quoted tuple reversed.
-    let key = CtKey { tuple: quoted.reversed(), proto: ip.proto, dir: at, _pad: [0; 2] };
-    let Some(e) = (unsafe { CONNTRACK.get(&key) }) else { return Ok(false) };
+    let key = CtKey {
+        tuple: quoted.reversed(),
+        proto: ip.proto,
+        dir: at,
+        _pad: [0; 2],
+    };
+    let Some(e) = (unsafe { CONNTRACK.get(&key) }) else {
+        return Ok(false);
+    };
     let new_quoted = e.xlat.reversed();
 
     // Outer header: only the end facing the flow's owner changes. ICMP has no pseudo
@@ -98,14 +125,18 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
     if at == dir::UPLINK_INGRESS {
         let (o, n) = (outer.tuple.daddr, e.xlat.daddr);
         if o != n {
-            ctx.l3_csum_replace(IP_CSUM_OFF, o as u64, n as u64, 4).map_err(|_| Stat::DropCsumHelper)?;
-            ctx.store(IP_DADDR_OFF, &n, 0).map_err(|_| Stat::DropCsumHelper)?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, o as u64, n as u64, 4)
+                .map_err(|_| Stat::DropCsumHelper)?;
+            ctx.store(IP_DADDR_OFF, &n, 0)
+                .map_err(|_| Stat::DropCsumHelper)?;
         }
     } else {
         let (o, n) = (outer.tuple.saddr, e.xlat.saddr);
         if o != n {
-            ctx.l3_csum_replace(IP_CSUM_OFF, o as u64, n as u64, 4).map_err(|_| Stat::DropCsumHelper)?;
-            ctx.store(IP_SADDR_OFF, &n, 0).map_err(|_| Stat::DropCsumHelper)?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, o as u64, n as u64, 4)
+                .map_err(|_| Stat::DropCsumHelper)?;
+            ctx.store(IP_SADDR_OFF, &n, 0)
+                .map_err(|_| Stat::DropCsumHelper)?;
         }
     }
 

@@ -80,7 +80,10 @@ fn verdict(ctx: &TcContext, v: Verdict) -> i32 {
             stats::inc(reason);
             if matches!(
                 reason,
-                Stat::DropPortExhausted | Stat::DropCtInsert | Stat::DropCsumHelper | Stat::DropFragStash
+                Stat::DropPortExhausted
+                    | Stat::DropCtInsert
+                    | Stat::DropCsumHelper
+                    | Stat::DropFragStash
             ) {
                 warn!(ctx, "netns drop: {}", reason.name());
             }

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use netns_common::{
-    CT_MAX_ENTRIES, Config, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
-    FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, Stat, FRAG_STASH_MAX_ENTRIES, StashKey, StashedFrame,
+    CT_MAX_ENTRIES, Config, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
+    FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey,
+    PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, StashKey, StashedFrame, Stat,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the

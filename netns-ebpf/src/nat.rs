@@ -87,7 +87,10 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
         if !in_subnet(cfg, pkt.tuple.saddr) || in_subnet(cfg, pkt.tuple.daddr) {
             return Ok(());
         }
-        let new = Tuple { saddr: cfg.uplink_addr, ..pkt.tuple };
+        let new = Tuple {
+            saddr: cfg.uplink_addr,
+            ..pkt.tuple
+        };
         stats::inc(Stat::FragAddrOnly);
         return packet::rewrite(ctx, &pkt, &new);
     }
@@ -143,7 +146,9 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
         Parsed::Other => return Ok(()),
         Parsed::Ipv4(p) => p,
         Parsed::IcmpError(p) => {
-            if p.tuple.daddr == cfg.uplink_addr && icmp::translate_error(ctx, &p, dir::UPLINK_INGRESS)? {
+            if p.tuple.daddr == cfg.uplink_addr
+                && icmp::translate_error(ctx, &p, dir::UPLINK_INGRESS)?
+            {
                 stats::inc(Stat::IcmpErrors);
             }
             return Ok(());
@@ -223,11 +228,19 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
         // ARP: the sender must be the container itself, or it could poison the host's
         // and its neighbours' caches (claim the gateway or another container).
         0x0806 => {
-            let sender_mac: [u8; 6] = ctx.load(packet::ETH_HLEN + 8).map_err(|_| Stat::DropMalformed)?;
-            let sender_ip: u32 = ctx.load(packet::ETH_HLEN + 14).map_err(|_| Stat::DropMalformed)?;
+            let sender_mac: [u8; 6] = ctx
+                .load(packet::ETH_HLEN + 8)
+                .map_err(|_| Stat::DropMalformed)?;
+            let sender_ip: u32 = ctx
+                .load(packet::ETH_HLEN + 14)
+                .map_err(|_| Stat::DropMalformed)?;
             if sender_ip == 0 {
                 // ARP probe (duplicate address detection) carries no claim.
-                return if sender_mac == eth.src { Ok(None) } else { Err(Stat::DropSpoofedMac) };
+                return if sender_mac == eth.src {
+                    Ok(None)
+                } else {
+                    Err(Stat::DropSpoofedMac)
+                };
             }
             let ep = match unsafe { ENDPOINTS.get(&sender_ip) } {
                 Some(ep) if ep.ifindex == ifindex => ep,

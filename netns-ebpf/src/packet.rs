@@ -124,7 +124,9 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
             pkt.tuple.sport = ports[0];
             pkt.tuple.dport = ports[1];
             if ip.proto == IPPROTO_TCP {
-                pkt.l4_flags = ctx.load::<u8>(pkt.l4_off + 13).map_err(|_| Stat::DropMalformed)?;
+                pkt.l4_flags = ctx
+                    .load::<u8>(pkt.l4_off + 13)
+                    .map_err(|_| Stat::DropMalformed)?;
             }
         }
         IPPROTO_ICMP => {

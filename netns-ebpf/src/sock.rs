@@ -54,7 +54,12 @@ fn lookup(cfg: &Config, addr: u32, port: u16, proto: u8) -> Option<PortTarget> {
     if !local {
         return None;
     }
-    let mut k = PortKey { host_addr: addr, host_port: port, proto, _pad: 0 };
+    let mut k = PortKey {
+        host_addr: addr,
+        host_port: port,
+        proto,
+        _pad: 0,
+    };
     if let Some(t) = unsafe { PORTS.get(&k) } {
         return Some(*t);
     }
@@ -63,15 +68,30 @@ fn lookup(cfg: &Config, addr: u32, port: u16, proto: u8) -> Option<PortTarget> {
 }
 
 pub fn redirect_to_container(ctx: &SockAddrContext) -> i32 {
-    let Some(cfg) = managed(ctx) else { return ALLOW };
-    let Some(proto) = proto(ctx) else { return ALLOW };
+    let Some(cfg) = managed(ctx) else {
+        return ALLOW;
+    };
+    let Some(proto) = proto(ctx) else {
+        return ALLOW;
+    };
     // SAFETY: user_ip4/user_port are readable and writable for connect4/sendmsg4.
     unsafe {
         let addr = (*sa(ctx)).user_ip4;
         let port = (*sa(ctx)).user_port as u16;
-        let Some(t) = lookup(cfg, addr, port, proto) else { return ALLOW };
-        let key = SockKey { addr: t.addr, port: t.port, proto, _pad: 0 };
-        let orig = PortTarget { addr, port, _pad: [0; 2] };
+        let Some(t) = lookup(cfg, addr, port, proto) else {
+            return ALLOW;
+        };
+        let key = SockKey {
+            addr: t.addr,
+            port: t.port,
+            proto,
+            _pad: 0,
+        };
+        let orig = PortTarget {
+            addr,
+            port,
+            _pad: [0; 2],
+        };
         let _ = SOCK_REVNAT.insert(&key, &orig, BPF_ANY as u64);
         (*sa(ctx)).user_ip4 = t.addr;
         (*sa(ctx)).user_port = t.port as u32;
@@ -84,10 +104,17 @@ pub fn restore_host_addr(ctx: &SockAddrContext) -> i32 {
     if managed(ctx).is_none() {
         return ALLOW;
     }
-    let Some(proto) = proto(ctx) else { return ALLOW };
+    let Some(proto) = proto(ctx) else {
+        return ALLOW;
+    };
     // SAFETY: user_ip4/user_port are readable and writable for recvmsg4/getpeername4.
     unsafe {
-        let key = SockKey { addr: (*sa(ctx)).user_ip4, port: (*sa(ctx)).user_port as u16, proto, _pad: 0 };
+        let key = SockKey {
+            addr: (*sa(ctx)).user_ip4,
+            port: (*sa(ctx)).user_port as u16,
+            proto,
+            _pad: 0,
+        };
         if let Some(orig) = SOCK_REVNAT.get(&key) {
             (*sa(ctx)).user_ip4 = orig.addr;
             (*sa(ctx)).user_port = orig.port as u32;
@@ -99,14 +126,23 @@ pub fn restore_host_addr(ctx: &SockAddrContext) -> i32 {
 /// A mapped host port belongs to its container: refuse host processes binding it (the
 /// way docker holds the port with a bound socket, without a process to keep alive).
 pub fn check_bind(ctx: &SockAddrContext) -> i32 {
-    let Some(_cfg) = managed(ctx) else { return ALLOW };
-    let Some(proto) = proto(ctx) else { return ALLOW };
+    let Some(_cfg) = managed(ctx) else {
+        return ALLOW;
+    };
+    let Some(proto) = proto(ctx) else {
+        return ALLOW;
+    };
     // SAFETY: user_ip4/user_port are readable for bind4.
     let (addr, port) = unsafe { ((*sa(ctx)).user_ip4, (*sa(ctx)).user_port as u16) };
     if port == 0 {
         return ALLOW;
     }
-    let mut k = PortKey { host_addr: addr, host_port: port, proto, _pad: 0 };
+    let mut k = PortKey {
+        host_addr: addr,
+        host_port: port,
+        proto,
+        _pad: 0,
+    };
     let mut taken = unsafe { PORTS.get(&k) }.is_some();
     if !taken {
         // A wildcard mapping reserves the port on every address. (A wildcard bind next

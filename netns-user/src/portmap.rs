@@ -60,7 +60,11 @@ pub enum SpecError {
     #[error("{spec:?}: range {range:?} ends before it starts")]
     Range { spec: String, range: String },
     #[error("{spec:?}: host range has {host} ports but container range has {container}")]
-    RangeLength { spec: String, host: u32, container: u32 },
+    RangeLength {
+        spec: String,
+        host: u32,
+        container: u32,
+    },
     #[error("{spec:?}: {ip:?} is not an IPv4 address")]
     HostIp { spec: String, ip: String },
 }
@@ -78,7 +82,10 @@ fn parse_range(spec: &str, s: &str) -> Result<(u16, u16), SpecError> {
     let port = |p: &str| -> Result<u16, SpecError> {
         match p.parse::<u32>() {
             Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
-            _ => Err(SpecError::Port { spec: spec.into(), port: p.into() }),
+            _ => Err(SpecError::Port {
+                spec: spec.into(),
+                port: p.into(),
+            }),
         }
     };
     match s.split_once('-') {
@@ -89,7 +96,10 @@ fn parse_range(spec: &str, s: &str) -> Result<(u16, u16), SpecError> {
         Some((a, b)) => {
             let (a, b) = (port(a)?, port(b)?);
             if a > b {
-                return Err(SpecError::Range { spec: spec.into(), range: s.into() });
+                return Err(SpecError::Range {
+                    spec: spec.into(),
+                    range: s.into(),
+                });
             }
             Ok((a, b))
         }
@@ -105,7 +115,12 @@ impl FromStr for PortSpec {
                 let proto = match p.to_ascii_lowercase().as_str() {
                     "tcp" => Proto::Tcp,
                     "udp" => Proto::Udp,
-                    _ => return Err(SpecError::Proto { spec: spec.into(), proto: p.into() }),
+                    _ => {
+                        return Err(SpecError::Proto {
+                            spec: spec.into(),
+                            proto: p.into(),
+                        });
+                    }
                 };
                 (b, proto)
             }
@@ -115,7 +130,10 @@ impl FromStr for PortSpec {
         let (host_ip, host, container) = match parts.as_slice() {
             [h, c] => (None, *h, *c),
             [ip, h, c] => {
-                let ip = ip.parse::<Ipv4Addr>().map_err(|_| SpecError::HostIp { spec: spec.into(), ip: (*ip).into() })?;
+                let ip = ip.parse::<Ipv4Addr>().map_err(|_| SpecError::HostIp {
+                    spec: spec.into(),
+                    ip: (*ip).into(),
+                })?;
                 (Some(ip).filter(|ip| !ip.is_unspecified()), *h, *c)
             }
             _ => return Err(SpecError::Syntax { spec: spec.into() }),
@@ -125,17 +143,32 @@ impl FromStr for PortSpec {
         }
         let host = parse_range(spec, host)?;
         let container = parse_range(spec, container)?;
-        let (hn, cn) = (u32::from(host.1 - host.0) + 1, u32::from(container.1 - container.0) + 1);
+        let (hn, cn) = (
+            u32::from(host.1 - host.0) + 1,
+            u32::from(container.1 - container.0) + 1,
+        );
         if hn != cn {
-            return Err(SpecError::RangeLength { spec: spec.into(), host: hn, container: cn });
+            return Err(SpecError::RangeLength {
+                spec: spec.into(),
+                host: hn,
+                container: cn,
+            });
         }
-        Ok(PortSpec { host_ip, host, container, proto })
+        Ok(PortSpec {
+            host_ip,
+            host,
+            container,
+            proto,
+        })
     }
 }
 
 /// Specs from an annotation value: separated by commas or whitespace.
 pub fn parse_list(s: &str) -> Result<Vec<PortSpec>, SpecError> {
-    s.split(|c: char| c == ',' || c.is_whitespace()).filter(|p| !p.is_empty()).map(str::parse).collect()
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// One forwarded host port.
@@ -161,7 +194,11 @@ impl Mapping {
     }
 
     fn target(&self) -> PortTarget {
-        PortTarget { addr: u32::from(self.container_ip).to_be(), port: self.container_port.to_be(), _pad: [0; 2] }
+        PortTarget {
+            addr: u32::from(self.container_ip).to_be(),
+            port: self.container_port.to_be(),
+            _pad: [0; 2],
+        }
     }
 
     /// Same protocol and port on addresses that overlap (a wildcard overlaps all).
@@ -247,7 +284,11 @@ pub fn add(
 }
 
 /// Uninstalls and forgets mappings.
-pub fn remove(lock: &Locked<'_>, dp: Option<&Datapath>, ms: &[Mapping]) -> Result<(), PortMapError> {
+pub fn remove(
+    lock: &Locked<'_>,
+    dp: Option<&Datapath>,
+    ms: &[Mapping],
+) -> Result<(), PortMapError> {
     if let Some(dp) = dp {
         uninstall(dp, ms)?;
     }
@@ -257,8 +298,15 @@ pub fn remove(lock: &Locked<'_>, dp: Option<&Datapath>, ms: &[Mapping]) -> Resul
 }
 
 /// Removes every forward of a container; returns how many.
-pub fn remove_container(lock: &Locked<'_>, dp: Option<&Datapath>, id: &str) -> Result<usize, PortMapError> {
-    let mine: Vec<Mapping> = load_table(lock)?.into_iter().filter(|m| m.container_id == id).collect();
+pub fn remove_container(
+    lock: &Locked<'_>,
+    dp: Option<&Datapath>,
+    id: &str,
+) -> Result<usize, PortMapError> {
+    let mine: Vec<Mapping> = load_table(lock)?
+        .into_iter()
+        .filter(|m| m.container_id == id)
+        .collect();
     if !mine.is_empty() {
         remove(lock, dp, &mine)?;
     }
@@ -278,7 +326,10 @@ fn check_host_port_free(m: &Mapping) -> Result<(), PortMapError> {
         // EADDRNOTAVAIL: a host IP that is not (yet) local. Forwarding to it still works
         // once the address exists, and there is nothing bound there now.
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
-        Err(source) => Err(PortMapError::InUse { port: m.describe(), source }),
+        Err(source) => Err(PortMapError::InUse {
+            port: m.describe(),
+            source,
+        }),
     }
 }
 
@@ -290,7 +341,10 @@ pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<
     for m in new {
         if !seen.insert((m.proto, m.host_port, m.host_ip))
             || any.contains(&(m.proto, m.host_port))
-            || (m.host_ip.is_none() && seen.iter().any(|s| s.0 == m.proto && s.1 == m.host_port && s.2.is_some()))
+            || (m.host_ip.is_none()
+                && seen
+                    .iter()
+                    .any(|s| s.0 == m.proto && s.1 == m.host_port && s.2.is_some()))
         {
             return Err(PortMapError::Duplicate(m.describe()));
         }
@@ -299,13 +353,20 @@ pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<
         }
     }
     // Index the table by (proto, port) so 10,000 mappings validate in linear time.
-    let mut by_port: std::collections::HashMap<(Proto, u16), Vec<&Mapping>> = std::collections::HashMap::new();
+    let mut by_port: std::collections::HashMap<(Proto, u16), Vec<&Mapping>> =
+        std::collections::HashMap::new();
     for t in table {
         by_port.entry((t.proto, t.host_port)).or_default().push(t);
     }
     for m in new {
-        if let Some(owner) = by_port.get(&(m.proto, m.host_port)).and_then(|v| v.iter().find(|t| t.collides(m))) {
-            return Err(PortMapError::Collision { new: m.describe(), owner: owner.container_id.clone() });
+        if let Some(owner) = by_port
+            .get(&(m.proto, m.host_port))
+            .and_then(|v| v.iter().find(|t| t.collides(m)))
+        {
+            return Err(PortMapError::Collision {
+                new: m.describe(),
+                owner: owner.container_id.clone(),
+            });
         }
     }
     if check_host {
@@ -330,7 +391,10 @@ pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathE
     if ms.is_empty() {
         return Ok(0);
     }
-    let ports: HashSet<(u8, u16)> = ms.iter().map(|m| (m.proto.number(), m.host_port.to_be())).collect();
+    let ports: HashSet<(u8, u16)> = ms
+        .iter()
+        .map(|m| (m.proto.number(), m.host_port.to_be()))
+        .collect();
     let entries = dp.conntrack_entries()?;
     let mut doomed = HashSet::new();
     for (k, v) in &entries {
@@ -351,7 +415,11 @@ pub fn install(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
             for done in &ms[..i] {
                 let _ = map.remove(&done.key());
             }
-            return Err(DatapathError::Bpf(format!("writing port map entry {}: {e}", m.describe())).into());
+            return Err(DatapathError::Bpf(format!(
+                "writing port map entry {}: {e}",
+                m.describe()
+            ))
+            .into());
         }
     }
     flush_conntrack(dp, ms)?;
@@ -364,7 +432,13 @@ pub fn uninstall(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
     for m in ms {
         match map.remove(&m.key()) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(DatapathError::Bpf(format!("removing port map entry {}: {e}", m.describe())).into()),
+            Err(e) => {
+                return Err(DatapathError::Bpf(format!(
+                    "removing port map entry {}: {e}",
+                    m.describe()
+                ))
+                .into());
+            }
         }
     }
     flush_conntrack(dp, ms)?;
@@ -373,7 +447,11 @@ pub fn uninstall(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
 
 /// Picks the mappings of `table` that `specs` name (host side), erroring on any that is
 /// not mapped. `container`: only that container's.
-pub fn select(table: &[Mapping], specs: &[PortSpec], container: Option<&str>) -> Result<Vec<Mapping>, PortMapError> {
+pub fn select(
+    table: &[Mapping],
+    specs: &[PortSpec],
+    container: Option<&str>,
+) -> Result<Vec<Mapping>, PortMapError> {
     let mut out = Vec::new();
     for s in specs {
         for i in 0..=(s.host.1 - s.host.0) {
@@ -411,7 +489,12 @@ mod tests {
     fn parses_docker_specs() {
         assert_eq!(
             spec("8080:80"),
-            PortSpec { host_ip: None, host: (8080, 8080), container: (80, 80), proto: Proto::Tcp }
+            PortSpec {
+                host_ip: None,
+                host: (8080, 8080),
+                container: (80, 80),
+                proto: Proto::Tcp
+            }
         );
         assert_eq!(
             spec("127.0.0.1:5353:53/udp"),
@@ -428,18 +511,37 @@ mod tests {
 
     #[test]
     fn rejects_bad_specs() {
-        for bad in ["80", "a:80", "0:80", "65536:80", "80:80/sctp", "10-5:10-5", "1-3:1-2", "x.y:1:2", "1:2:3:4", ":80"] {
+        for bad in [
+            "80",
+            "a:80",
+            "0:80",
+            "65536:80",
+            "80:80/sctp",
+            "10-5:10-5",
+            "1-3:1-2",
+            "x.y:1:2",
+            "1:2:3:4",
+            ":80",
+        ] {
             assert!(bad.parse::<PortSpec>().is_err(), "{bad} should be rejected");
         }
         assert_eq!(
             "8000-8010:9000-9005".parse::<PortSpec>(),
-            Err(SpecError::RangeLength { spec: "8000-8010:9000-9005".into(), host: 11, container: 6 })
+            Err(SpecError::RangeLength {
+                spec: "8000-8010:9000-9005".into(),
+                host: 11,
+                container: 6
+            })
         );
     }
 
     #[test]
     fn expands_ranges_one_to_one() {
-        let ms = expand("c", Ipv4Addr::new(172, 19, 0, 2), &[spec("8000-8002:9000-9002/udp")]);
+        let ms = expand(
+            "c",
+            Ipv4Addr::new(172, 19, 0, 2),
+            &[spec("8000-8002:9000-9002/udp")],
+        );
         let pairs: Vec<_> = ms.iter().map(|m| (m.host_port, m.container_port)).collect();
         assert_eq!(pairs, [(8000, 9000), (8001, 9001), (8002, 9002)]);
     }
@@ -449,16 +551,30 @@ mod tests {
         let ip = Ipv4Addr::new(172, 19, 0, 2);
         let table = expand("a", ip, &[spec("8080:80")]);
         let err = validate(&table, &expand("b", ip, &[spec("8080:81")]), false).unwrap_err();
-        assert!(matches!(err, PortMapError::Collision { ref owner, .. } if owner == "a"), "{err}");
+        assert!(
+            matches!(err, PortMapError::Collision { ref owner, .. } if owner == "a"),
+            "{err}"
+        );
         // Same port, other protocol: fine. Specific address vs wildcard: collides.
         validate(&table, &expand("b", ip, &[spec("8080:80/udp")]), false).unwrap();
-        assert!(validate(&table, &expand("b", ip, &[spec("127.0.0.1:8080:80")]), false).is_err());
+        assert!(
+            validate(
+                &table,
+                &expand("b", ip, &[spec("127.0.0.1:8080:80")]),
+                false
+            )
+            .is_err()
+        );
         // Two specific addresses do not collide.
         let t2 = expand("a", ip, &[spec("127.0.0.1:9090:80")]);
         validate(&t2, &expand("b", ip, &[spec("127.0.0.2:9090:80")]), false).unwrap();
         // Duplicates inside one request.
         assert!(matches!(
-            validate(&[], &expand("b", ip, &[spec("7000:70"), spec("7000:71")]), false),
+            validate(
+                &[],
+                &expand("b", ip, &[spec("7000:70"), spec("7000:71")]),
+                false
+            ),
             Err(PortMapError::Duplicate(_))
         ));
     }
@@ -467,8 +583,15 @@ mod tests {
     fn reports_host_port_in_use() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let ms = expand("c", Ipv4Addr::new(172, 19, 0, 2), &[spec(&format!("127.0.0.1:{port}:80"))]);
-        assert!(matches!(validate(&[], &ms, true), Err(PortMapError::InUse { .. })));
+        let ms = expand(
+            "c",
+            Ipv4Addr::new(172, 19, 0, 2),
+            &[spec(&format!("127.0.0.1:{port}:80"))],
+        );
+        assert!(matches!(
+            validate(&[], &ms, true),
+            Err(PortMapError::InUse { .. })
+        ));
         drop(l);
         validate(&[], &ms, true).unwrap();
     }
@@ -478,7 +601,10 @@ mod tests {
         let ip = Ipv4Addr::new(172, 19, 0, 2);
         let table = expand("a", ip, &[spec("8080-8081:80-81")]);
         assert_eq!(select(&table, &[spec("8081:1")], None).unwrap().len(), 1);
-        assert!(matches!(select(&table, &[spec("9999:1")], None), Err(PortMapError::NotMapped(_))));
+        assert!(matches!(
+            select(&table, &[spec("9999:1")], None),
+            Err(PortMapError::NotMapped(_))
+        ));
         assert!(select(&table, &[spec("8080:80")], Some("b")).is_err());
     }
 }

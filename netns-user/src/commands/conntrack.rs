@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 
-use netns_common::{CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Tuple, ct_kind, ct_state, dir};
+use netns_common::{
+    CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Tuple, ct_kind, ct_state, dir,
+};
 use serde::Serialize;
 
 use super::CommandError;
@@ -122,7 +124,8 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
         ConntrackCommand::Ls { json } => {
             let flows = flows(&dp)?;
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &flows).map_err(|e| CommandError::Output(e.into()))?;
+                serde_json::to_writer_pretty(&mut *out, &flows)
+                    .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
             } else {
                 for f in &flows {

@@ -32,31 +32,63 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
                 maps: dp.map_status()?,
             };
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &st).map_err(|e| CommandError::Output(e.into()))?;
+                serde_json::to_writer_pretty(&mut *out, &st)
+                    .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
             } else {
-                let w = |out: &mut std::io::StdoutLock<'_>, s: String| writeln!(out, "{s}").map_err(CommandError::Output);
-                w(out, format!("pinned under {} (layout v{})", st.pins, st.layout_version))?;
+                let w = |out: &mut std::io::StdoutLock<'_>, s: String| {
+                    writeln!(out, "{s}").map_err(CommandError::Output)
+                };
+                w(
+                    out,
+                    format!("pinned under {} (layout v{})", st.pins, st.layout_version),
+                )?;
                 w(out, "programs:".into())?;
                 for p in &st.programs {
                     w(out, format!("  {p}"))?;
                 }
                 w(out, "links:".into())?;
                 for l in &st.links {
-                    let state = if l.attach == "cgroup" || l.ifindex != 0 { "attached" } else { "DETACHED" };
-                    w(out, format!("  {:<22} {:<12} ifindex {:<4} {state:<9} {}", l.program, l.attach, l.ifindex, l.pin.display()))?;
+                    let state = if l.attach == "cgroup" || l.ifindex != 0 {
+                        "attached"
+                    } else {
+                        "DETACHED"
+                    };
+                    w(
+                        out,
+                        format!(
+                            "  {:<22} {:<12} ifindex {:<4} {state:<9} {}",
+                            l.program,
+                            l.attach,
+                            l.ifindex,
+                            l.pin.display()
+                        ),
+                    )?;
                 }
                 w(out, "maps:".into())?;
                 for m in &st.maps {
-                    w(out, format!("  {:<14} {:>8} / {:<8} {}", m.name, m.entries, m.max_entries, m.pin.display()))?;
+                    w(
+                        out,
+                        format!(
+                            "  {:<14} {:>8} / {:<8} {}",
+                            m.name,
+                            m.entries,
+                            m.max_entries,
+                            m.pin.display()
+                        ),
+                    )?;
                 }
             }
         }
         DatapathCommand::Reload => {
             let dp = Datapath::open_required(&g.bpffs_dir)?;
             let replaced = dp.reload()?;
-            writeln!(out, "reloaded: {} link(s) switched to the new programs, maps kept", replaced.len())
-                .map_err(CommandError::Output)?;
+            writeln!(
+                out,
+                "reloaded: {} link(s) switched to the new programs, maps kept",
+                replaced.len()
+            )
+            .map_err(CommandError::Output)?;
         }
         DatapathCommand::Check => {
             let dp = Datapath::open_required(&g.bpffs_dir)?;
@@ -77,7 +109,8 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
                     dp.unload()?;
                     writeln!(out, "unloaded: removed {root}").map_err(CommandError::Output)?;
                 }
-                None => writeln!(out, "nothing pinned under {}", g.bpffs_dir.display()).map_err(CommandError::Output)?,
+                None => writeln!(out, "nothing pinned under {}", g.bpffs_dir.display())
+                    .map_err(CommandError::Output)?,
             }
             if *bridge {
                 let rt = network::runtime()?;

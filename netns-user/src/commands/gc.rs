@@ -14,8 +14,13 @@ use crate::datapath::{Datapath, gc};
 /// Parses `key=seconds,...` over `base`.
 pub fn parse_timeouts(s: &str, mut base: Timeouts) -> Result<Timeouts, CommandError> {
     for kv in s.split(',').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| CommandError::Timeouts(format!("{kv:?}: expected KEY=SECONDS")))?;
-        let v: u32 = v.trim().parse().map_err(|_| CommandError::Timeouts(format!("{kv:?}: not a number of seconds")))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| CommandError::Timeouts(format!("{kv:?}: expected KEY=SECONDS")))?;
+        let v: u32 = v
+            .trim()
+            .parse()
+            .map_err(|_| CommandError::Timeouts(format!("{kv:?}: not a number of seconds")))?;
         let slot = match k.trim() {
             "tcp_syn" => &mut base.tcp_syn,
             "tcp_established" => &mut base.tcp_established,
@@ -68,8 +73,12 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
     let Some(interval) = a.interval else {
         let r = gc::sweep(&dp, gc::monotonic_ns())?;
         let out = &mut std::io::stdout().lock();
-        writeln!(out, "{} entries, {} flows expired, {} orphans purged", r.entries, r.expired, r.orphans)
-            .map_err(CommandError::Output)?;
+        writeln!(
+            out,
+            "{} entries, {} flows expired, {} orphans purged",
+            r.entries, r.expired, r.orphans
+        )
+        .map_err(CommandError::Output)?;
         return Ok(());
     };
     drop(dp);

@@ -43,10 +43,18 @@ pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
     }
     {
         let out = &mut std::io::stdout().lock();
-        writeln!(out, "datapath loaded under {}", dp.pins().root().display()).map_err(CommandError::Output)?;
+        writeln!(out, "datapath loaded under {}", dp.pins().root().display())
+            .map_err(CommandError::Output)?;
         for l in dp.link_status()? {
-            writeln!(out, "  {:<22} {:<12} ifindex {:<4} {}", l.program, l.attach, l.ifindex, l.pin.display())
-                .map_err(CommandError::Output)?;
+            writeln!(
+                out,
+                "  {:<22} {:<12} ifindex {:<4} {}",
+                l.program,
+                l.attach,
+                l.ifindex,
+                l.pin.display()
+            )
+            .map_err(CommandError::Output)?;
         }
     }
     if !follow {
@@ -61,7 +69,13 @@ pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
         },
         Err(e) => log::warn!("no datapath log: {e}"),
     });
-    log::warn!("following the datapath log; collecting conntrack every {} s", g.gc_interval);
-    gc::run(&g.bpffs_dir, Some(Duration::from_secs(u64::from(g.gc_interval))))?;
+    log::warn!(
+        "following the datapath log; collecting conntrack every {} s",
+        g.gc_interval
+    );
+    gc::run(
+        &g.bpffs_dir,
+        Some(Duration::from_secs(u64::from(g.gc_interval))),
+    )?;
     Ok(())
 }

@@ -25,7 +25,10 @@ pub fn resolve(lock: &Locked<'_>, who: &str) -> Result<(String, Ipv4Addr), Comma
 }
 
 fn parse_specs(specs: &[String]) -> Result<Vec<PortSpec>, CommandError> {
-    specs.iter().map(|s| s.parse().map_err(CommandError::from)).collect()
+    specs
+        .iter()
+        .map(|s| s.parse().map_err(CommandError::from))
+        .collect()
 }
 
 pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
@@ -38,30 +41,51 @@ pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
             let (id, ip) = resolve(&lock, container)?;
             let dp = Datapath::open_required(&g.bpffs_dir)?;
             let added = portmap::add(&lock, &dp, &id, ip, &specs)?;
-            writeln!(out, "added {} port forward(s) to {id} ({ip})", added.len()).map_err(CommandError::Output)?;
+            writeln!(out, "added {} port forward(s) to {id} ({ip})", added.len())
+                .map_err(CommandError::Output)?;
         }
         PortCommand::Rm { container, specs } => {
             let specs = parse_specs(specs)?;
-            let owner = if container == "-" { None } else { Some(resolve(&lock, container)?.0) };
+            let owner = if container == "-" {
+                None
+            } else {
+                Some(resolve(&lock, container)?.0)
+            };
             let table = portmap::load_table(&lock)?;
             let doomed = portmap::select(&table, &specs, owner.as_deref())?;
             let dp = Datapath::open(&g.bpffs_dir)?;
             portmap::remove(&lock, dp.as_ref(), &doomed)?;
-            writeln!(out, "removed {} port forward(s)", doomed.len()).map_err(CommandError::Output)?;
+            writeln!(out, "removed {} port forward(s)", doomed.len())
+                .map_err(CommandError::Output)?;
         }
         PortCommand::Ls { json } => {
             let mut table = portmap::load_table(&lock)?;
             table.sort_by_key(|m| (m.host_port, m.proto as u8, m.host_ip));
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &table).map_err(|e| CommandError::Output(e.into()))?;
+                serde_json::to_writer_pretty(&mut *out, &table)
+                    .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
             } else {
-                writeln!(out, "{:<6} {:<22} {:<22} CONTAINER", "PROTO", "HOST", "TARGET").map_err(CommandError::Output)?;
+                writeln!(
+                    out,
+                    "{:<6} {:<22} {:<22} CONTAINER",
+                    "PROTO", "HOST", "TARGET"
+                )
+                .map_err(CommandError::Output)?;
                 for m in &table {
-                    let host = format!("{}:{}", m.host_ip.map_or("*".to_owned(), |i| i.to_string()), m.host_port);
+                    let host = format!(
+                        "{}:{}",
+                        m.host_ip.map_or("*".to_owned(), |i| i.to_string()),
+                        m.host_port
+                    );
                     let target = format!("{}:{}", m.container_ip, m.container_port);
-                    writeln!(out, "{:<6} {host:<22} {target:<22} {}", m.proto.to_string(), m.container_id)
-                        .map_err(CommandError::Output)?;
+                    writeln!(
+                        out,
+                        "{:<6} {host:<22} {target:<22} {}",
+                        m.proto.to_string(),
+                        m.container_id
+                    )
+                    .map_err(CommandError::Output)?;
                 }
             }
         }

@@ -11,8 +11,10 @@ pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
     let stats = dp.stats()?;
     let out = &mut std::io::stdout().lock();
     if json {
-        let m: serde_json::Map<String, serde_json::Value> =
-            stats.iter().map(|(s, v)| (s.name().to_owned(), (*v).into())).collect();
+        let m: serde_json::Map<String, serde_json::Value> = stats
+            .iter()
+            .map(|(s, v)| (s.name().to_owned(), (*v).into()))
+            .collect();
         serde_json::to_writer_pretty(&mut *out, &m).map_err(|e| CommandError::Output(e.into()))?;
         writeln!(out).map_err(CommandError::Output)?;
     } else {

@@ -23,7 +23,8 @@ pub struct GcReport {
 
 /// CLOCK_MONOTONIC in nanoseconds: what `bpf_ktime_get_ns` returns.
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
@@ -34,7 +35,12 @@ pub fn partner_key(k: &CtKey, v: &CtEntry) -> CtKey {
         dir::UPLINK_INGRESS => dir::UPLINK_EGRESS,
         other => other,
     };
-    CtKey { tuple: v.xlat.reversed(), proto: k.proto, dir: d, _pad: [0; 2] }
+    CtKey {
+        tuple: v.xlat.reversed(),
+        proto: k.proto,
+        dir: d,
+        _pad: [0; 2],
+    }
 }
 
 /// A flow's state from both halves' per-direction states.
@@ -44,7 +50,9 @@ pub fn flow_state(a: &CtEntry, b: Option<&CtEntry>) -> u8 {
         ct_state::CLOSE
     } else if states.contains(&Some(ct_state::FIN_WAIT)) {
         ct_state::FIN_WAIT
-    } else if b.is_some_and(|b| b.state == ct_state::ESTABLISHED && a.state == ct_state::ESTABLISHED) {
+    } else if b
+        .is_some_and(|b| b.state == ct_state::ESTABLISHED && a.state == ct_state::ESTABLISHED)
+    {
         ct_state::ESTABLISHED
     } else {
         ct_state::NEW
@@ -73,7 +81,10 @@ pub fn sweep(dp: &Datapath, now_ns: u64) -> Result<GcReport, DatapathError> {
     let entries = dp.conntrack_entries()?;
     let map: std::collections::HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
     let mut doomed = std::collections::HashSet::new();
-    let mut report = GcReport { entries: entries.len(), ..Default::default() };
+    let mut report = GcReport {
+        entries: entries.len(),
+        ..Default::default()
+    };
     for (k, v) in &entries {
         if doomed.contains(k) {
             continue;
@@ -109,7 +120,10 @@ pub fn run(bpffs_dir: &std::path::Path, interval: Option<Duration>) -> Result<()
     let mut last: Option<std::time::Instant> = None;
     loop {
         let Some(dp) = Datapath::open(bpffs_dir)? else {
-            log::info!("datapath under {} is gone: collector exits", bpffs_dir.display());
+            log::info!(
+                "datapath under {} is gone: collector exits",
+                bpffs_dir.display()
+            );
             return Ok(());
         };
         let every = match interval {
@@ -119,7 +133,12 @@ pub fn run(bpffs_dir: &std::path::Path, interval: Option<Duration>) -> Result<()
         if last.is_none_or(|l| l.elapsed() >= every) {
             match sweep(&dp, monotonic_ns()) {
                 Ok(r) if r.expired + r.orphans > 0 => {
-                    log::info!("gc: {} entries, {} flows expired, {} orphans purged", r.entries, r.expired, r.orphans)
+                    log::info!(
+                        "gc: {} entries, {} flows expired, {} orphans purged",
+                        r.entries,
+                        r.expired,
+                        r.orphans
+                    )
                 }
                 Ok(_) => {}
                 // The pins can vanish mid-sweep; the next round notices.

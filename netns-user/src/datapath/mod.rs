@@ -25,7 +25,8 @@ use aya::programs::links::FdLink;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use netns_common::{
-    Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, Stat, Timeouts, maps, progs,
+    Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, Stat, Timeouts, maps,
+    progs,
 };
 use nix::fcntl::{Flock, FlockArg};
 
@@ -93,9 +94,12 @@ impl DatapathConfig {
             u32::MAX << (32 - u32::from(self.prefix_len.min(32)))
         };
         let gw = u32::from(self.gateway);
-        let bridge_mac = sys::if_mac(&ifname(self.bridge_ifindex)?)
-            .map_err(io(format!("reading the MAC of bridge ifindex {}", self.bridge_ifindex)))?;
-        let netns_cookie = sys::netns_cookie().map_err(io("reading this network namespace's cookie"))?;
+        let bridge_mac = sys::if_mac(&ifname(self.bridge_ifindex)?).map_err(io(format!(
+            "reading the MAC of bridge ifindex {}",
+            self.bridge_ifindex
+        )))?;
+        let netns_cookie =
+            sys::netns_cookie().map_err(io("reading this network namespace's cookie"))?;
         Ok(Config {
             subnet: (gw & mask).to_be(),
             subnet_mask: mask.to_be(),
@@ -145,7 +149,12 @@ impl Datapath {
     pub fn ensure_loaded(cfg: &DatapathConfig) -> Result<Datapath, DatapathError> {
         let pins = Pins::new(&cfg.bpffs_dir);
         ensure_bpffs(&cfg.bpffs_dir)?;
-        for d in [pins.root(), &pins.maps_dir(), &pins.progs_dir(), &pins.links_dir()] {
+        for d in [
+            pins.root(),
+            &pins.maps_dir(),
+            &pins.progs_dir(),
+            &pins.links_dir(),
+        ] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -177,7 +186,8 @@ impl Datapath {
 
     /// Like [`Datapath::open`] but a missing datapath is an error.
     pub fn open_required(bpffs_dir: &Path) -> Result<Datapath, DatapathError> {
-        Self::open(bpffs_dir)?.ok_or_else(|| DatapathError::NotLoaded(Pins::new(bpffs_dir).root().to_owned()))
+        Self::open(bpffs_dir)?
+            .ok_or_else(|| DatapathError::NotLoaded(Pins::new(bpffs_dir).root().to_owned()))
     }
 
     pub fn pins(&self) -> &Pins {
@@ -190,7 +200,8 @@ impl Datapath {
     }
 
     fn config_map(&self) -> Result<Array<MapData, Config>, DatapathError> {
-        Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?)).map_err(bpf("config map"))
+        Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?))
+            .map_err(bpf("config map"))
     }
 
     /// Writes the config, keeping conntrack timeouts already set (see `set_timeouts`).
@@ -222,22 +233,35 @@ impl Datapath {
 
     /// The config the datapath runs with.
     pub fn config(&self) -> Result<Config, DatapathError> {
-        self.config_map()?.get(&0, 0).map_err(bpf("reading config map"))
+        self.config_map()?
+            .get(&0, 0)
+            .map_err(bpf("reading config map"))
     }
 
     /// Attaches the uplink programs unless their pinned links already point at the
     /// configured uplink. A stale link (uplink renamed or recreated) is replaced.
     fn ensure_uplink(&self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
         for (prog, attach, link) in [
-            (progs::UPLINK_EGRESS, TcAttachType::Egress, Pins::UPLINK_EGRESS_LINK),
-            (progs::UPLINK_INGRESS, TcAttachType::Ingress, Pins::UPLINK_INGRESS_LINK),
+            (
+                progs::UPLINK_EGRESS,
+                TcAttachType::Egress,
+                Pins::UPLINK_EGRESS_LINK,
+            ),
+            (
+                progs::UPLINK_INGRESS,
+                TcAttachType::Ingress,
+                Pins::UPLINK_INGRESS_LINK,
+            ),
         ] {
             let pin = self.pins.link(link);
             if let Some(ifindex) = link_ifindex(&pin) {
                 if ifindex == cfg.uplink_ifindex {
                     continue;
                 }
-                log::info!("uplink changed (ifindex {ifindex} -> {}): re-attaching {prog}", cfg.uplink_ifindex);
+                log::info!(
+                    "uplink changed (ifindex {ifindex} -> {}): re-attaching {prog}",
+                    cfg.uplink_ifindex
+                );
             }
             let _ = fs::remove_file(&pin);
             attach_pinned(&self.pins.prog(prog), cfg.uplink_ifindex, attach, &pin)?;
@@ -265,14 +289,21 @@ impl Datapath {
                 continue;
             }
             let pin = self.pins.prog(name);
-            let mut prog = CgroupSockAddr::from_pin(&pin, ty).map_err(bpf(format!("opening {}", pin.display())))?;
+            let mut prog = CgroupSockAddr::from_pin(&pin, ty)
+                .map_err(bpf(format!("opening {}", pin.display())))?;
             let id = prog
                 // bpf_link_create takes no flags for cgroups: links always coexist.
                 .attach(&dir, CgroupAttachMode::Single)
-                .map_err(bpf(format!("attaching {name} to cgroup {}", cgroup.display())))?;
+                .map_err(bpf(format!(
+                    "attaching {name} to cgroup {}",
+                    cgroup.display()
+                )))?;
             let link = prog.take_link(id).map_err(bpf("taking link"))?;
-            let fd: FdLink = link.try_into().map_err(bpf("bpf_link expected (kernel >= 5.7)"))?;
-            fd.pin(&link_pin).map_err(bpf(format!("pinning {}", link_pin.display())))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(bpf("bpf_link expected (kernel >= 5.7)"))?;
+            fd.pin(&link_pin)
+                .map_err(bpf(format!("pinning {}", link_pin.display())))?;
         }
         Ok(())
     }
@@ -283,7 +314,12 @@ impl Datapath {
         let pin = self.pins.port_link(host_ifindex);
         // A pin left by an earlier veth that had the same ifindex is stale.
         let _ = fs::remove_file(&pin);
-        attach_pinned(&self.pins.prog(progs::PORT_INGRESS), host_ifindex, TcAttachType::Ingress, &pin)
+        attach_pinned(
+            &self.pins.prog(progs::PORT_INGRESS),
+            host_ifindex,
+            TcAttachType::Ingress,
+            &pin,
+        )
     }
 
     /// Removes the pinned link of a bridge port (no error if absent).
@@ -297,7 +333,8 @@ impl Datapath {
     }
 
     fn endpoints(&self) -> Result<HashMap<MapData, u32, Endpoint>, DatapathError> {
-        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::ENDPOINTS)?)).map_err(bpf("endpoint map"))
+        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::ENDPOINTS)?))
+            .map_err(bpf("endpoint map"))
     }
 
     /// Registers a container address.
@@ -315,12 +352,18 @@ impl Datapath {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(bpf(format!("removing endpoint {ip}"))(e)),
         }
-        self.purge_conntrack(|k, v| k.tuple.saddr == key || k.tuple.daddr == key || v.xlat.saddr == key || v.xlat.daddr == key)?;
+        self.purge_conntrack(|k, v| {
+            k.tuple.saddr == key
+                || k.tuple.daddr == key
+                || v.xlat.saddr == key
+                || v.xlat.daddr == key
+        })?;
         Ok(())
     }
 
     fn conntrack(&self) -> Result<HashMap<MapData, CtKey, CtEntry>, DatapathError> {
-        HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(maps::CONNTRACK)?)).map_err(bpf("conntrack map"))
+        HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(maps::CONNTRACK)?))
+            .map_err(bpf("conntrack map"))
     }
 
     /// All conntrack entries (both halves of every flow).
@@ -339,9 +382,16 @@ impl Datapath {
     }
 
     /// Deletes every conntrack entry matching `pred`; returns how many.
-    pub fn purge_conntrack(&self, pred: impl Fn(&CtKey, &CtEntry) -> bool) -> Result<usize, DatapathError> {
-        let doomed: Vec<CtKey> =
-            self.conntrack_entries()?.into_iter().filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+    pub fn purge_conntrack(
+        &self,
+        pred: impl Fn(&CtKey, &CtEntry) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let doomed: Vec<CtKey> = self
+            .conntrack_entries()?
+            .into_iter()
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
         let mut ct = self.conntrack()?;
         let mut n = 0;
         for k in &doomed {
@@ -356,13 +406,15 @@ impl Datapath {
 
     /// Port-forward map.
     pub fn ports(&self) -> Result<HashMap<MapData, PortKey, PortTarget>, DatapathError> {
-        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::PORTS)?)).map_err(bpf("port map"))
+        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::PORTS)?))
+            .map_err(bpf("port map"))
     }
 
     /// Counters summed over CPUs, in `Stat::ALL` order.
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
-        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(self.map_data(maps::STATS)?))
-            .map_err(bpf("stats map"))?;
+        let m: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(self.map_data(maps::STATS)?))
+                .map_err(bpf("stats map"))?;
         Stat::ALL
             .iter()
             .map(|s| {
@@ -375,7 +427,14 @@ impl Datapath {
     /// Maps with their pins and entry counts.
     pub fn map_status(&self) -> Result<Vec<MapStatus>, DatapathError> {
         let mut out = Vec::new();
-        for name in [maps::CONNTRACK, maps::ENDPOINTS, maps::PORTS, maps::FRAGS, maps::CONFIG, maps::STATS] {
+        for name in [
+            maps::CONNTRACK,
+            maps::ENDPOINTS,
+            maps::PORTS,
+            maps::FRAGS,
+            maps::CONFIG,
+            maps::STATS,
+        ] {
             let pin = self.pins.map(name);
             let data = self.map_data(name)?;
             let info = data.info().map_err(bpf(format!("map info of {name}")))?;
@@ -385,12 +444,18 @@ impl Datapath {
                 n if n == maps::PORTS => self.ports()?.keys().filter(Result::is_ok).count(),
                 n if n == maps::FRAGS => {
                     let m: HashMap<MapData, netns_common::FragKey, netns_common::FragPorts> =
-                        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(bpf("frag map"))?;
+                        HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                            .map_err(bpf("frag map"))?;
                     m.keys().filter(Result::is_ok).count()
                 }
                 _ => info.max_entries() as usize,
             };
-            out.push(MapStatus { name: name.to_owned(), pin, entries, max_entries: info.max_entries() });
+            out.push(MapStatus {
+                name: name.to_owned(),
+                pin,
+                entries,
+                max_entries: info.max_entries(),
+            });
         }
         Ok(out)
     }
@@ -398,8 +463,11 @@ impl Datapath {
     /// The kernel id of a pinned program (for aya-log's `init_from_id`).
     pub fn program_id(&self, name: &str) -> Result<u32, DatapathError> {
         let pin = self.pins.prog(name);
-        let prog = SchedClassifier::from_pin(&pin).map_err(bpf(format!("opening {}", pin.display())))?;
-        let info = prog.info().map_err(bpf(format!("program info of {name}")))?;
+        let prog =
+            SchedClassifier::from_pin(&pin).map_err(bpf(format!("opening {}", pin.display())))?;
+        let info = prog
+            .info()
+            .map_err(bpf(format!("program info of {name}")))?;
         Ok(info.id())
     }
 
@@ -429,7 +497,11 @@ impl Datapath {
         let mut names: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
         names.sort();
         for pin in names {
-            let file = pin.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let file = pin
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
             let (program, attach) = if let Some(p) = file.strip_prefix("cgroup-") {
                 (p, "cgroup")
             } else if file == Pins::UPLINK_EGRESS_LINK {
@@ -439,8 +511,17 @@ impl Datapath {
             } else {
                 (progs::PORT_INGRESS, "tcx/ingress")
             };
-            let ifindex = if attach == "cgroup" { 0 } else { link_ifindex(&pin).unwrap_or(0) };
-            out.push(LinkStatus { pin, program: program.to_owned(), ifindex, attach: attach.to_owned() });
+            let ifindex = if attach == "cgroup" {
+                0
+            } else {
+                link_ifindex(&pin).unwrap_or(0)
+            };
+            out.push(LinkStatus {
+                pin,
+                program: program.to_owned(),
+                ifindex,
+                attach: attach.to_owned(),
+            });
         }
         Ok(out)
     }
@@ -452,20 +533,30 @@ impl Datapath {
     pub fn reload(&self) -> Result<Vec<String>, DatapathError> {
         let staging = self.pins.root().join("progs_new");
         let _ = fs::remove_dir_all(&staging);
-        fs::DirBuilder::new().mode(0o700).create(&staging).map_err(io(format!("creating {}", staging.display())))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(io(format!("creating {}", staging.display())))?;
         let result = (|| {
             let staged = Pins::staged(&self.pins, &staging);
             load_and_pin(&staged)?;
             let mut replaced = Vec::new();
             for link in self.link_status()? {
                 let new_prog = staging.join(&link.program);
-                sys::link_update(&link.pin, &new_prog)
-                    .map_err(io(format!("switching {} to the new {}", link.pin.display(), link.program)))?;
+                sys::link_update(&link.pin, &new_prog).map_err(io(format!(
+                    "switching {} to the new {}",
+                    link.pin.display(),
+                    link.program
+                )))?;
                 replaced.push(link.pin.display().to_string());
             }
             for name in Pins::TC_PROGS.iter().chain(Pins::SOCK_PROGS.iter()) {
                 let (from, to) = (staging.join(name), self.pins.prog(name));
-                fs::rename(&from, &to).map_err(io(format!("moving {} to {}", from.display(), to.display())))?;
+                fs::rename(&from, &to).map_err(io(format!(
+                    "moving {} to {}",
+                    from.display(),
+                    to.display()
+                )))?;
             }
             Ok(replaced)
         })();
@@ -476,7 +567,11 @@ impl Datapath {
     /// Verifies every attachment and re-attaches what is missing or detached: the
     /// uplink programs, each registered container's bridge port, and the cgroup
     /// programs (if `cgroup` is given). Returns what it repaired.
-    pub fn check(&self, cfg: &DatapathConfig, cgroup: Option<&Path>) -> Result<Vec<String>, DatapathError> {
+    pub fn check(
+        &self,
+        cfg: &DatapathConfig,
+        cgroup: Option<&Path>,
+    ) -> Result<Vec<String>, DatapathError> {
         let mut repaired = Vec::new();
         for (prog, link) in [
             (progs::UPLINK_EGRESS, Pins::UPLINK_EGRESS_LINK),
@@ -493,14 +588,22 @@ impl Datapath {
             let pin = self.pins.port_link(ep.ifindex);
             if link_ifindex(&pin) != Some(ep.ifindex) {
                 let _ = fs::remove_file(&pin);
-                match attach_pinned(&self.pins.prog(progs::PORT_INGRESS), ep.ifindex, TcAttachType::Ingress, &pin) {
+                match attach_pinned(
+                    &self.pins.prog(progs::PORT_INGRESS),
+                    ep.ifindex,
+                    TcAttachType::Ingress,
+                    &pin,
+                ) {
                     Ok(()) => repaired.push(format!(
                         "{} on bridge port ifindex {} ({})",
                         progs::PORT_INGRESS,
                         ep.ifindex,
                         Ipv4Addr::from(u32::from_be(addr))
                     )),
-                    Err(e) => repaired.push(format!("could not re-attach port ifindex {}: {e}", ep.ifindex)),
+                    Err(e) => repaired.push(format!(
+                        "could not re-attach port ifindex {}: {e}",
+                        ep.ifindex
+                    )),
                 }
             }
         }
@@ -538,20 +641,33 @@ fn ifname(ifindex: u32) -> Result<String, DatapathError> {
     // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
     if p.is_null() {
-        return Err(io(format!("no interface with ifindex {ifindex}"))(std::io::Error::last_os_error()));
+        return Err(io(format!("no interface with ifindex {ifindex}"))(
+            std::io::Error::last_os_error(),
+        ));
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
 /// Attaches a pinned program to `ifindex` with a TCX link and pins the link at `link_pin`.
-fn attach_pinned(prog_pin: &Path, ifindex: u32, attach: TcAttachType, link_pin: &Path) -> Result<(), DatapathError> {
+fn attach_pinned(
+    prog_pin: &Path,
+    ifindex: u32,
+    attach: TcAttachType,
+    link_pin: &Path,
+) -> Result<(), DatapathError> {
     let name = ifname(ifindex)?;
-    let mut prog = SchedClassifier::from_pin(prog_pin).map_err(bpf(format!("opening {}", prog_pin.display())))?;
-    let id = prog.attach(&name, attach).map_err(bpf(format!("attaching {} to {name}", prog_pin.display())))?;
+    let mut prog = SchedClassifier::from_pin(prog_pin)
+        .map_err(bpf(format!("opening {}", prog_pin.display())))?;
+    let id = prog
+        .attach(&name, attach)
+        .map_err(bpf(format!("attaching {} to {name}", prog_pin.display())))?;
     let link = prog.take_link(id).map_err(bpf("taking link"))?;
-    let fd: FdLink = link.try_into().map_err(bpf("TCX link expected (kernel >= 6.6)"))?;
-    fd.pin(link_pin).map_err(bpf(format!("pinning {}", link_pin.display())))?;
+    let fd: FdLink = link
+        .try_into()
+        .map_err(bpf("TCX link expected (kernel >= 6.6)"))?;
+    fd.pin(link_pin)
+        .map_err(bpf(format!("pinning {}", link_pin.display())))?;
     Ok(())
 }
 
@@ -566,16 +682,22 @@ fn load_and_pin(pins: &impl pins::PinLayout) -> Result<(), DatapathError> {
         .default_map_pin_directory(pins.maps_dir())
         .load(OBJECT)
         .map_err(bpf("loading eBPF object"))?;
-    for name in [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS] {
+    for name in [
+        progs::UPLINK_EGRESS,
+        progs::UPLINK_INGRESS,
+        progs::PORT_INGRESS,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
             .try_into()
             .map_err(bpf(format!("{name} is not a classifier")))?;
-        prog.load().map_err(bpf(format!("verifier rejected {name}")))?;
+        prog.load()
+            .map_err(bpf(format!("verifier rejected {name}")))?;
         let pin = pins.prog(name);
         let _ = fs::remove_file(&pin);
-        prog.pin(&pin).map_err(bpf(format!("pinning {}", pin.display())))?;
+        prog.pin(&pin)
+            .map_err(bpf(format!("pinning {}", pin.display())))?;
     }
     for name in Pins::SOCK_PROGS {
         let prog: &mut CgroupSockAddr = ebpf
@@ -583,10 +705,12 @@ fn load_and_pin(pins: &impl pins::PinLayout) -> Result<(), DatapathError> {
             .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
             .try_into()
             .map_err(bpf(format!("{name} is not a cgroup/sock_addr program")))?;
-        prog.load().map_err(bpf(format!("verifier rejected {name}")))?;
+        prog.load()
+            .map_err(bpf(format!("verifier rejected {name}")))?;
         let pin = pins.prog(name);
         let _ = fs::remove_file(&pin);
-        prog.pin(&pin).map_err(bpf(format!("pinning {}", pin.display())))?;
+        prog.pin(&pin)
+            .map_err(bpf(format!("pinning {}", pin.display())))?;
     }
     restrict_pins(pins.root());
     Ok(())
@@ -595,7 +719,10 @@ fn load_and_pin(pins: &impl pins::PinLayout) -> Result<(), DatapathError> {
 /// Pins are root-only: they allow rewriting any container's traffic.
 fn restrict_pins(root: &Path) {
     fn walk(p: &Path) {
-        let _ = fs::set_permissions(p, fs::Permissions::from_mode(if p.is_dir() { 0o700 } else { 0o600 }));
+        let _ = fs::set_permissions(
+            p,
+            fs::Permissions::from_mode(if p.is_dir() { 0o700 } else { 0o600 }),
+        );
         if let Ok(rd) = fs::read_dir(p) {
             for e in rd.flatten() {
                 walk(&e.path());
@@ -615,16 +742,26 @@ fn lock_dir(dir: &Path) -> Result<Flock<File>, DatapathError> {
 /// points and nothing is mounted there yet (systemd normally does this).
 fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     let sysfs_bpf = Path::new("/sys/fs/bpf");
-    let probe = if dir.exists() { dir } else { dir.parent().unwrap_or(dir) };
+    let probe = if dir.exists() {
+        dir
+    } else {
+        dir.parent().unwrap_or(dir)
+    };
     let on_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
     };
     if on_bpffs(probe) {
         return Ok(());
     }
     if dir.starts_with(sysfs_bpf) && !on_bpffs(sysfs_bpf) {
-        nix::mount::mount(Some("bpf"), sysfs_bpf, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| io("mounting bpffs on /sys/fs/bpf")(std::io::Error::from(e)))?;
+        nix::mount::mount(
+            Some("bpf"),
+            sysfs_bpf,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| io("mounting bpffs on /sys/fs/bpf")(std::io::Error::from(e)))?;
         if on_bpffs(probe) || on_bpffs(sysfs_bpf) {
             return Ok(());
         }

@@ -16,7 +16,11 @@ impl Pins {
     pub const UPLINK_EGRESS_LINK: &'static str = "uplink-egress";
     pub const UPLINK_INGRESS_LINK: &'static str = "uplink-ingress";
 
-    pub const TC_PROGS: [&'static str; 3] = [progs::UPLINK_EGRESS, progs::UPLINK_INGRESS, progs::PORT_INGRESS];
+    pub const TC_PROGS: [&'static str; 3] = [
+        progs::UPLINK_EGRESS,
+        progs::UPLINK_INGRESS,
+        progs::PORT_INGRESS,
+    ];
     pub const SOCK_PROGS: [&'static str; 5] = [
         progs::SOCK_CONNECT4,
         progs::SOCK_SENDMSG4,
@@ -26,12 +30,17 @@ impl Pins {
     ];
 
     pub fn new(bpffs_dir: &Path) -> Self {
-        Self { root: bpffs_dir.join(format!("v{LAYOUT_VERSION}")) }
+        Self {
+            root: bpffs_dir.join(format!("v{LAYOUT_VERSION}")),
+        }
     }
 
     /// Pins whose programs go to `progs_dir` but whose maps are `live`'s (for reload).
     pub fn staged(live: &Pins, progs_dir: &Path) -> StagedPins {
-        StagedPins { live: live.clone(), progs: progs_dir.to_owned() }
+        StagedPins {
+            live: live.clone(),
+            progs: progs_dir.to_owned(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -67,7 +76,10 @@ impl Pins {
     }
 
     pub fn programs_pinned(&self) -> bool {
-        Self::TC_PROGS.iter().chain(Self::SOCK_PROGS.iter()).all(|p| self.prog(p).exists())
+        Self::TC_PROGS
+            .iter()
+            .chain(Self::SOCK_PROGS.iter())
+            .all(|p| self.prog(p).exists())
     }
 
     /// Rolls back a failed load: programs go, maps stay (they may hold live flows).

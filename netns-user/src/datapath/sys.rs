@@ -2,7 +2,7 @@
 //! is attached to (aya's `LinkInfo` hides the union).
 
 use std::ffi::CString;
-use std::os::fd::{FromRawFd as _, OwnedFd, AsRawFd as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 
@@ -25,10 +25,19 @@ struct InfoByFdAttr {
 
 fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())?;
-    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGetAttr, size_of::<ObjGetAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            size_of::<ObjGetAttr>(),
+        )
     };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
@@ -37,11 +46,10 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `struct bpf_link_info` fields we read: type, id, prog_id, then the union: the tcx
+/// `struct bpf_link_info` starts with type, id, prog_id, then the union: the tcx
 /// member starts with the ifindex at byte 16, the cgroup member with the cgroup id.
 /// A link whose device or cgroup is gone (or that was detached) reads 0 there.
 pub struct LinkInfo {
-    pub prog_id: u32,
     pub ifindex: u32,
     pub cgroup_id: u64,
 }
@@ -56,12 +64,21 @@ pub fn link_info(pin: &Path) -> std::io::Result<LinkInfo> {
     };
     // SAFETY: attr points at a buffer of info_len bytes that outlives the call.
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoByFdAttr, size_of::<InfoByFdAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFdAttr,
+            size_of::<InfoByFdAttr>(),
+        )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(LinkInfo { prog_id: info[2], ifindex: info[4], cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32) })
+    Ok(LinkInfo {
+        prog_id: info[2],
+        ifindex: info[4],
+        cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
+    })
 }
 
 #[repr(C)]
@@ -86,7 +103,12 @@ pub fn link_update(link_pin: &Path, prog_pin: &Path) -> std::io::Result<()> {
     };
     // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_UPDATE and outlives the call.
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr as *const LinkUpdateAttr, size_of::<LinkUpdateAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            size_of::<LinkUpdateAttr>(),
+        )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
@@ -101,7 +123,10 @@ pub fn if_mac(name: &str) -> std::io::Result<[u8; 6]> {
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = name.as_bytes();
     if bytes.len() >= req.ifr_name.len() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
     }
     for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
@@ -128,7 +153,13 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie/len describe a valid u64 buffer.
     let r = unsafe {
-        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
@@ -157,7 +188,12 @@ pub fn prog_id(pin: &Path) -> std::io::Result<u32> {
     };
     // SAFETY: attr points at a buffer of info_len bytes that outlives the call.
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoByFdAttr, size_of::<InfoByFdAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFdAttr,
+            size_of::<InfoByFdAttr>(),
+        )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
