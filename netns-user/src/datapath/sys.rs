@@ -75,7 +75,6 @@ pub fn link_info(pin: &Path) -> std::io::Result<LinkInfo> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(LinkInfo {
-        prog_id: info[2],
         ifindex: info[4],
         cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
     })
