@@ -292,8 +292,9 @@ pub fn remove(
     if let Some(dp) = dp {
         uninstall(dp, ms)?;
     }
+    let gone: HashSet<(Proto, u16, Option<Ipv4Addr>)> = ms.iter().map(|m| (m.proto, m.host_port, m.host_ip)).collect();
     let mut table = load_table(lock)?;
-    table.retain(|t| !ms.contains(t));
+    table.retain(|t| !gone.contains(&(t.proto, t.host_port, t.host_ip)));
     save_table(lock, &table)
 }
 
@@ -335,22 +336,24 @@ fn check_host_port_free(m: &Mapping) -> Result<(), PortMapError> {
 
 /// Validates `new` against the table, itself and the host's sockets.
 pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<(), PortMapError> {
+    // Within the batch: the same (proto, port, address) twice, or a wildcard next to
+    // the same port on one address. Sets keep 10,000 mappings linear.
     let mut seen: HashSet<(Proto, u16, Option<Ipv4Addr>)> = HashSet::new();
-    // Wildcards of this batch by (proto, port), to catch a wildcard + specific pair.
-    let mut any: HashSet<(Proto, u16)> = HashSet::new();
+    let mut wildcard: HashSet<(Proto, u16)> = HashSet::new();
+    let mut specific: HashSet<(Proto, u16)> = HashSet::new();
     for m in new {
-        if !seen.insert((m.proto, m.host_port, m.host_ip))
-            || any.contains(&(m.proto, m.host_port))
-            || (m.host_ip.is_none()
-                && seen
-                    .iter()
-                    .any(|s| s.0 == m.proto && s.1 == m.host_port && s.2.is_some()))
-        {
+        let pp = (m.proto, m.host_port);
+        let clash = match m.host_ip {
+            None => wildcard.contains(&pp) || specific.contains(&pp),
+            Some(_) => wildcard.contains(&pp),
+        };
+        if clash || !seen.insert((m.proto, m.host_port, m.host_ip)) {
             return Err(PortMapError::Duplicate(m.describe()));
         }
-        if m.host_ip.is_none() {
-            any.insert((m.proto, m.host_port));
-        }
+        match m.host_ip {
+            None => wildcard.insert(pp),
+            Some(_) => specific.insert(pp),
+        };
     }
     // Index the table by (proto, port) so 10,000 mappings validate in linear time.
     let mut by_port: std::collections::HashMap<(Proto, u16), Vec<&Mapping>> =
@@ -463,7 +466,7 @@ pub fn select(
                     && container.is_none_or(|c| t.container_id == c)
             });
             match found {
-                Some(t) => out.push(t.clone()),
+                Some(t) => out.push((*t).clone()),
                 None => {
                     let d = match s.host_ip {
                         Some(ip) => format!("{ip}:{port}/{}", s.proto),
