@@ -1,0 +1,191 @@
+//! Issue 2: the hook end to end with real runc containers: bridge, veth, IPAM, eBPF
+//! masquerade, teardown. All in private namespaces.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
+use netns_tests::util::{sh, wait_for};
+use netns_tests::{Container, Topology};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn two_containers_get_distinct_addresses_eth0_and_default_route() {
+    let t = Topology::new();
+    let a = Container::start(&t);
+    let b = Container::start(&t);
+    let (ia, ib) = (a.ip(), b.ip());
+    assert_ne!(ia, ib);
+    for ip in [&ia, &ib] {
+        assert!(ip.starts_with("172.19."), "{ip} not in 172.19.0.0/16");
+        assert_ne!(ip, GATEWAY);
+    }
+    let routes = stdout(&a.sh("ip route show default"));
+    assert!(routes.contains(&format!("default via {GATEWAY} dev eth0")), "{routes}");
+    // The container sees eth0 up, and the host end is on the bridge.
+    let link = stdout(&a.exec(&["ip", "link", "show", "eth0"]));
+    assert!(link.contains("UP"), "{link}");
+    let host_veth = format!("netnsv0-{}", a.pid);
+    let master = t.host.ip(&["-o", "link", "show", &host_veth]);
+    assert!(master.contains("master netns0"), "{master}");
+    let ls = t.containers();
+    let ids: Vec<&str> = ls.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&a.id.as_str()) && ids.contains(&b.id.as_str()), "{ls:?}");
+}
+
+#[test]
+fn tcp_udp_icmp_reach_the_wan_peer_which_sees_the_uplink_address() {
+    let t = Topology::new();
+    let a = Container::start(&t);
+    let b = Container::start(&t);
+    let tcp = t.wan_spawn("socat TCP-LISTEN:7000,reuseaddr,fork SYSTEM:'echo peer=$SOCAT_PEERADDR'");
+    let udp = t.wan_spawn("socat UDP-RECVFROM:7001,reuseaddr,fork SYSTEM:'echo peer=$SOCAT_PEERADDR'");
+    std::thread::sleep(Duration::from_millis(300));
+    for c in [&a, &b] {
+        let got = wait_for(Duration::from_secs(5), || {
+            let o = stdout(&c.sh(&format!("echo hi | timeout 2 socat - TCP:{WAN_IP}:7000")));
+            o.contains("peer=").then_some(o)
+        })
+        .expect("TCP through SNAT");
+        assert_eq!(got.trim(), format!("peer={UPLINK_IP}"));
+        let got = stdout(&c.sh(&format!("echo hi | timeout 2 socat - UDP:{WAN_IP}:7001")));
+        assert_eq!(got.trim(), format!("peer={UPLINK_IP}"), "UDP through SNAT");
+        // ICMP echo from busybox ping inside the container itself.
+        let ping = c.exec(&["ping", "-c", "2", "-W", "2", WAN_IP]);
+        assert!(ping.status.success(), "ping: {}", stdout(&ping));
+    }
+    // The wan side saw only the uplink address (tcpdump-free check: conntrack).
+    let ct = t.netns(&["conntrack", "ls", "--json"]);
+    let flows: Vec<serde_json::Value> = serde_json::from_str(&ct).unwrap();
+    assert!(flows.iter().any(|f| f["proto"] == "icmp" && f["translated"]["src"] == UPLINK_IP), "{ct}");
+    drop((tcp, udp));
+}
+
+#[test]
+fn a_100_mb_tcp_transfer_arrives_intact_both_ways() {
+    let t = Topology::new();
+    let a = Container::start(&t);
+    let file = t.path("blob");
+    sh(&format!("head -c 104857600 /dev/urandom > {}", file.display()));
+    let want = sh(&format!("sha256sum < {}", file.display()));
+    // Download: wan -> container.
+    let _srv = t.wan_spawn(&format!("socat -u OPEN:{} TCP-LISTEN:7010,reuseaddr", file.display()));
+    std::thread::sleep(Duration::from_millis(300));
+    let down = stdout(&a.sh(&format!("timeout 60 socat -u TCP:{WAN_IP}:7010 STDOUT | sha256sum")));
+    assert_eq!(down, want, "download through reverse NAT corrupted");
+    // Upload: container -> wan.
+    let out = t.path("uploaded");
+    let srv = t.wan_spawn(&format!("socat -u TCP-LISTEN:7011,reuseaddr CREATE:{}", out.display()));
+    std::thread::sleep(Duration::from_millis(300));
+    let up = a.sh(&format!("timeout 60 socat -u OPEN:{} TCP:{WAN_IP}:7011", file.display()));
+    assert!(up.status.success());
+    let _ = srv.wait_output(Duration::from_secs(30));
+    let got = sh(&format!("sha256sum < {}", out.display()));
+    assert_eq!(got, want, "upload through SNAT corrupted");
+}
+
+#[test]
+fn containers_reach_each_other_over_the_bridge_untranslated() {
+    let t = Topology::new();
+    let a = Container::start(&t);
+    let b = Container::start(&t);
+    let _srv = b.cmd("socat")
+        .args(["TCP-LISTEN:7020,reuseaddr,fork", "SYSTEM:echo peer=$SOCAT_PEERADDR"])
+        .spawn()
+        .map(netns_tests::util::ChildGuard)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let got = stdout(&a.sh(&format!("echo hi | timeout 2 socat - TCP:{}:7020", b.ip())));
+    assert_eq!(got.trim(), format!("peer={}", a.ip()));
+}
+
+#[test]
+fn poststop_removes_veth_lease_and_map_entries() {
+    let t = Topology::new();
+    let keep = Container::start(&t);
+    let mut ann = BTreeMap::new();
+    ann.insert("netns.ports".to_owned(), "18080:80/tcp".to_owned());
+    let c = Container::start_with(&t, &ann, &[]).expect("start");
+    let (id, pid, ip) = (c.id.clone(), c.pid, c.ip());
+    assert!(c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    let status = t.netns(&["datapath", "status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let eps = |st: &serde_json::Value| {
+        st["maps"].as_array().unwrap().iter().find(|m| m["name"] == "NETNS_EPS").unwrap()["entries"].as_u64().unwrap()
+    };
+    assert_eq!(eps(&st), 2);
+    let out = c.delete();
+    assert!(out.status.success(), "runc delete: {}", String::from_utf8_lossy(&out.stderr));
+    // Veth gone, lease gone, endpoint and port map gone, its conntrack entries gone.
+    let links = t.host.ip(&["-o", "link"]);
+    assert!(!links.contains(&format!("netnsv0-{pid}")), "{links}");
+    assert!(!t.containers().iter().any(|c| c["id"] == id.as_str()));
+    let st: serde_json::Value = serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+    assert_eq!(eps(&st), 1);
+    assert!(!t.netns(&["port", "ls"]).contains("18080"));
+    let ct = t.netns(&["conntrack", "ls", "--json"]);
+    assert!(!ct.contains(&format!("\"{ip}\"")), "{ct}");
+    // Poststop again is harmless.
+    let again = t.netns_stdin(&[], &format!(r#"{{"ociVersion":"1.0.2","id":"{id}","status":"stopped","bundle":"/"}}"#), &[]);
+    assert!(again.status.success());
+    // The other container still works.
+    assert!(keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+}
+
+#[test]
+fn no_netfilter_nat_rule_exists_after_setup() {
+    let t = Topology::new();
+    let a = Container::start(&t);
+    assert!(a.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    let ipt = t.host.cmd("iptables-save").output().unwrap();
+    let ipt = stdout(&ipt);
+    assert!(!ipt.contains("MASQUERADE") && !ipt.contains("DNAT") && !ipt.contains("SNAT"), "{ipt}");
+    let nft = stdout(&t.host.cmd("nft").arg("list").arg("ruleset").output().unwrap());
+    assert!(!nft.contains("masquerade") && !nft.contains("dnat") && !nft.contains("snat"), "{nft}");
+    // And the translation really happened in eBPF.
+    let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
+    assert!(stats["snat_packets"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn failed_hook_rolls_back_everything() {
+    let t = Topology::new();
+    let keep = Container::start(&t);
+    let mut ann = BTreeMap::new();
+    ann.insert("netns.ports".to_owned(), "18081:80/tcp".to_owned());
+    for step in ["veth", "add-endpoint", "port-map", "persist"] {
+        let before = t.host.ip(&["-o", "link"]).lines().count();
+        let err = Container::start_with(&t, &ann, &[("NETNS_FAIL_AT", step)]).err().expect("hook must fail");
+        let msg = String::from_utf8_lossy(&err.stderr).into_owned() + &String::from_utf8_lossy(&err.stdout);
+        assert!(msg.contains(step), "runc output names the step {step}: {msg}");
+        assert_eq!(t.host.ip(&["-o", "link"]).lines().count(), before, "veth left behind after {step}");
+        assert_eq!(t.containers().len(), 1, "lease left behind after {step}");
+        assert!(!t.netns(&["port", "ls"]).contains("18081"), "port map left after {step}");
+    }
+    assert!(keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+}
+
+#[test]
+fn bad_state_json_gives_a_clear_error_and_leaves_nothing() {
+    let t = Topology::new();
+    let cases = [
+        ("{not json", "JSON"),
+        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating""#, ""),
+        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating","bundle":"/"}"#, "pid"),
+        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating","pid":999999999,"bundle":"/"}"#, "999999999"),
+        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating","pid":-4,"bundle":"/"}"#, "-4"),
+        (r#"{"ociVersion":"1.0.2","id":"../x","status":"creating","pid":1,"bundle":"/"}"#, "id"),
+    ];
+    for (input, needle) in cases {
+        let out = t.netns_stdin(&[], input, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{input} must fail");
+        assert!(err.starts_with("netns: "), "{err}");
+        assert!(err.contains(needle), "error for {input} should mention {needle:?}: {err}");
+    }
+    assert!(!t.host.ip(&["-o", "link"]).contains("netns0"), "nothing created");
+    assert!(!t.bpffs_dir.exists(), "no datapath loaded");
+}
