@@ -1,1 +1,114 @@
-fn main() {}
+//! Build, run, test, demo and benchmark helpers: `cargo xtask <command>`.
+
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "netns development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh Debian machine lacks (packages, rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Build the eBPF object and the netns binary.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the loader (`netns load --follow`) with extra arguments.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build once, then run every test (unit and integration) against that build.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A self-contained demo in private namespaces with real runc containers.
+    Demo,
+    /// eBPF vs iptables vs no NAT, side by side (writes docs/BENCHMARKS.md).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn binary(release: bool) -> PathBuf {
+    root().join("target").join(if release { "release" } else { "debug" }).join("netns")
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build", "-p", "netns-user", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)?;
+    Ok(binary(release))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => {
+            let status = Command::new("bash").arg(root().join("scripts/setup.sh")).status()?;
+            if !status.success() {
+                bail!("scripts/setup.sh failed: {status}");
+            }
+        }
+        Cmd::Build { release } => {
+            build(release)?;
+        }
+        Cmd::Run { release, args } => {
+            let bin = build(release)?;
+            let status = Command::new(&bin).args(&args).arg("load").arg("--follow").status()?;
+            if !status.success() {
+                bail!("netns load failed: {status}");
+            }
+        }
+        Cmd::Test { args } => {
+            // One build: the integration tests run this binary (target/debug/netns).
+            build(false)?;
+            let mut a = vec!["test", "--workspace", "--exclude", "netns-ebpf", "--exclude", "xtask"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)?;
+        }
+        Cmd::Demo => {
+            let bin = build(false)?;
+            demo::run(&bin)?;
+        }
+        Cmd::Bench { args } => {
+            let _ = args;
+            bail!("the benchmark is not in this build yet (issue 6)");
+        }
+    }
+    Ok(())
+}
