@@ -75,6 +75,38 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
     Ok(binary(release))
 }
 
+/// Runs `cargo test`, echoing its output, and closes with one summary line over all
+/// test binaries (the last binary cargo runs is often an empty doc-test one).
+fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_suffix(key).and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok()))
+                    .unwrap_or(0)
+            };
+            passed += num(" passed");
+            failed += num(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -99,7 +131,7 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             let mut a = vec!["test", "--workspace", "--exclude", "netns-ebpf", "--exclude", "xtask"];
             a.extend(args.iter().map(String::as_str));
-            cargo(&a)?;
+            test_with_summary(&a)?;
         }
         Cmd::Demo => {
             let bin = build(false)?;
