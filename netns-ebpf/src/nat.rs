@@ -154,10 +154,13 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
             return Ok(());
         }
     };
-    if pkt.tuple.daddr != cfg.uplink_addr {
-        return Ok(());
-    }
+    // Replies and port forwards may be addressed to any address of the uplink (a
+    // mapping can name a secondary one); the conntrack key includes the address.
+    let to_uplink = pkt.tuple.daddr == cfg.uplink_addr;
     if pkt.later_fragment && !frag_ports(&mut pkt) {
+        if !to_uplink {
+            return Ok(());
+        }
         // It overtook its first fragment, whose ports say which container it is for:
         // hold it until the first fragment arrives. Dropped here, sent on from there.
         frag::stash(ctx, &frag_key(&pkt))?;
@@ -186,13 +189,15 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
             };
             let target = match unsafe { PORTS.get(&pk) } {
                 Some(t) => *t,
-                None => {
+                // Wildcard mappings: the uplink's main address.
+                None if to_uplink => {
                     pk.host_addr = 0;
                     match unsafe { PORTS.get(&pk) } {
                         Some(t) => *t,
                         None => return Ok(()),
                     }
                 }
+                None => return Ok(()),
             };
             let xlat = conntrack::create_dnat(&pkt, target.addr, target.port, len)?;
             stats::inc(Stat::DnatPackets);

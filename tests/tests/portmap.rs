@@ -14,12 +14,24 @@ fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
+/// A UDP server answering every datagram with "TAG peer=ADDR" (one socket, no fork:
+/// socat's forking UDP server drops datagrams that arrive while it forks).
+const UDP_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    d, a = s.recvfrom(65535)
+    s.sendto(("%s peer=%s\n" % (sys.argv[2], a[0])).encode(), a)
+"#;
+
 /// TCP and UDP servers on `port` in the container that answer with the peer address.
 fn servers(c: &Container<'_>, port: u16, tag: &str) -> [ChildGuard; 2] {
     let reply = format!("SYSTEM:echo {tag} peer=$SOCAT_PEERADDR");
     let tcp = ChildGuard::spawn(c.cmd("socat").args([&format!("TCP-LISTEN:{port},reuseaddr,fork"), reply.as_str()]));
-    let udp = ChildGuard::spawn(c.cmd("socat").args([&format!("UDP-RECVFROM:{port},reuseaddr,fork"), reply.as_str()]));
-    std::thread::sleep(Duration::from_millis(300));
+    let udp = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_SERVER, &port.to_string(), tag]));
+    std::thread::sleep(Duration::from_millis(400));
     [tcp, udp]
 }
 
@@ -27,8 +39,18 @@ fn tcp(addr: &str, port: u16) -> String {
     format!("echo hi | timeout 3 socat -t 2 - TCP:{addr}:{port}")
 }
 
+/// A UDP query that retries (UDP may lose the first datagram to ARP resolution).
 fn udp(addr: &str, port: u16) -> String {
-    format!("echo hi | timeout 3 socat -t 2 - UDP:{addr}:{port}")
+    udp_from(addr, port, 0)
+}
+
+fn udp_from(addr: &str, port: u16, sport: u16) -> String {
+    format!(
+        "python3 -c 'import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((\"\",{sport}))\n\
+         s.connect((\"{addr}\",{port}))\ns.settimeout(0.3)\n\
+         for i in range(8):\n  s.send(b\"hi\")\n  try:\n    print(s.recv(100).decode().strip()); break\n  except Exception: pass'"
+    )
 }
 
 /// Retries briefly: the first packet to a new container may wait for ARP.
@@ -150,7 +172,9 @@ fn removing_a_mapping_stops_new_connections_and_spares_other_flows() {
     let c = Container::start(&t);
     let _s = servers(&c, 80, "c");
     // A long flow through mapping 8301 (server in the container counts the bytes).
-    let sink = ChildGuard::spawn(c.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:81,reuseaddr STDOUT | wc -c"));
+    let sink = ChildGuard::spawn(
+        c.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:81,reuseaddr STDOUT | wc -c").stdout(std::process::Stdio::piped()),
+    );
     std::thread::sleep(Duration::from_millis(300));
     t.netns(&["port", "add", &c.id, "8300:80/tcp", "8301:81/tcp"]);
     expect(|| t.wan_sh(&tcp(UPLINK_IP, 8300)), &format!("c peer={WAN_IP}"));
@@ -221,7 +245,7 @@ fn remapping_a_udp_port_flushes_stale_flows() {
     let _sb = servers(&b, 53, "B");
     t.netns(&["port", "add", &a.id, "5353:53/udp"]);
     // Same peer source port each time, like a DNS client that never changes port.
-    let q = format!("echo hi | timeout 3 socat -t 2 - UDP:{UPLINK_IP}:5353,sourceport=40000,reuseaddr");
+    let q = udp_from(UPLINK_IP, 5353, 40000);
     expect(|| t.wan_sh(&q), &format!("A peer={WAN_IP}"));
     t.netns(&["port", "rm", "-", "5353:53/udp"]);
     t.netns(&["port", "add", &b.id, "5353:53/udp"]);
