@@ -289,7 +289,7 @@ const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 
 /// Indexes into the per-CPU counter array. Every drop has its own reason.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stat {
     /// Packets whose source was masqueraded on the way out.
     SnatPackets = 0,
@@ -301,8 +301,13 @@ pub enum Stat {
     DnatPackets,
     /// Replies of port-forwarded flows translated on the way out.
     DnatReplyPackets,
-    /// Conntrack pairs whose other half was missing and was rebuilt.
-    CtRepaired,
+    /// Reverse halves found missing (evicted) on the egress fast path and rebuilt.
+    CtRebuilt,
+    /// Forward halves retired because their port was claimed by another flow since.
+    CtRetired,
+    /// Entries user space deleted (GC, flush, container removal): with the counters
+    /// above and `ct_created` it lets `netns stats` derive LRU evictions.
+    CtUserRemoved,
     /// Packets that passed a bridge port's source check.
     PortPassed,
     /// Source port search needed retries.
@@ -347,7 +352,9 @@ impl Stat {
         Stat::CtCreated,
         Stat::DnatPackets,
         Stat::DnatReplyPackets,
-        Stat::CtRepaired,
+        Stat::CtRebuilt,
+        Stat::CtRetired,
+        Stat::CtUserRemoved,
         Stat::PortPassed,
         Stat::PortRetries,
         Stat::PortKept,
@@ -378,7 +385,9 @@ impl Stat {
             Stat::CtCreated => "ct_created",
             Stat::DnatPackets => "dnat_packets",
             Stat::DnatReplyPackets => "dnat_reply_packets",
-            Stat::CtRepaired => "ct_repaired",
+            Stat::CtRebuilt => "ct_rebuilt",
+            Stat::CtRetired => "ct_retired",
+            Stat::CtUserRemoved => "ct_user_removed",
             Stat::PortPassed => "port_passed",
             Stat::PortRetries => "port_retries",
             Stat::PortKept => "port_kept",

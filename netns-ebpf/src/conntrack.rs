@@ -151,14 +151,15 @@ pub fn check_reverse(pkt: &Packet, xlat: &Tuple) -> bool {
                 return true;
             }
             let _ = CONNTRACK.remove(&key(pkt, dir::UPLINK_EGRESS));
-            stats::inc(Stat::CtRepaired);
+            stats::inc(Stat::CtRetired);
             false
         }
         None => {
             let now = unsafe { bpf_ktime_get_ns() };
             let rev = entry(pkt.tuple.reversed(), pkt, ct_kind::SNAT, now, 0, false);
-            let _ = CONNTRACK.insert(&rev_key, &rev, BPF_NOEXIST as u64);
-            stats::inc(Stat::CtRepaired);
+            if CONNTRACK.insert(&rev_key, &rev, BPF_NOEXIST as u64).is_ok() {
+                stats::inc(Stat::CtRebuilt);
+            }
             true
         }
     }

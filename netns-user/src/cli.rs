@@ -79,6 +79,11 @@ pub struct GlobalArgs {
     #[arg(long, env = "NETNS_CGROUP", default_value = "auto", global = true)]
     pub cgroup: String,
 
+    /// Conntrack table size (entries; two per flow) used when the datapath is first
+    /// loaded [default: 262144].
+    #[arg(long, env = "NETNS_CT_MAX", value_parser = clap::value_parser!(u32).range(2..), global = true)]
+    pub ct_max: Option<u32>,
+
     /// Seconds between conntrack garbage-collection sweeps of the collector the hook
     /// starts (see `netns gc`).
     #[arg(long, env = "NETNS_GC_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..), global = true)]

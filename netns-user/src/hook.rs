@@ -395,6 +395,7 @@ impl Prestart<'_> {
             gateway: gw.addr,
             prefix_len: gw.prefix_len,
             nat_ports: (g.nat_ports.min, g.nat_ports.max),
+            ct_max: g.ct_max,
         };
         let dp = Datapath::ensure_loaded(&cfg).map_err(|e| (step, e.into()))?;
         dp.set_gc_interval(g.gc_interval).map_err(|e| (step, e.into()))?;

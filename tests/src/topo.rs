@@ -53,10 +53,17 @@ pub struct Topology {
     pub cgroup: PathBuf,
     pub tmp: PathBuf,
     pub tag: String,
+    /// Extra global flags for every netns call (hooks included).
+    pub extra: Vec<String>,
 }
 
 impl Topology {
     pub fn new() -> Topology {
+        Self::with_flags(&[])
+    }
+
+    /// A topology whose netns calls (hooks included) all get `extra` flags.
+    pub fn with_flags(extra: &[&str]) -> Topology {
         ensure_bpffs();
         let tag = unique("nt");
         let tmp = std::env::temp_dir().join(format!("netns-test-{tag}"));
@@ -72,6 +79,7 @@ impl Topology {
             wan,
             tmp,
             tag,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         fs::create_dir_all(&t.cgroup).expect("test cgroup");
         t.host.ip(&["link", "add", UPLINK, "type", "veth", "peer", "name", "wan0", "netns", &t.wan.name]);
@@ -95,6 +103,9 @@ impl Topology {
             "--cgroup".into(),
             self.cgroup.display().to_string(),
         ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
     }
 
     /// `netns <flags> ARGS` in the host namespace.

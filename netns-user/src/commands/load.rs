@@ -32,6 +32,7 @@ pub fn prepare_host(g: &GlobalArgs) -> Result<DatapathConfig, CommandError> {
         gateway: g.ip.addr,
         prefix_len: g.ip.prefix_len,
         nat_ports: (g.nat_ports.min, g.nat_ports.max),
+        ct_max: g.ct_max,
     })
 }
 

@@ -8,19 +8,22 @@ use crate::datapath::Datapath;
 
 pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
     let dp = Datapath::open_required(&g.bpffs_dir)?;
-    let stats = dp.stats()?;
+    let mut stats: Vec<(String, u64, bool)> = dp.stats()?.into_iter().map(|(s, v)| (s.name().to_owned(), v, s.is_drop())).collect();
+    let entries = dp.conntrack_entries()?.len() as u64;
+    stats.push(("ct_entries".into(), entries, false));
+    stats.push(("ct_evicted".into(), dp.ct_evictions()?, false));
     let out = &mut std::io::stdout().lock();
     if json {
         let m: serde_json::Map<String, serde_json::Value> = stats
             .iter()
-            .map(|(s, v)| (s.name().to_owned(), (*v).into()))
+            .map(|(s, v, _)| (s.clone(), (*v).into()))
             .collect();
         serde_json::to_writer_pretty(&mut *out, &m).map_err(|e| CommandError::Output(e.into()))?;
         writeln!(out).map_err(CommandError::Output)?;
     } else {
-        for (s, v) in stats {
-            let kind = if s.is_drop() { "drop" } else { "" };
-            writeln!(out, "{:<24} {v:>12} {kind}", s.name()).map_err(CommandError::Output)?;
+        for (s, v, drop) in stats {
+            let kind = if drop { "drop" } else { "" };
+            writeln!(out, "{s:<24} {v:>12} {kind}").map_err(CommandError::Output)?;
         }
     }
     Ok(())

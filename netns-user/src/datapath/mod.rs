@@ -84,6 +84,8 @@ pub struct DatapathConfig {
     pub prefix_len: u8,
     /// Masquerade port range when a container's source port is taken.
     pub nat_ports: (u16, u16),
+    /// Size of the conntrack table when the datapath is first loaded (None: default).
+    pub ct_max: Option<u32>,
 }
 
 impl DatapathConfig {
@@ -163,7 +165,7 @@ impl Datapath {
         }
         let lock = lock_dir(pins.root())?;
         if !pins.programs_pinned() {
-            load_and_pin(&pins).inspect_err(|_| pins.remove_programs())?;
+            load_and_pin(&pins, cfg.ct_max).inspect_err(|_| pins.remove_programs())?;
             log::info!("datapath loaded and pinned under {}", pins.root().display());
         }
         let dp = Datapath {
@@ -401,6 +403,7 @@ impl Datapath {
                 Err(e) => return Err(bpf("deleting conntrack entry")(e)),
             }
         }
+        self.add_stat(Stat::CtUserRemoved, n as u64)?;
         Ok(n)
     }
 
@@ -408,6 +411,30 @@ impl Datapath {
     pub fn ports(&self) -> Result<HashMap<MapData, PortKey, PortTarget>, DatapathError> {
         HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::PORTS)?))
             .map_err(bpf("port map"))
+    }
+
+    /// Adds to a counter from user space (CPU 0's slot).
+    fn add_stat(&self, stat: Stat, n: u64) -> Result<(), DatapathError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut m: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(self.map_data(maps::STATS)?)).map_err(bpf("stats map"))?;
+        let mut v = m.get(&(stat as u32), 0).map_err(bpf("reading stats map"))?;
+        let mut vals: Vec<u64> = v.iter().copied().collect();
+        vals[0] += n;
+        v = aya::maps::PerCpuValues::try_from(vals).map_err(bpf("per-CPU values"))?;
+        m.set(stat as u32, v, 0).map_err(bpf("writing stats map"))
+    }
+
+    /// Least-recently-used entries the kernel evicted from the full conntrack table:
+    /// everything inserted minus everything deleted minus what is there now.
+    pub fn ct_evictions(&self) -> Result<u64, DatapathError> {
+        let s: std::collections::HashMap<Stat, u64> = self.stats()?.into_iter().collect();
+        let inserted = 2 * s[&Stat::CtCreated] + s[&Stat::CtRebuilt];
+        let removed = s[&Stat::CtRetired] + s[&Stat::DropCtInsert] + s[&Stat::CtUserRemoved];
+        let live = self.conntrack_entries()?.len() as u64;
+        Ok(inserted.saturating_sub(removed).saturating_sub(live))
     }
 
     /// Counters summed over CPUs, in `Stat::ALL` order.
@@ -539,7 +566,7 @@ impl Datapath {
             .map_err(io(format!("creating {}", staging.display())))?;
         let result = (|| {
             let staged = Pins::staged(&self.pins, &staging);
-            load_and_pin(&staged)?;
+            load_and_pin(&staged, None)?;
             let mut replaced = Vec::new();
             for link in self.link_status()? {
                 let new_prog = staging.join(&link.program);
@@ -672,14 +699,18 @@ fn attach_pinned(
 }
 
 /// Loads the object with maps pinned by name, and pins each program.
-fn load_and_pin(pins: &impl pins::PinLayout) -> Result<(), DatapathError> {
+fn load_and_pin(pins: &impl pins::PinLayout, ct_max: Option<u32>) -> Result<(), DatapathError> {
     if OBJECT.is_empty() {
         return Err(DatapathError::Bpf(
             "this binary was built with AYA_BUILD_SKIP: it carries no eBPF object".into(),
         ));
     }
-    let mut ebpf: Ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pins.maps_dir())
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pins.maps_dir());
+    if let Some(n) = ct_max {
+        loader.map_max_entries(maps::CONNTRACK, n);
+    }
+    let mut ebpf: Ebpf = loader
         .load(OBJECT)
         .map_err(bpf("loading eBPF object"))?;
     for name in [

@@ -1,0 +1,287 @@
+//! Issue 4: NAT that holds up: port allocation, host sockets, connection state and
+//! expiry, a full table, ICMP errors, fragments (also out of order), and the CLI.
+
+use std::process::Output;
+use std::time::Duration;
+
+use netns_tests::topo::{UPLINK_IP, WAN_IP};
+use netns_tests::util::{ChildGuard, wait_for};
+use netns_tests::{Container, Topology};
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn py(script: &str) -> String {
+    format!("python3 -c '{}'", script.replace('\'', "'\\''"))
+}
+
+/// TCP server: tells each client its address:port, then keeps the connection open and
+/// says "again" after 0.5 s.
+const TCP_WHO: &str = r#"
+import socket, sys, threading, time
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1]))); l.listen(64)
+def h(c, a):
+    c.sendall(("%s:%d\n" % a).encode()); time.sleep(0.5)
+    try: c.sendall(b"again\n"); time.sleep(3)
+    except OSError: pass
+    c.close()
+while True:
+    c, a = l.accept(); threading.Thread(target=h, args=(c, a), daemon=True).start()
+"#;
+
+/// UDP echo server.
+const UDP_ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    d, a = s.recvfrom(65535); s.sendto(d, a)
+"#;
+
+fn wan_server(t: &Topology, script: &str, port: u16) -> ChildGuard {
+    let g = ChildGuard::spawn(t.wan.cmd("python3").args(["-c", script, &port.to_string()]));
+    std::thread::sleep(Duration::from_millis(400));
+    g
+}
+
+/// Client: from source port `sport` (0 = any) to addr:port, prints both lines.
+fn tcp_client(sport: u16, addr: &str, port: u16) -> String {
+    py(&format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind((\"\",{sport}))\ns.settimeout(5)\ns.connect((\"{addr}\",{port}))\nf=s.makefile()\n\
+         print(f.readline().strip(), f.readline().strip())"
+    ))
+}
+
+#[test]
+fn same_source_port_from_two_containers_both_flows_work() {
+    let t = Topology::new();
+    let a = Container::start(&t);
+    let b = Container::start(&t);
+    let _srv = wan_server(&t, TCP_WHO, 7100);
+    let ca = ChildGuard::spawn(a.cmd("sh").arg("-c").arg(tcp_client(40000, WAN_IP, 7100)).stdout(std::process::Stdio::piped()));
+    std::thread::sleep(Duration::from_millis(100));
+    let ob = out(&b.sh(&tcp_client(40000, WAN_IP, 7100)));
+    let oa = out(&ca.wait_output(Duration::from_secs(8)));
+    let port = |s: &str| -> u16 {
+        let (who, again) = s.split_once(' ').unwrap_or_else(|| panic!("bad reply {s:?}"));
+        assert_eq!(again, "again", "{s}");
+        let (ip, p) = who.split_once(':').unwrap();
+        assert_eq!(ip, UPLINK_IP);
+        p.parse().unwrap()
+    };
+    let (pa, pb) = (port(&oa), port(&ob));
+    assert_ne!(pa, pb, "two flows cannot share a translated port");
+    assert!(pa == 40000 || pb == 40000, "the first keeps its port: {pa} {pb}");
+    let other = if pa == 40000 { pb } else { pa };
+    assert!((61000..=65535).contains(&other), "the second gets one from --nat-ports: {other}");
+}
+
+#[test]
+fn a_host_socket_on_the_port_is_never_hijacked() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let _srv = wan_server(&t, TCP_WHO, 7101);
+    // The host itself talks to the peer from UPLINK_IP:40001 and waits for "again".
+    let host = ChildGuard::spawn(
+        t.host.cmd("sh").arg("-c").arg(tcp_client(40001, WAN_IP, 7101)).stdout(std::process::Stdio::piped()),
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    let oc = out(&c.sh(&tcp_client(40001, WAN_IP, 7101)));
+    let oh = out(&host.wait_output(Duration::from_secs(8)));
+    assert_eq!(oh, format!("{UPLINK_IP}:40001 again"), "host flow intact");
+    assert!(oc.ends_with(" again") && !oc.starts_with(&format!("{UPLINK_IP}:40001 ")), "container moved off 40001: {oc}");
+    let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
+    assert!(stats["port_host_socket"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+fn flows(t: &Topology) -> Vec<serde_json::Value> {
+    serde_json::from_str(&t.netns(&["conntrack", "ls", "--json"])).expect("conntrack ls --json")
+}
+
+fn state_of(t: &Topology, dport: u16) -> Option<String> {
+    flows(t).into_iter().find(|f| f["original"]["dport"] == dport).map(|f| f["state"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn tcp_states_and_expiry_with_short_timeouts() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    t.netns(&["gc", "--timeouts", "tcp_syn=2,tcp_established=6,tcp_fin=2,tcp_close=2,udp=2,udp_stream=2,icmp=2"]);
+    let _echo = wan_server(&t, UDP_ECHO, 7103);
+    let _hold = t.wan_spawn("socat TCP-LISTEN:7109,reuseaddr,fork SYSTEM:'echo hi; sleep 60'");
+    std::thread::sleep(Duration::from_millis(300));
+    // Established and idle: a connection held open by both ends.
+    let held = ChildGuard::spawn(c.cmd("sh").arg("-c").arg(py(&format!(
+        "import socket,time\ns=socket.create_connection((\"{WAN_IP}\",7109))\ns.recv(100)\ntime.sleep(30)"
+    ))));
+    // Closed: the server answers and closes at once.
+    let _quick = t.wan_spawn("socat TCP-LISTEN:7110,reuseaddr,fork SYSTEM:'echo bye'");
+    std::thread::sleep(Duration::from_millis(300));
+    c.sh(&format!("echo | timeout 3 socat -t 1 - TCP:{WAN_IP}:7110"));
+    // UDP.
+    c.sh(&format!("echo x | timeout 2 socat -t 1 - UDP:{WAN_IP}:7103"));
+    let est = wait_for(Duration::from_secs(3), || (state_of(&t, 7109).as_deref() == Some("established")).then_some(()));
+    assert!(est.is_some(), "a held connection is established: {:?}", flows(&t));
+    let fl = flows(&t);
+    assert!(fl.iter().any(|f| f["original"]["dport"] == 7110 && f["state"] == "fin_wait"), "closed one in fin_wait: {fl:?}");
+    assert!(fl.iter().any(|f| f["original"]["dport"] == 7103 && f["proto"] == "udp"), "{fl:?}");
+    std::thread::sleep(Duration::from_millis(3200));
+    let report = t.netns(&["gc"]);
+    assert!(report.contains("flows expired"), "{report}");
+    let fl = flows(&t);
+    assert!(!fl.iter().any(|f| f["original"]["dport"] == 7103), "udp expired: {fl:?}");
+    assert!(!fl.iter().any(|f| f["state"] == "fin_wait"), "closed flow expired: {fl:?}");
+    assert!(fl.iter().any(|f| f["state"] == "established"), "established survives: {fl:?}");
+    std::thread::sleep(Duration::from_millis(4000));
+    t.netns(&["gc"]);
+    assert!(flows(&t).is_empty(), "idle established flow expired too: {:?}", flows(&t));
+    drop(held);
+}
+
+#[test]
+fn a_full_table_evicts_and_counts_without_wrong_translations() {
+    let t = Topology::with_flags(&["--ct-max", "16"]);
+    let a = Container::start(&t);
+    let b = Container::start(&t);
+    let _echo = wan_server(&t, UDP_ECHO, 7104);
+    // 12 flows from each container: 48 entries wanted, 16 fit. Every reply must come
+    // back to the socket that asked, with the payload it sent.
+    let client = py(&format!(
+        "import socket,sys\nok=0\nfor i in range(12):\n  s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n  s.settimeout(1)\n  \
+         s.connect((\"{WAN_IP}\",7104))\n  m=(\"%s-%d\" % (sys.argv[1], i)).encode()\n  s.send(m)\n  ok += s.recv(100) == m\nprint(ok)"
+    ));
+    let ra = ChildGuard::spawn(a.cmd("sh").arg("-c").arg(format!("{client} A")).stdout(std::process::Stdio::piped()));
+    let ob = out(&b.sh(&format!("{client} B")));
+    let oa = out(&ra.wait_output(Duration::from_secs(20)));
+    assert_eq!((oa.as_str(), ob.as_str()), ("12", "12"), "every flow answered correctly");
+    let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
+    assert!(stats["ct_entries"].as_u64().unwrap() <= 16, "{stats}");
+    assert!(stats["ct_evicted"].as_u64().unwrap() >= 8, "evictions counted: {stats}");
+}
+
+const ICMP_CASES: &str = r#"
+import socket, struct, sys, time
+wan, far = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect((wan, 9999))
+s.send(b"x")
+try:
+    s.recv(100); print("unreachable: data")
+except ConnectionRefusedError: print("unreachable: ECONNREFUSED")
+except socket.timeout: print("unreachable: timeout")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 2); s.setsockopt(socket.IPPROTO_IP, 11, 1)
+s.sendto(b"x", (far, 33434)); time.sleep(0.5)
+try:
+    d, anc, fl, a = s.recvmsg(100, 512, socket.MSG_ERRQUEUE)
+    for lvl, typ, e in anc:
+        print("ttl: type %d offender %s" % (e[5], socket.inet_ntoa(e[20:24])))
+except BlockingIOError: print("ttl: nothing")
+"#;
+
+#[test]
+fn icmp_errors_reach_the_container() {
+    let t = Topology::new();
+    let far = t.add_far(1000);
+    let c = Container::start(&t);
+    let o = out(&c.cmd("python3").args(["-c", ICMP_CASES, WAN_IP, "203.0.113.1"]).output().unwrap());
+    assert!(o.contains("unreachable: ECONNREFUSED"), "{o}");
+    assert!(o.contains(&format!("ttl: type 11 offender {WAN_IP}")), "{o}");
+    // Path MTU: far's link is 1000 bytes behind wan; a 1500-byte segment from the
+    // container gets "fragmentation needed" from wan, translated back.
+    far.ip(&["link", "set", "eth0", "mtu", "1500"]);
+    let sink = ChildGuard::spawn(
+        far.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:7200,reuseaddr STDOUT | wc -c").stdout(std::process::Stdio::piped()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let up = c.sh("head -c 300000 /dev/zero | timeout 20 socat -u - TCP:203.0.113.1:7200");
+    assert!(up.status.success(), "upload across the smaller MTU");
+    assert_eq!(out(&sink.wait_output(Duration::from_secs(10))), "300000");
+    let route = out(&c.sh("ip route get 203.0.113.1"));
+    assert!(route.contains("mtu 1000"), "PMTU learnt from the translated ICMP: {route}");
+    let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
+    assert!(stats["icmp_errors"].as_u64().unwrap() >= 3, "{stats}");
+}
+
+const UDP_BIG: &str = r#"
+import socket, sys, os, hashlib
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+d = os.urandom(4000); s.sendto(d, (sys.argv[1], int(sys.argv[2])))
+r, a = s.recvfrom(65535); print(r == d, len(r))
+"#;
+
+/// Sends a 3000-byte UDP datagram as fragments in reverse order from a raw socket.
+const FRAG_REVERSED: &str = r#"
+import socket, struct, os, sys, hashlib
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16; return ~s & 0xffff
+src, dst, dport = sys.argv[1], sys.argv[2], int(sys.argv[3]); payload = os.urandom(3000)
+udp = struct.pack("!HHHH", 40002, dport, 8 + len(payload), 0) + payload
+ph = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 17, len(udp))
+udp = udp[:6] + struct.pack("!H", csum(ph + udp)) + udp[8:]
+frags, off = [], 0
+while off < len(udp):
+    part = udp[off:off + 1480]; more = off + 1480 < len(udp)
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(part), 4242, (off // 8) | (0x2000 if more else 0), 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    frags.append(h[:10] + struct.pack("!H", csum(h)) + h[12:] + part); off += 1480
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for f in reversed(frags): r.sendto(f, (dst, 0))
+print(hashlib.sha256(payload).hexdigest())
+"#;
+
+const UDP_SINK: &str = r#"
+import socket, sys, hashlib
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1]))); s.settimeout(8)
+d, a = s.recvfrom(65535); print(hashlib.sha256(d).hexdigest())
+"#;
+
+#[test]
+fn fragmented_udp_through_snat_and_a_port_forward_also_out_of_order() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let _echo = wan_server(&t, UDP_ECHO, 7105);
+    // SNAT: 4000 bytes out (fragmented by the container), echoed back fragmented.
+    assert_eq!(out(&c.cmd("python3").args(["-c", UDP_BIG, WAN_IP, "7105"]).output().unwrap()), "True 4000");
+    // Port forward, in order.
+    let _cecho = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_ECHO, "7106"]));
+    t.netns(&["port", "add", &c.id, "8600:7106/udp", "8601:7107/udp"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(out(&t.wan_sh(&format!("python3 -c '{}' {UPLINK_IP} 8600", UDP_BIG.replace('\'', "\"")))), "True 4000");
+    // Port forward, fragments in reverse order from a raw socket.
+    let sink = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_SINK, "7107"]).stdout(std::process::Stdio::piped()));
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = out(&t.wan.cmd("python3").args(["-c", FRAG_REVERSED, WAN_IP, UPLINK_IP, "8601"]).output().unwrap());
+    let got = out(&sink.wait_output(Duration::from_secs(10)));
+    assert_eq!(got, sent, "reassembled datagram intact");
+    let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
+    assert!(stats["frag_stashed"].as_u64().unwrap() >= 1 && stats["frag_replayed"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn conntrack_and_stats_cli_output() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let _echo = wan_server(&t, UDP_ECHO, 7108);
+    c.sh(&format!("echo hello | timeout 2 socat -t 1 - UDP:{WAN_IP}:7108,sourceport=41000"));
+    let fl = flows(&t);
+    let f = fl.iter().find(|f| f["original"]["dport"] == 7108).expect("the UDP flow is listed");
+    assert_eq!(f["proto"], "udp");
+    assert_eq!(f["kind"], "snat");
+    assert_eq!(f["original"]["src"], c.ip());
+    assert_eq!(f["original"]["sport"], 41000);
+    assert_eq!(f["translated"]["src"], UPLINK_IP);
+    assert_eq!(f["translated"]["dst"], WAN_IP);
+    assert!(f["packets"].as_u64().unwrap() >= 1 && f["reply_packets"].as_u64().unwrap() >= 1, "{f}");
+    assert!(f["bytes"].as_u64().unwrap() > 0);
+    assert!(f["age_secs"].is_u64() && f["idle_secs"].is_u64());
+    let text = t.netns(&["conntrack", "ls"]);
+    assert!(text.contains("src=") && text.contains("flow(s)"), "{text}");
+    let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
+    for k in ["snat_packets", "snat_reply_packets", "ct_created", "drop_port_exhausted", "drop_spoofed_ip", "ct_entries"] {
+        assert!(stats[k].is_u64(), "stats has {k}: {stats}");
+    }
+    assert!(t.netns(&["conntrack", "flush"]).contains("deleted"));
+    assert!(flows(&t).is_empty());
+}
