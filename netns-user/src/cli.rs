@@ -189,10 +189,10 @@ pub enum DatapathCommand {
     Reload,
     /// Re-attach whatever is missing or detached; reports what it repaired.
     Check,
-    /// Detach and unpin everything (and with --bridge, delete the bridge).
+    /// Detach and unpin everything (and with --delete-bridge, delete the bridge).
     Unload {
         #[arg(long)]
-        bridge: bool,
+        delete_bridge: bool,
     },
 }
 

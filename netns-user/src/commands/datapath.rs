@@ -102,7 +102,7 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
                 writeln!(out, "repaired: {r}").map_err(CommandError::Output)?;
             }
         }
-        DatapathCommand::Unload { bridge } => {
+        DatapathCommand::Unload { delete_bridge } => {
             match Datapath::open(&g.bpffs_dir)? {
                 Some(dp) => {
                     let root = dp.pins().root().display().to_string();
@@ -112,7 +112,7 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
                 None => writeln!(out, "nothing pinned under {}", g.bpffs_dir.display())
                     .map_err(CommandError::Output)?,
             }
-            if *bridge {
+            if *delete_bridge {
                 let rt = network::runtime()?;
                 let deleted = rt.block_on(async {
                     let nl = Netlink::current()?;

@@ -1,6 +1,7 @@
 //! `netns gc [--interval S [--daemon]] [--timeouts k=v,...]`: expire conntrack entries.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::io::Write as _;
 use std::time::Duration;
 
@@ -44,7 +45,7 @@ pub const LOCK: &str = "gc.lock";
 /// directory. Its stdio is /dev/null: runc waits for the hook's pipes to close.
 pub fn spawn_collector(g: &GlobalArgs) -> std::io::Result<()> {
     let lock_path = g.state_dir.join(LOCK);
-    let f = File::options().create(true).append(true).open(&lock_path)?;
+    let f = File::options().create(true).append(true).mode(0o600).open(&lock_path)?;
     if Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err() {
         return Ok(()); // one is running
     }
@@ -89,6 +90,7 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
     let f = File::options()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(g.state_dir.join(LOCK))
         .map_err(CommandError::Daemon)?;
     let Ok(_held) = Flock::lock(f, FlockArg::LockExclusiveNonblock) else {
