@@ -310,8 +310,12 @@ pub enum Stat {
     CtUserRemoved,
     /// Packets that passed a bridge port's source check.
     PortPassed,
-    /// Source port search needed retries.
-    PortRetries,
+    /// Source port searches that needed retries, by how many: a histogram of NAT
+    /// port pressure (1, 2-3, 4-7, 8-16 probes).
+    PortRetries1,
+    PortRetries2To3,
+    PortRetries4To7,
+    PortRetries8To16,
     /// The original source port was kept (free on the uplink).
     PortKept,
     /// The original source port was in use by a host socket: one from the NAT range
@@ -356,7 +360,10 @@ impl Stat {
         Stat::CtRetired,
         Stat::CtUserRemoved,
         Stat::PortPassed,
-        Stat::PortRetries,
+        Stat::PortRetries1,
+        Stat::PortRetries2To3,
+        Stat::PortRetries4To7,
+        Stat::PortRetries8To16,
         Stat::PortKept,
         Stat::PortHostSocket,
         Stat::DropPortExhausted,
@@ -389,7 +396,10 @@ impl Stat {
             Stat::CtRetired => "ct_retired",
             Stat::CtUserRemoved => "ct_user_removed",
             Stat::PortPassed => "port_passed",
-            Stat::PortRetries => "port_retries",
+            Stat::PortRetries1 => "port_retries_1",
+            Stat::PortRetries2To3 => "port_retries_2_3",
+            Stat::PortRetries4To7 => "port_retries_4_7",
+            Stat::PortRetries8To16 => "port_retries_8_16",
             Stat::PortKept => "port_kept",
             Stat::PortHostSocket => "port_host_socket",
             Stat::DropPortExhausted => "drop_port_exhausted",

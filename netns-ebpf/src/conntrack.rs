@@ -238,7 +238,12 @@ fn claim_port(
         i += 1;
     }
     if i > 0 {
-        stats::inc(Stat::PortRetries);
+        stats::inc(match i {
+            1 => Stat::PortRetries1,
+            2..=3 => Stat::PortRetries2To3,
+            4..=7 => Stat::PortRetries4To7,
+            _ => Stat::PortRetries8To16,
+        });
     }
     if claimed {
         Ok(port)

@@ -285,3 +285,27 @@ fn conntrack_and_stats_cli_output() {
     assert!(t.netns(&["conntrack", "flush"]).contains("deleted"));
     assert!(flows(&t).is_empty());
 }
+
+#[test]
+fn a_full_port_range_is_a_counted_drop_not_a_wrong_translation() {
+    let t = Topology::with_flags(&["--nat-ports", "61000-61001"]);
+    let cs: Vec<Container<'_>> = (0..4).map(|_| Container::start(&t)).collect();
+    let _echo = wan_server(&t, UDP_ECHO, 7500);
+    // All four use source port 40000 towards the same peer: the first keeps it, two
+    // get the two ports of the range, the fourth has nowhere to go.
+    let q = py(&format!(
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((\"\",40000))\n\
+         s.settimeout(0.5)\ns.connect((\"{WAN_IP}\",7500))\nm=sys.argv[1].encode()\nr=b\"\"\n\
+         for i in range(3):\n  s.send(m)\n  try:\n    r=s.recv(100); break\n  except Exception: pass\nprint(r==m)"
+    ));
+    let answers: Vec<String> = cs.iter().map(|c| out(&c.sh(&format!("{q} {}", c.id)))).collect();
+    assert_eq!(answers.iter().filter(|a| *a == "True").count(), 3, "{answers:?}");
+    assert_eq!(answers.iter().filter(|a| *a == "False").count(), 1, "{answers:?}");
+    let s: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
+    assert!(s["drop_port_exhausted"].as_u64().unwrap() >= 1, "{s}");
+    let retries: u64 = ["port_retries_1", "port_retries_2_3", "port_retries_4_7", "port_retries_8_16"]
+        .iter()
+        .map(|k| s[*k].as_u64().unwrap())
+        .sum();
+    assert!(retries >= 2, "retries histogram: {s}");
+}
