@@ -202,15 +202,20 @@ pub fn create_snat(
         stats::inc(Stat::PortKept);
     }
     let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
-    if CONNTRACK
-        .insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64)
-        .is_err()
-    {
-        let _ = CONNTRACK.remove(&rev_key);
+    insert_forward(&key(pkt, dir::UPLINK_EGRESS), &fwd, &rev_key)?;
+    Ok(xlat)
+}
+
+/// Inserts the forward half of a pair whose reverse half `rev_key` is already in; on
+/// failure removes that half again, so no orphan is left.
+#[inline(always)]
+fn insert_forward(fwd_key: &CtKey, fwd: &CtEntry, rev_key: &CtKey) -> Result<(), Stat> {
+    if CONNTRACK.insert(fwd_key, fwd, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(rev_key);
         return Err(Stat::DropCtInsert);
     }
     stats::inc(Stat::CtCreated);
-    Ok(xlat)
+    Ok(())
 }
 
 /// Claims a free port on `nat_addr` for a flow to (`peer`, `peer_port`) by inserting the
@@ -285,14 +290,7 @@ pub fn create_hairpin(
         cfg.nat_port_max,
     )?;
     let fwd = entry(xlat, pkt, ct_kind::HAIRPIN, now, len, true);
-    if CONNTRACK
-        .insert(&key(pkt, dir::BRIDGE), &fwd, BPF_ANY as u64)
-        .is_err()
-    {
-        let _ = CONNTRACK.remove(&rev_key);
-        return Err(Stat::DropCtInsert);
-    }
-    stats::inc(Stat::CtCreated);
+    insert_forward(&key(pkt, dir::BRIDGE), &fwd, &rev_key)?;
     Ok(xlat)
 }
 
@@ -324,13 +322,6 @@ pub fn create_dnat(
         return Err(Stat::DropCtInsert);
     }
     let fwd = entry(xlat, pkt, ct_kind::DNAT, now, len, true);
-    if CONNTRACK
-        .insert(&key(pkt, dir::UPLINK_INGRESS), &fwd, BPF_ANY as u64)
-        .is_err()
-    {
-        let _ = CONNTRACK.remove(&rev_key);
-        return Err(Stat::DropCtInsert);
-    }
-    stats::inc(Stat::CtCreated);
+    insert_forward(&key(pkt, dir::UPLINK_INGRESS), &fwd, &rev_key)?;
     Ok(xlat)
 }

@@ -161,6 +161,35 @@ pub fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Sta
     ctx.store(0, &macs, 0).map_err(|_| Stat::DropCsumHelper)
 }
 
+/// Rewrites one IPv4 address at `off`: the L4 checksum (pseudo header, if the packet
+/// carries an L4 header that has one), the IP header checksum, then the bytes.
+#[inline(always)]
+fn rewrite_addr(
+    ctx: &TcContext,
+    csum_off: usize,
+    l4_addr: bool,
+    mangled0: u64,
+    off: usize,
+    old: u32,
+    new: u32,
+) -> Result<(), Stat> {
+    if old == new {
+        return Ok(());
+    }
+    if l4_addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            old as u64,
+            new as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
+        )
+        .map_err(|_| Stat::DropCsumHelper)?;
+    }
+    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
+        .map_err(|_| Stat::DropCsumHelper)?;
+    ctx.store(off, &new, 0).map_err(|_| Stat::DropCsumHelper)
+}
+
 #[inline(always)]
 pub fn l4_csum_off(proto: u8) -> usize {
     match proto {
@@ -187,36 +216,24 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
     // The pseudo header covers the addresses for TCP and UDP; ICMP has none.
     let l4_addr = has_l4 && pkt.proto != IPPROTO_ICMP;
 
-    if old.saddr != new.saddr {
-        if l4_addr {
-            ctx.l4_csum_replace(
-                csum_off,
-                old.saddr as u64,
-                new.saddr as u64,
-                BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
-            )
-            .map_err(|_| Stat::DropCsumHelper)?;
-        }
-        ctx.l3_csum_replace(IP_CSUM_OFF, old.saddr as u64, new.saddr as u64, 4)
-            .map_err(|_| Stat::DropCsumHelper)?;
-        ctx.store(IP_SADDR_OFF, &new.saddr, 0)
-            .map_err(|_| Stat::DropCsumHelper)?;
-    }
-    if old.daddr != new.daddr {
-        if l4_addr {
-            ctx.l4_csum_replace(
-                csum_off,
-                old.daddr as u64,
-                new.daddr as u64,
-                BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
-            )
-            .map_err(|_| Stat::DropCsumHelper)?;
-        }
-        ctx.l3_csum_replace(IP_CSUM_OFF, old.daddr as u64, new.daddr as u64, 4)
-            .map_err(|_| Stat::DropCsumHelper)?;
-        ctx.store(IP_DADDR_OFF, &new.daddr, 0)
-            .map_err(|_| Stat::DropCsumHelper)?;
-    }
+    rewrite_addr(
+        ctx,
+        csum_off,
+        l4_addr,
+        mangled0,
+        IP_SADDR_OFF,
+        old.saddr,
+        new.saddr,
+    )?;
+    rewrite_addr(
+        ctx,
+        csum_off,
+        l4_addr,
+        mangled0,
+        IP_DADDR_OFF,
+        old.daddr,
+        new.daddr,
+    )?;
     if !has_l4 {
         return Ok(());
     }

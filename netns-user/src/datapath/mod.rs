@@ -217,20 +217,22 @@ impl Datapath {
         m.set(0, v, 0).map_err(bpf("writing config map"))
     }
 
-    /// Sets only the collector interval (the hook's `--gc-interval`).
-    pub fn set_gc_interval(&self, secs: u32) -> Result<(), DatapathError> {
+    /// Changes the config in place (timeouts, GC interval).
+    fn update_config(&self, f: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
         let mut m = self.config_map()?;
         let mut v = m.get(&0, 0).map_err(bpf("reading config map"))?;
-        v.timeouts.gc_interval = secs.max(1);
+        f(&mut v);
         m.set(0, v, 0).map_err(bpf("writing config map"))
+    }
+
+    /// Sets only the collector interval (the hook's `--gc-interval`).
+    pub fn set_gc_interval(&self, secs: u32) -> Result<(), DatapathError> {
+        self.update_config(|c| c.timeouts.gc_interval = secs.max(1))
     }
 
     /// Sets the conntrack timeouts and GC interval every collector uses.
     pub fn set_timeouts(&self, t: Timeouts) -> Result<(), DatapathError> {
-        let mut m = self.config_map()?;
-        let mut v = m.get(&0, 0).map_err(bpf("reading config map"))?;
-        v.timeouts = t;
-        m.set(0, v, 0).map_err(bpf("writing config map"))
+        self.update_config(|c| c.timeouts = t)
     }
 
     /// The config the datapath runs with.
@@ -419,7 +421,8 @@ impl Datapath {
             return Ok(());
         }
         let mut m: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(self.map_data(maps::STATS)?)).map_err(bpf("stats map"))?;
+            PerCpuArray::try_from(aya::maps::Map::PerCpuArray(self.map_data(maps::STATS)?))
+                .map_err(bpf("stats map"))?;
         let mut v = m.get(&(stat as u32), 0).map_err(bpf("reading stats map"))?;
         let mut vals: Vec<u64> = v.iter().copied().collect();
         vals[0] += n;
@@ -710,41 +713,60 @@ fn load_and_pin(pins: &impl pins::PinLayout, ct_max: Option<u32>) -> Result<(), 
     if let Some(n) = ct_max {
         loader.map_max_entries(maps::CONNTRACK, n);
     }
-    let mut ebpf: Ebpf = loader
-        .load(OBJECT)
-        .map_err(bpf("loading eBPF object"))?;
-    for name in [
-        progs::UPLINK_EGRESS,
-        progs::UPLINK_INGRESS,
-        progs::PORT_INGRESS,
-    ] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
-            .try_into()
-            .map_err(bpf(format!("{name} is not a classifier")))?;
-        prog.load()
-            .map_err(bpf(format!("verifier rejected {name}")))?;
-        let pin = pins.prog(name);
-        let _ = fs::remove_file(&pin);
-        prog.pin(&pin)
-            .map_err(bpf(format!("pinning {}", pin.display())))?;
+    let mut ebpf: Ebpf = loader.load(OBJECT).map_err(bpf("loading eBPF object"))?;
+    for name in Pins::TC_PROGS {
+        let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+        load_pin(prog, name, &pins.prog(name))?;
     }
     for name in Pins::SOCK_PROGS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
-            .try_into()
-            .map_err(bpf(format!("{name} is not a cgroup/sock_addr program")))?;
-        prog.load()
-            .map_err(bpf(format!("verifier rejected {name}")))?;
-        let pin = pins.prog(name);
-        let _ = fs::remove_file(&pin);
-        prog.pin(&pin)
-            .map_err(bpf(format!("pinning {}", pin.display())))?;
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        load_pin(prog, name, &pins.prog(name))?;
     }
     restrict_pins(pins.root());
     Ok(())
+}
+
+/// A program of the object, as its concrete type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from object")))?
+        .try_into()
+        .map_err(bpf(format!("{name} has an unexpected program type")))
+}
+
+/// What loading and pinning need of a program, whatever its type.
+trait Loadable {
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError>;
+    fn pin_it(&mut self, path: &Path) -> Result<(), aya::pin::PinError>;
+}
+
+impl Loadable for SchedClassifier {
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+    fn pin_it(&mut self, path: &Path) -> Result<(), aya::pin::PinError> {
+        self.pin(path)
+    }
+}
+
+impl Loadable for CgroupSockAddr {
+    fn load_it(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+    fn pin_it(&mut self, path: &Path) -> Result<(), aya::pin::PinError> {
+        self.pin(path)
+    }
+}
+
+fn load_pin(prog: &mut impl Loadable, name: &str, pin: &Path) -> Result<(), DatapathError> {
+    prog.load_it()
+        .map_err(bpf(format!("verifier rejected {name}")))?;
+    let _ = fs::remove_file(pin);
+    prog.pin_it(pin)
+        .map_err(bpf(format!("pinning {}", pin.display())))
 }
 
 /// Pins are root-only: they allow rewriting any container's traffic.
@@ -778,9 +800,8 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     } else {
         dir.parent().unwrap_or(dir)
     };
-    let on_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-    };
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if on_bpffs(probe) {
         return Ok(());
     }

@@ -55,11 +55,20 @@ pub struct LinkInfo {
 }
 
 pub fn link_info(pin: &Path) -> std::io::Result<LinkInfo> {
-    let fd = obj_get(pin)?;
     let mut info = [0u32; 32];
+    info_by_pin(pin, &mut info)?;
+    Ok(LinkInfo {
+        ifindex: info[4],
+        cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
+    })
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a pinned object into `info`.
+fn info_by_pin(pin: &Path, info: &mut [u32]) -> std::io::Result<()> {
+    let fd = obj_get(pin)?;
     let attr = InfoByFdAttr {
         bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
+        info_len: size_of_val(info) as u32,
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: attr points at a buffer of info_len bytes that outlives the call.
@@ -74,10 +83,7 @@ pub fn link_info(pin: &Path) -> std::io::Result<LinkInfo> {
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(LinkInfo {
-        ifindex: info[4],
-        cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
-    })
+    Ok(())
 }
 
 #[repr(C)]
@@ -178,24 +184,7 @@ fn socket() -> std::io::Result<OwnedFd> {
 
 /// The id of a pinned program (`struct bpf_prog_info` starts with type, id).
 pub fn prog_id(pin: &Path) -> std::io::Result<u32> {
-    let fd = obj_get(pin)?;
     let mut info = [0u32; 64];
-    let attr = InfoByFdAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: attr points at a buffer of info_len bytes that outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoByFdAttr,
-            size_of::<InfoByFdAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    info_by_pin(pin, &mut info)?;
     Ok(info[1])
 }
