@@ -34,6 +34,16 @@ impl NamedNetns {
         c
     }
 
+    /// Waits until something listens on `proto` ("tcp"/"udp") `port` in this namespace.
+    pub fn wait_listen(&self, proto: &str, port: u16) {
+        crate::util::wait_listen(&[&format!("--net={}", self.path())], proto, port);
+    }
+
+    /// Waits until `ss ARGS` (with -H) lists a socket in this namespace.
+    pub fn wait_ss(&self, ss_args: &[&str]) {
+        crate::util::wait_ss(&[&format!("--net={}", self.path())], ss_args);
+    }
+
     /// `ip -n <this> ARGS`, must succeed.
     pub fn ip(&self, args: &[&str]) -> String {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))

@@ -20,6 +20,22 @@ impl Bundle {
     /// Builds a bundle whose hooks run `netns` with the topology's flags (through
     /// `args`, as a user would in config.json) plus `hook_env`.
     pub fn new(topo: &Topology, id: &str, annotations: &BTreeMap<String, String>, hook_env: &[(&str, &str)]) -> Bundle {
+        let mut args = vec!["netns".to_owned()];
+        args.extend(topo.flags());
+        let env: Vec<String> = hook_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let hook = serde_json::json!({
+            "path": netns_bin(),
+            "args": args,
+            "env": env,
+            "timeout": 60,
+        });
+        let hooks = serde_json::json!({ "prestart": [hook.clone()], "poststop": [hook] });
+        Self::with_hooks(topo, id, annotations, hooks)
+    }
+
+    /// Builds a bundle with these OCI `hooks` (any program: the harness's self-test
+    /// uses a shell script).
+    pub fn with_hooks(topo: &Topology, id: &str, annotations: &BTreeMap<String, String>, hooks: serde_json::Value) -> Bundle {
         let dir = topo.path(&format!("bundle-{id}"));
         let bin = dir.join("rootfs/bin");
         fs::create_dir_all(&bin).expect("rootfs");
@@ -42,16 +58,14 @@ impl Bundle {
                 caps.push("CAP_NET_RAW".into());
             }
         }
-        let mut args = vec!["netns".to_owned()];
-        args.extend(topo.flags());
-        let env: Vec<String> = hook_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let hook = serde_json::json!({
-            "path": netns_bin(),
-            "args": args,
-            "env": env,
-            "timeout": 60,
-        });
-        spec["hooks"] = serde_json::json!({ "prestart": [hook.clone()], "poststop": [hook] });
+        // `runc spec` gives the container a new network namespace: keep it (the hook
+        // fills it), and check rather than assume.
+        let namespaces = spec["linux"]["namespaces"].as_array().expect("linux.namespaces");
+        assert!(
+            namespaces.iter().any(|n| n["type"] == "network" && n.get("path").is_none()),
+            "runc spec must give a new network namespace: {namespaces:?}"
+        );
+        spec["hooks"] = hooks;
         spec["annotations"] = serde_json::to_value(annotations).expect("annotations");
         fs::write(&path, serde_json::to_vec_pretty(&spec).expect("json")).expect("write config.json");
         Bundle { dir }
@@ -80,6 +94,12 @@ impl<'t> Container<'t> {
     ) -> Result<Container<'t>, Output> {
         let id = unique("c");
         let bundle = Bundle::new(topo, &id, annotations, hook_env);
+        Self::start_bundle(topo, id, &bundle)
+    }
+
+    /// Starts container `id` from `bundle` (`runc run -d` in the host namespace);
+    /// Err(runc output) if runc or a prestart hook fails (the container is then deleted).
+    pub fn start_bundle(topo: &'t Topology, id: String, bundle: &Bundle) -> Result<Container<'t>, Output> {
         let root = topo.runc_root.display().to_string();
         // The detached container inherits runc's stdio: pipes would never see EOF, so
         // runc's (and the hook's) messages go to a file.
@@ -112,6 +132,11 @@ impl<'t> Container<'t> {
         let mut c = Command::new("nsenter");
         c.args(["-t", &self.pid.to_string(), "-n", program]);
         c
+    }
+
+    /// Waits until something listens on `proto` ("tcp"/"udp") `port` in the container.
+    pub fn wait_listen(&self, proto: &str, port: u16) {
+        crate::util::wait_listen(&["-t", &self.pid.to_string(), "-n"], proto, port);
     }
 
     /// `sh -c script` (host shell) inside the container's network namespace.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::ns::NamedNetns;
-use crate::util::{ChildGuard, netns_bin, output, run, unique};
+use crate::util::{ChildGuard, kill_with_arg, netns_bin, output, run, unique};
 
 pub const UPLINK: &str = "up0";
 pub const UPLINK_IP: &str = "198.51.100.2";
@@ -55,6 +55,12 @@ pub struct Topology {
     pub tag: String,
     /// Extra global flags for every netns call (hooks included).
     pub extra: Vec<String>,
+}
+
+impl Default for Topology {
+    fn default() -> Topology {
+        Topology::new()
+    }
 }
 
 impl Topology {
@@ -194,7 +200,7 @@ impl Drop for Topology {
             }
         }
         // The collector the hook started exits once the pins are gone; don't wait.
-        let _ = Command::new("pkill").arg("-f").arg(self.state_dir.display().to_string()).output();
+        kill_with_arg(&self.state_dir.display().to_string());
         let _ = fs::remove_dir_all(&self.bpffs_dir);
         if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
             let parent = self.cgroup.parent().map(Path::to_path_buf).unwrap_or_default();

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A short name unique to this process and call: interface and namespace names must
-/// stay within 15 bytes.
+/// A short name unique to this process and call (`<prefix><pid>x<n>`, hex; the `x`
+/// keeps pid and counter apart, so two processes never make the same name): at most
+/// 15 bytes for a short prefix, so it also fits an interface name.
 pub fn unique(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{:x}{n:x}", std::process::id() & 0xfffff)
+    format!("{prefix}{:x}x{n:x}", std::process::id())
 }
 
 /// The `netns` binary under test: `$NETNS_BIN`, or `target/<profile>/netns` next to
@@ -96,4 +97,93 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Pids of processes with `arg` as one of their arguments (or as the value of a
+/// `--flag=arg`), read from /proc: exact, unlike `pgrep -f`, and never this process.
+pub fn pids_with_arg(arg: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return pids };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let hit = cmdline.split(|b| *b == 0).any(|a| {
+            a == arg.as_bytes() || a.split(|b| *b == b'=').nth(1).is_some_and(|v| v == arg.as_bytes() && a.starts_with(b"--"))
+        });
+        if hit {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs the processes `pids_with_arg(arg)` finds (e.g. a collector started by a
+/// hook with this topology's unique state directory).
+pub fn kill_with_arg(arg: &str) {
+    for pid in pids_with_arg(arg) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Waits until something listens on `proto` ("tcp" or "udp") `port` in the network
+/// namespace `nsenter_args` selects (e.g. `["--net=/run/netns/X"]` or `["-t", PID, "-n"]`);
+/// panics after 15 s. Servers started in the background are ready after this, without
+/// guessing a sleep (CI machines are slow and busy).
+pub fn wait_listen(nsenter_args: &[&str], proto: &str, port: u16) {
+    let flag = match proto {
+        "tcp" => "-Hltn",
+        "udp" => "-Hlun",
+        other => panic!("wait_listen: unknown protocol {other}"),
+    };
+    wait_ss(nsenter_args, &[flag, &format!("sport = :{port}")]);
+}
+
+/// Waits until `ss ARGS` (which should include -H) lists a socket in the network
+/// namespace `nsenter_args` selects; panics after 15 s.
+pub fn wait_ss(nsenter_args: &[&str], ss_args: &[&str]) {
+    let ok = wait_for(Duration::from_secs(15), || {
+        let o = Command::new("nsenter").args(nsenter_args).arg("ss").args(ss_args).output().ok()?;
+        (o.status.success() && !o.stdout.is_empty()).then_some(())
+    });
+    assert!(ok.is_some(), "no socket for `ss {}` (nsenter {nsenter_args:?}) after 15 s", ss_args.join(" "));
+}
+
+/// Shell command: a TCP server on `port` answering every connection with
+/// `peer=<client address>` (socat; `-t 10` so that under load a slow fork + sh still
+/// gets its answer out after the client's half-close).
+pub fn tcp_who_server(port: u16) -> String {
+    format!("socat -t 10 TCP-LISTEN:{port},reuseaddr,fork SYSTEM:'echo peer=$SOCAT_PEERADDR'")
+}
+
+/// Shell command: connects to `addr:port` and prints what the server sends until it
+/// closes (`-u`: sends nothing, so no half-close race); gives up after 20 s.
+pub fn tcp_ask(addr: &str, port: u16) -> String {
+    format!("timeout 20 socat -u TCP:{addr}:{port} STDOUT")
+}
+
+/// Python: a UDP server on argv[1] answering every datagram with `peer=<address>`
+/// (one socket: socat's forking UDP server loses datagrams that arrive while it forks).
+pub const UDP_WHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    d, a = s.recvfrom(65535)
+    s.sendto(("peer=%s\n" % a[0]).encode(), a)
+"#;
+
+/// Shell command: sends a datagram to `addr:port` and prints the first answer; retries
+/// five times, one second apart (UDP may be lost; an empty output means no answer).
+pub fn udp_ask(addr: &str, port: u16) -> String {
+    let py = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\n\
+         s.connect((\"{addr}\",{port}))\nfor i in range(5):\n  s.send(b\"hi\")\n  try:\n    \
+         print(s.recv(1000).decode().strip()); break\n  except (socket.timeout, ConnectionRefusedError): pass"
+    );
+    format!("python3 -c '{py}'")
 }
