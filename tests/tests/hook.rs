@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
-use netns_tests::util::{sh, wait_for};
+use netns_tests::util::{ChildGuard, UDP_WHO, sh, tcp_ask, tcp_who_server, udp_ask, wait_for};
 use netns_tests::{Container, Topology};
 
 fn stdout(o: &std::process::Output) -> String {
@@ -23,8 +23,12 @@ fn two_containers_get_distinct_addresses_eth0_and_default_route() {
         assert!(ip.starts_with("172.19."), "{ip} not in 172.19.0.0/16");
         assert_ne!(ip, GATEWAY);
     }
-    let routes = stdout(&a.sh("ip route show default"));
-    assert!(routes.contains(&format!("default via {GATEWAY} dev eth0")), "{routes}");
+    for c in [&a, &b] {
+        let routes = stdout(&c.exec(&["ip", "route", "show", "default"]));
+        assert!(routes.contains(&format!("default via {GATEWAY} dev eth0")), "{}: {routes}", c.id);
+        let addr = stdout(&c.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]));
+        assert!(addr.contains(&format!("{}/16", c.ip())), "{}: {addr}", c.id);
+    }
     // The container sees eth0 up, and the host end is on the bridge.
     let link = stdout(&a.exec(&["ip", "link", "show", "eth0"]));
     assert!(link.contains("UP"), "{link}");
@@ -36,28 +40,52 @@ fn two_containers_get_distinct_addresses_eth0_and_default_route() {
     assert!(ids.contains(&a.id.as_str()) && ids.contains(&b.id.as_str()), "{ls:?}");
 }
 
+/// Counts ICMP echo requests arriving in its namespace until it has argv[1] of them
+/// (or 20 s pass), then prints "<count> <distinct sources>"; touches argv[2] when ready.
+const ICMP_WITNESS: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(0.5)
+open(sys.argv[2], "w").close()
+want, seen, end = int(sys.argv[1]), [], time.time() + 20
+while len(seen) < want and time.time() < end:
+    try: d, a = s.recvfrom(65535)
+    except socket.timeout: continue
+    if d[(d[0] & 15) * 4] == 8: seen.append(a[0])
+print(len(seen), " ".join(sorted(set(seen))))
+"#;
+
 #[test]
 fn tcp_udp_icmp_reach_the_wan_peer_which_sees_the_uplink_address() {
     let t = Topology::new();
     let a = Container::start(&t);
     let b = Container::start(&t);
-    let tcp = t.wan_spawn("socat TCP-LISTEN:7000,reuseaddr,fork SYSTEM:'echo peer=$SOCAT_PEERADDR'");
-    let udp = t.wan_spawn("socat UDP-RECVFROM:7001,reuseaddr,fork SYSTEM:'echo peer=$SOCAT_PEERADDR'");
-    std::thread::sleep(Duration::from_millis(300));
+    let tcp = t.wan_spawn(&tcp_who_server(7000));
+    let udp = ChildGuard::spawn(t.wan.cmd("python3").args(["-c", UDP_WHO, "7001"]));
+    t.wan.wait_listen("tcp", 7000);
+    t.wan.wait_listen("udp", 7001);
+    // The ICMP peer: a raw socket in wan that records the source of each echo request.
+    let ready = t.path("icmp-ready");
+    let icmp = ChildGuard::spawn(
+        t.wan.cmd("python3").args(["-c", ICMP_WITNESS, "4", &ready.display().to_string()]).stdout(std::process::Stdio::piped()),
+    );
+    assert!(wait_for(Duration::from_secs(15), || ready.exists().then_some(())).is_some(), "ICMP witness did not start");
     for c in [&a, &b] {
         let got = wait_for(Duration::from_secs(5), || {
-            let o = stdout(&c.sh(&format!("echo hi | timeout 2 socat - TCP:{WAN_IP}:7000")));
+            let o = stdout(&c.sh(&tcp_ask(WAN_IP, 7000)));
             o.contains("peer=").then_some(o)
         })
         .expect("TCP through SNAT");
         assert_eq!(got.trim(), format!("peer={UPLINK_IP}"));
-        let got = stdout(&c.sh(&format!("echo hi | timeout 2 socat - UDP:{WAN_IP}:7001")));
+        let got = stdout(&c.sh(&udp_ask(WAN_IP, 7001)));
         assert_eq!(got.trim(), format!("peer={UPLINK_IP}"), "UDP through SNAT");
         // ICMP echo from busybox ping inside the container itself.
         let ping = c.exec(&["ping", "-c", "2", "-W", "2", WAN_IP]);
         assert!(ping.status.success(), "ping: {}", stdout(&ping));
     }
-    // The wan side saw only the uplink address (tcpdump-free check: conntrack).
+    // The ICMP peer saw the echo requests of both containers, all from the uplink address.
+    let seen = stdout(&icmp.wait_output(Duration::from_secs(15)));
+    assert_eq!(seen.trim(), format!("4 {UPLINK_IP}"), "echo requests seen by the wan peer (count, sources)");
+    // And the datapath's conntrack has the ICMP flow translated to the uplink address.
     let ct = t.netns(&["conntrack", "ls", "--json"]);
     let flows: Vec<serde_json::Value> = serde_json::from_str(&ct).unwrap();
     assert!(flows.iter().any(|f| f["proto"] == "icmp" && f["translated"]["src"] == UPLINK_IP), "{ct}");
@@ -73,13 +101,13 @@ fn a_100_mb_tcp_transfer_arrives_intact_both_ways() {
     let want = sh(&format!("sha256sum < {}", file.display()));
     // Download: wan -> container.
     let _srv = t.wan_spawn(&format!("socat -u OPEN:{} TCP-LISTEN:7010,reuseaddr", file.display()));
-    std::thread::sleep(Duration::from_millis(300));
+    t.wan.wait_listen("tcp", 7010);
     let down = stdout(&a.sh(&format!("timeout 60 socat -u TCP:{WAN_IP}:7010 STDOUT | sha256sum")));
     assert_eq!(down, want, "download through reverse NAT corrupted");
     // Upload: container -> wan.
     let out = t.path("uploaded");
     let srv = t.wan_spawn(&format!("socat -u TCP-LISTEN:7011,reuseaddr CREATE:{}", out.display()));
-    std::thread::sleep(Duration::from_millis(300));
+    t.wan.wait_listen("tcp", 7011);
     let up = a.sh(&format!("timeout 60 socat -u OPEN:{} TCP:{WAN_IP}:7011", file.display()));
     assert!(up.status.success());
     let _ = srv.wait_output(Duration::from_secs(30));
@@ -92,13 +120,9 @@ fn containers_reach_each_other_over_the_bridge_untranslated() {
     let t = Topology::new();
     let a = Container::start(&t);
     let b = Container::start(&t);
-    let _srv = b.cmd("socat")
-        .args(["TCP-LISTEN:7020,reuseaddr,fork", "SYSTEM:echo peer=$SOCAT_PEERADDR"])
-        .spawn()
-        .map(netns_tests::util::ChildGuard)
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let got = stdout(&a.sh(&format!("echo hi | timeout 2 socat - TCP:{}:7020", b.ip())));
+    let _srv = ChildGuard::spawn(b.cmd("sh").arg("-c").arg(format!("exec {}", tcp_who_server(7020))));
+    b.wait_listen("tcp", 7020);
+    let got = stdout(&a.sh(&tcp_ask(&b.ip(), 7020)));
     assert_eq!(got.trim(), format!("peer={}", a.ip()));
 }
 
@@ -186,6 +210,8 @@ fn bad_state_json_gives_a_clear_error_and_leaves_nothing() {
         assert!(err.starts_with("netns: "), "{err}");
         assert!(err.contains(needle), "error for {input} should mention {needle:?}: {err}");
     }
-    assert!(!t.host.ip(&["-o", "link"]).contains("netns0"), "nothing created");
+    let links = t.host.ip(&["-o", "link"]);
+    assert_eq!(links.lines().count(), 2, "only lo and the uplink, no bridge or veth: {links}");
     assert!(!t.bpffs_dir.exists(), "no datapath loaded");
+    assert!(t.containers().is_empty(), "no lease");
 }

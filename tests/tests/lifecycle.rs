@@ -8,19 +8,13 @@ use std::process::Output;
 use std::time::Duration;
 
 use netns_tests::topo::{UPLINK_IP, WAN_IP};
-use netns_tests::util::{ChildGuard, sh, wait_for};
+use netns_tests::util::{ChildGuard, kill_with_arg, pids_with_arg, sh, wait_for};
 use netns_tests::{Container, Topology};
 
 fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
-/// Pids whose command line contains `pattern` (pgrep run without a shell, so it does
-/// not find itself).
-fn pgrep(pattern: &str) -> Vec<String> {
-    let o = std::process::Command::new("pgrep").args(["-f", pattern]).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect()
-}
 
 fn stats(t: &Topology) -> serde_json::Value {
     serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap()
@@ -37,10 +31,10 @@ fn the_datapath_outlives_every_process() {
     let t = Topology::new();
     let c = Container::start(&t);
     // No netns process left (the collector is the only long-lived one: stop it too).
-    let _ = std::process::Command::new("pkill").arg("-f").arg(t.state_dir.display().to_string()).status();
-    std::thread::sleep(Duration::from_millis(200));
-    let left = pgrep(&t.state_dir.display().to_string());
-    assert!(left.is_empty(), "netns processes still running: {left:?}");
+    let state_dir = t.state_dir.display().to_string();
+    kill_with_arg(&state_dir);
+    let left = wait_for(Duration::from_secs(5), || pids_with_arg(&state_dir).is_empty().then_some(()));
+    assert!(left.is_some(), "netns processes still running: {:?}", pids_with_arg(&state_dir));
     assert!(c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success(), "flows keep flowing");
     let st: serde_json::Value = serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
     assert_eq!(st["links"].as_array().unwrap().iter().filter(|l| l["attach"] != "cgroup").count(), 3, "{st}");
@@ -60,7 +54,8 @@ fn reload_keeps_established_snat_and_port_forward_flows() {
     let c_sink = ChildGuard::spawn(
         c.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:7300,reuseaddr STDOUT | wc -c").stdout(std::process::Stdio::piped()),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    t.wan.wait_listen("tcp", 7301);
+    c.wait_listen("tcp", 7300);
     let snat = ChildGuard::spawn(c.cmd("sh").arg("-c").arg(slow_stream(3, WAN_IP, 7301)));
     let dnat = t.wan_spawn(&format!("sh -c '{}'", slow_stream(3, UPLINK_IP, 8700)));
     std::thread::sleep(Duration::from_millis(800));
@@ -133,7 +128,10 @@ fn thirty_two_parallel_containers_get_distinct_addresses_and_work() {
     for c in containers.iter().step_by(4) {
         assert!(c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success(), "{} networking", c.id);
     }
-    let collectors = pgrep(&format!("{} .*gc --daemon", t.state_dir.display()));
+    let collectors: Vec<u32> = pids_with_arg(&t.state_dir.display().to_string())
+        .into_iter()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--daemon")))
+        .collect();
     assert_eq!(collectors.len(), 1, "one collector per state directory: {collectors:?}");
 }
 
@@ -143,10 +141,10 @@ fn spoofed_sources_are_dropped_and_counted() {
     let a = Container::start(&t);
     let b = Container::start(&t);
     let _srv = t.wan_spawn("socat UDP-RECVFROM:7400,reuseaddr,fork SYSTEM:'echo got'");
-    std::thread::sleep(Duration::from_millis(300));
+    t.wan.wait_listen("udp", 7400);
     // A foreign address (B's) on A's eth0: those packets and ARP claims are dropped.
     let before = stats(&t)["drop_spoofed_ip"].as_u64().unwrap();
-    a.sh(&format!("ip addr add 172.19.200.1/16 dev eth0"));
+    a.sh("ip addr add 172.19.200.1/16 dev eth0");
     let o = a.sh(&format!("echo x | timeout 2 socat -t 1 - UDP:{WAN_IP}:7400,bind=172.19.200.1"));
     assert_eq!(out(&o), "", "spoofed source must not get through");
     let after = stats(&t)["drop_spoofed_ip"].as_u64().unwrap();

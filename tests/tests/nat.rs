@@ -41,7 +41,7 @@ while True:
 
 fn wan_server(t: &Topology, script: &str, port: u16) -> ChildGuard {
     let g = ChildGuard::spawn(t.wan.cmd("python3").args(["-c", script, &port.to_string()]));
-    std::thread::sleep(Duration::from_millis(400));
+    t.wan.wait_listen(if script.contains("SOCK_DGRAM") { "udp" } else { "tcp" }, port);
     g
 }
 
@@ -87,7 +87,8 @@ fn a_host_socket_on_the_port_is_never_hijacked() {
     let host = ChildGuard::spawn(
         t.host.cmd("sh").arg("-c").arg(tcp_client(40001, WAN_IP, 7101)).stdout(std::process::Stdio::piped()),
     );
-    std::thread::sleep(Duration::from_millis(150));
+    // The host's connection must exist before the container's.
+    t.host.wait_ss(&["-Htn", "state", "established", "sport = :40001"]);
     let oc = out(&c.sh(&tcp_client(40001, WAN_IP, 7101)));
     let oh = out(&host.wait_output(Duration::from_secs(8)));
     assert_eq!(oh, format!("{UPLINK_IP}:40001 again"), "host flow intact");
@@ -111,14 +112,14 @@ fn tcp_states_and_expiry_with_short_timeouts() {
     t.netns(&["gc", "--timeouts", "tcp_syn=2,tcp_established=6,tcp_fin=2,tcp_close=2,udp=2,udp_stream=2,icmp=2"]);
     let _echo = wan_server(&t, UDP_ECHO, 7103);
     let _hold = t.wan_spawn("socat TCP-LISTEN:7109,reuseaddr,fork SYSTEM:'echo hi; sleep 60'");
-    std::thread::sleep(Duration::from_millis(300));
+    t.wan.wait_listen("tcp", 7109);
     // Established and idle: a connection held open by both ends.
     let held = ChildGuard::spawn(c.cmd("sh").arg("-c").arg(py(&format!(
         "import socket,time\ns=socket.create_connection((\"{WAN_IP}\",7109))\ns.recv(100)\ntime.sleep(30)"
     ))));
     // Closed: the server answers and closes at once.
     let _quick = t.wan_spawn("socat TCP-LISTEN:7110,reuseaddr,fork SYSTEM:'echo bye'");
-    std::thread::sleep(Duration::from_millis(300));
+    t.wan.wait_listen("tcp", 7110);
     c.sh(&format!("echo | timeout 3 socat -t 1 - TCP:{WAN_IP}:7110"));
     // UDP.
     c.sh(&format!("echo x | timeout 2 socat -t 1 - UDP:{WAN_IP}:7103"));
@@ -194,7 +195,7 @@ fn icmp_errors_reach_the_container() {
     let sink = ChildGuard::spawn(
         far.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:7200,reuseaddr STDOUT | wc -c").stdout(std::process::Stdio::piped()),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    far.wait_listen("tcp", 7200);
     let up = c.sh("head -c 300000 /dev/zero | timeout 20 socat -u - TCP:203.0.113.1:7200");
     assert!(up.status.success(), "upload across the smaller MTU");
     assert_eq!(out(&sink.wait_output(Duration::from_secs(10))), "300000");
@@ -247,11 +248,11 @@ fn fragmented_udp_through_snat_and_a_port_forward_also_out_of_order() {
     // Port forward, in order.
     let _cecho = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_ECHO, "7106"]));
     t.netns(&["port", "add", &c.id, "8600:7106/udp", "8601:7107/udp"]);
-    std::thread::sleep(Duration::from_millis(300));
+    c.wait_listen("udp", 7106);
     assert_eq!(out(&t.wan_sh(&format!("python3 -c '{}' {UPLINK_IP} 8600", UDP_BIG.replace('\'', "\"")))), "True 4000");
     // Port forward, fragments in reverse order from a raw socket.
     let sink = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_SINK, "7107"]).stdout(std::process::Stdio::piped()));
-    std::thread::sleep(Duration::from_millis(300));
+    c.wait_listen("udp", 7107);
     let sent = out(&t.wan.cmd("python3").args(["-c", FRAG_REVERSED, WAN_IP, UPLINK_IP, "8601"]).output().unwrap());
     let got = out(&sink.wait_output(Duration::from_secs(10)));
     assert_eq!(got, sent, "reassembled datagram intact");

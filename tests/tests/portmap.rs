@@ -29,9 +29,10 @@ while True:
 /// TCP and UDP servers on `port` in the container that answer with the peer address.
 fn servers(c: &Container<'_>, port: u16, tag: &str) -> [ChildGuard; 2] {
     let reply = format!("SYSTEM:echo {tag} peer=$SOCAT_PEERADDR");
-    let tcp = ChildGuard::spawn(c.cmd("socat").args([&format!("TCP-LISTEN:{port},reuseaddr,fork"), reply.as_str()]));
+    let tcp = ChildGuard::spawn(c.cmd("socat").args(["-t", "10", &format!("TCP-LISTEN:{port},reuseaddr,fork"), reply.as_str()]));
     let udp = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_SERVER, &port.to_string(), tag]));
-    std::thread::sleep(Duration::from_millis(400));
+    c.wait_listen("tcp", port);
+    c.wait_listen("udp", port);
     [tcp, udp]
 }
 
@@ -175,7 +176,7 @@ fn removing_a_mapping_stops_new_connections_and_spares_other_flows() {
     let sink = ChildGuard::spawn(
         c.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:81,reuseaddr STDOUT | wc -c").stdout(std::process::Stdio::piped()),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    c.wait_listen("tcp", 81);
     t.netns(&["port", "add", &c.id, "8300:80/tcp", "8301:81/tcp"]);
     expect(|| t.wan_sh(&tcp(UPLINK_IP, 8300)), &format!("c peer={WAN_IP}"));
     let flow = t.wan_spawn(&format!(
@@ -230,7 +231,7 @@ fn mapped_ports_are_reserved_and_busy_ports_reported() {
     assert!(err.contains("Operation not permitted"), "bind of a mapped port must fail: {err}");
     // A port a host socket holds cannot be mapped.
     let _busy = ChildGuard::spawn(t.host.cmd("socat").args(["TCP-LISTEN:8501,reuseaddr", "-"]));
-    std::thread::sleep(Duration::from_millis(300));
+    t.host.wait_listen("tcp", 8501);
     let o = t.netns_cmd(&["port", "add", &c.id, "8501:80/tcp"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("in use on the host"));
