@@ -19,9 +19,12 @@ pub const IPROUTE2_NETNS_DIR: &str = "/run/netns";
     long_about = "OCI prestart/poststop hook giving runc containers a bridge network with eBPF NAT.\n\
                   Without a command, runs as an OCI hook: reads the container state JSON on stdin;\n\
                   status \"creating\"/\"created\" sets the network up, \"stopped\" tears it down.",
-    after_long_help = "Testing aid: NETNS_FAIL_AT=<step> makes prestart fail after that step \
+    after_long_help = "Testing aids: NETNS_FAIL_AT=<step> makes prestart fail after that step \
                        (bridge, ip-forward, ipam, veth, container-net, datapath-load, attach-port, \
-                       add-endpoint, persist) so that tests can check the rollback."
+                       add-endpoint, port-map, persist) so that tests can check the rollback; \
+                       NETNS_KILL_AT=<step> makes the hook SIGKILL itself after that step (no \
+                       rollback), so that tests can check that `netns gc` and the next prestart \
+                       reconcile what a crash leaves."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -123,8 +126,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove expired conntrack entries: once, or every --interval seconds until the
-    /// datapath is unloaded.
+    /// Remove expired conntrack entries and reconcile the state directory (tear down
+    /// and release what belongs to containers that no longer exist; remove port
+    /// forwards, endpoints, host veths and port links no lease owns): once, or every
+    /// --interval seconds until the datapath is unloaded.
     Gc(GcArgs),
     /// Inspect and manage the pinned datapath.
     #[command(subcommand)]
@@ -172,6 +177,9 @@ pub struct GcArgs {
     /// Detach from the terminal (used by the hook to start the collector).
     #[arg(long, requires = "interval")]
     pub daemon: bool,
+    /// One sweep's report as JSON (`conntrack` and `reconcile` objects).
+    #[arg(long, conflicts_with = "interval")]
+    pub json: bool,
     /// Set the conntrack timeouts (seconds) all collectors use, e.g.
     /// `tcp_syn=120,tcp_established=432000,tcp_fin=120,tcp_close=10,udp=30,udp_stream=120,icmp=30`.
     #[arg(long)]

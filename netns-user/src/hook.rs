@@ -10,8 +10,13 @@
 //!
 //! Testing aid: `NETNS_FAIL_AT=<step>` (see [`Step::name`]) makes prestart fail right
 //! after that step has done its work and registered its undo, so tests can prove that
-//! rollback leaves nothing behind. An unknown step name is an error, so a typo cannot
-//! make such a test pass vacuously.
+//! rollback leaves nothing behind. `NETNS_KILL_AT=<step>` instead makes the hook
+//! SIGKILL itself right after that step, so no rollback runs: what it leaves is what a
+//! crash leaves, for reconcile ([`crate::reconcile`]) to clean. An unknown step name is
+//! an error, so a typo cannot make such a test pass vacuously.
+//!
+//! Every prestart first reconciles leases whose container pid is dead (cheap /proc
+//! checks), so leaks heal without anyone running `netns gc`.
 
 use std::fmt;
 use std::fs::File;
@@ -25,10 +30,15 @@ use crate::ipam::{self, IpamError, Lease, LeaseRequest};
 use crate::network::{self, Netlink, NetworkError, Uplink, bridge, sysctl, veth};
 use crate::oci::{OciError, Phase, State};
 use crate::portmap::{self, Mapping};
+use crate::reconcile;
 use crate::store::{Locked, Store, StoreError};
 
 /// Environment variable naming the prestart step to fail (testing aid).
 pub const FAIL_AT_ENV: &str = "NETNS_FAIL_AT";
+
+/// Environment variable naming the prestart step after which the hook SIGKILLs itself
+/// (testing aid: a crash, no rollback).
+pub const KILL_AT_ENV: &str = "NETNS_KILL_AT";
 
 /// Prestart steps, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +137,8 @@ pub enum HookError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Ipam(#[from] IpamError),
-    #[error("{FAIL_AT_ENV}={0:?} names no prestart step (steps: {steps})", steps = step_names())]
-    UnknownFailStep(String),
+    #[error("{var}={value:?} names no prestart step (steps: {steps})", steps = step_names())]
+    UnknownStep { var: &'static str, value: String },
     #[error("container {id}")]
     Setup {
         id: String,
@@ -169,12 +179,12 @@ pub fn run(g: &GlobalArgs, st: &State) -> Result<(), HookError> {
     }
 }
 
-fn fail_at_from_env() -> Result<Option<Step>, HookError> {
-    match std::env::var(FAIL_AT_ENV) {
+fn step_from_env(var: &'static str) -> Result<Option<Step>, HookError> {
+    match std::env::var(var) {
         Ok(s) if s.is_empty() => Ok(None),
-        Ok(s) => Step::from_name(&s)
+        Ok(value) => Step::from_name(&value)
             .map(Some)
-            .ok_or(HookError::UnknownFailStep(s)),
+            .ok_or(HookError::UnknownStep { var, value }),
         Err(_) => Ok(None),
     }
 }
@@ -192,17 +202,23 @@ enum Undo {
 struct Prestart<'a> {
     g: &'a GlobalArgs,
     id: &'a str,
-    annotations: &'a std::collections::BTreeMap<String, String>,
+    /// The `netns.ports` annotation, parsed and checked before anything is made.
+    ports: Option<Vec<portmap::PortSpec>>,
     pid: u32,
     lock: &'a Locked<'a>,
     nl: Netlink,
     fail_at: Option<Step>,
+    kill_at: Option<Step>,
+    /// Start time and network-namespace inode of `pid`, recorded in the lease.
+    pid_start: Option<u64>,
+    netns_ino: Option<u64>,
     undo: Vec<Undo>,
     dp: Option<Datapath>,
 }
 
 pub fn prestart(g: &GlobalArgs, st: &State) -> Result<(), HookError> {
-    let fail_at = fail_at_from_env()?;
+    let fail_at = step_from_env(FAIL_AT_ENV)?;
+    let kill_at = step_from_env(KILL_AT_ENV)?;
     let id = st.id.as_str();
     let pid = st.live_pid()?;
     let setup = |source: StepError| HookError::Setup {
@@ -210,6 +226,13 @@ pub fn prestart(g: &GlobalArgs, st: &State) -> Result<(), HookError> {
         source,
     };
     let ns = network::open_container_netns(pid).map_err(|e| setup(e.into()))?;
+    // What identifies this container for reconcile: the pid's start time (pid reuse)
+    // and its namespace, read after opening the namespace so both are the same process's.
+    let netns_ino = ns
+        .metadata()
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let pid_start = reconcile::pid_start_time_in(std::path::Path::new("/proc"), pid);
     let store = Store::open(&g.state_dir)?;
     let lock = store.lock()?;
     let rt = network::runtime().map_err(|e| setup(e.into()))?;
@@ -218,17 +241,50 @@ pub fn prestart(g: &GlobalArgs, st: &State) -> Result<(), HookError> {
         let mut p = Prestart {
             g,
             id,
-            annotations: &st.annotations,
+            ports: None,
             pid,
             lock: &lock,
             nl,
             fail_at,
+            kill_at,
+            pid_start,
+            netns_ino,
             undo: Vec::new(),
             dp: None,
         };
+        // Heal what dead containers left (a lost poststop, a killed hook) before
+        // allocating: cheap unless something is actually dead.
+        match reconcile::run(
+            g,
+            &lock,
+            &p.nl,
+            reconcile::Mode::DeadPids { skip: Some(id) },
+        )
+        .await
+        {
+            Ok(r) => {
+                for l in r.lines() {
+                    log::warn!("reconcile: {l}");
+                }
+            }
+            Err(e) => log::warn!(
+                "reconcile before prestart failed: {}",
+                crate::error_chain(&e)
+            ),
+        }
         if p.already_done().await.map_err(setup)? {
             log::debug!("container {id}: already set up, nothing to do");
             return Ok(());
+        }
+        // Bad or colliding port forwards fail here, before anything is made. The port-map
+        // step validates again (the host's sockets may change in between).
+        if let Some(spec) = st.annotations.get(portmap::ANNOTATION) {
+            let specs = portmap::parse_list(spec).map_err(|e| setup(e.into()))?;
+            let new = portmap::expand(id, Ipv4Addr::UNSPECIFIED, &specs);
+            portmap::load_table(&lock)
+                .and_then(|t| portmap::validate(&t, &new, true))
+                .map_err(|e| setup(e.into()))?;
+            p.ports = Some(specs);
         }
         let ns_nl = Netlink::in_netns(&ns).map_err(|e| setup(e.into()))?;
         network::check_fresh_netns(&ns_nl, pid, &[])
@@ -269,6 +325,13 @@ impl Prestart<'_> {
         if self.fail_at == Some(step) {
             return Err((step, StepError::Injected(step)));
         }
+        if self.kill_at == Some(step) {
+            log::warn!(
+                "container {}: {KILL_AT_ENV}={step}: killing myself",
+                self.id
+            );
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
         log::debug!("container {}: step {step} done", self.id);
         Ok(())
     }
@@ -283,6 +346,7 @@ impl Prestart<'_> {
         let veth = self.nl.link_by_name(&lease.host_veth).await?;
         if lease.complete
             && lease.pid == self.pid
+            && (lease.pid_start.is_none() || lease.pid_start == self.pid_start)
             && veth.as_ref().is_some_and(|l| l.index == lease.host_ifindex)
         {
             return Ok(true);
@@ -330,14 +394,22 @@ impl Prestart<'_> {
         let host_veth = veth::host_veth_name(self.pid);
         let req = LeaseRequest {
             pid: self.pid,
+            pid_start: self.pid_start,
+            netns_ino: self.netns_ino,
             host_veth: host_veth.clone(),
             bridge: g.bridge.clone(),
         };
         let (mut lease, _) =
             ipam::allocate(self.lock, gw, self.id, req).map_err(|e| (step, e.into()))?;
         self.undo.push(Undo::Lease);
-        if lease.pid != self.pid || lease.host_veth != host_veth {
+        if lease.pid != self.pid
+            || lease.host_veth != host_veth
+            || lease.pid_start != self.pid_start
+            || lease.netns_ino != self.netns_ino
+        {
             lease.pid = self.pid;
+            lease.pid_start = self.pid_start;
+            lease.netns_ino = self.netns_ino;
             lease.host_veth.clone_from(&host_veth);
             lease.host_ifindex = 0;
             lease.created_unix = ipam::now_unix();
@@ -398,7 +470,8 @@ impl Prestart<'_> {
             ct_max: g.ct_max,
         };
         let dp = Datapath::ensure_loaded(&cfg).map_err(|e| (step, e.into()))?;
-        dp.set_gc_interval(g.gc_interval).map_err(|e| (step, e.into()))?;
+        dp.set_gc_interval(g.gc_interval)
+            .map_err(|e| (step, e.into()))?;
         if let Some(cg) = crate::cgroup::resolve(&g.cgroup).map_err(|e| (step, e.into()))? {
             dp.attach_cgroup(&cg).map_err(|e| (step, e.into()))?;
         }
@@ -426,11 +499,10 @@ impl Prestart<'_> {
         self.check(step)?;
 
         let step = Step::PortMap;
-        if let Some(spec) = self.annotations.get(portmap::ANNOTATION) {
-            let specs = portmap::parse_list(spec).map_err(|e| (step, e.into()))?;
+        if let Some(specs) = &self.ports {
             let dp = self.dp.as_ref().expect("loaded above");
-            let added =
-                portmap::add(self.lock, dp, self.id, lease.ip, &specs).map_err(|e| (step, e.into()))?;
+            let added = portmap::add(self.lock, dp, self.id, lease.ip, specs)
+                .map_err(|e| (step, e.into()))?;
             log::debug!("container {}: {} port forward(s)", self.id, added.len());
             self.undo.push(Undo::PortMaps(added));
         }
@@ -450,7 +522,9 @@ impl Prestart<'_> {
         let mut failures = 0;
         while let Some(u) = self.undo.pop() {
             let r: Result<(), StepError> = match &u {
-                Undo::PortMaps(ms) => portmap::remove(self.lock, self.dp.as_ref(), ms).map_err(Into::into),
+                Undo::PortMaps(ms) => {
+                    portmap::remove(self.lock, self.dp.as_ref(), ms).map_err(Into::into)
+                }
                 Undo::Endpoint(ip) => match self.dp.as_mut() {
                     Some(dp) => dp.remove_endpoint(*ip).map_err(Into::into),
                     None => Ok(()),
@@ -482,7 +556,7 @@ impl Prestart<'_> {
 
 /// Removes the datapath entries and the veth of a lease (not the lease itself);
 /// returns how many parts failed (each is logged). Missing parts are not failures.
-async fn teardown(
+pub(crate) async fn teardown(
     g: &GlobalArgs,
     lock: &Locked<'_>,
     id: &str,
@@ -522,8 +596,15 @@ async fn teardown(
             if let Err(e) = portmap::remove_container(lock, Some(&dp), id) {
                 fail("removing port forwards", &e);
             }
-            if let Err(e) = dp.remove_endpoint(lease.ip) {
-                fail("removing the datapath endpoint", &e);
+            // An endpoint never added (prestart died before) is not a failure;
+            // remove_endpoint itself reports a missing key as one.
+            match reconcile::endpoint_ips(&dp) {
+                Ok(ips) if !ips.contains(&lease.ip) => {}
+                _ => {
+                    if let Err(e) = dp.remove_endpoint(lease.ip) {
+                        fail("removing the datapath endpoint", &e);
+                    }
+                }
             }
             if let Some(p) = port
                 && let Err(e) = dp.detach_port(p)
@@ -587,7 +668,10 @@ mod tests {
             assert_eq!(Step::from_name(s.name()), Some(s));
         }
         assert_eq!(Step::from_name("nope"), None);
-        let e = HookError::UnknownFailStep("nope".into());
+        let e = HookError::UnknownStep {
+            var: KILL_AT_ENV,
+            value: "nope".into(),
+        };
         assert!(e.to_string().contains("datapath-load"), "{e}");
     }
 

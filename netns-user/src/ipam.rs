@@ -43,8 +43,16 @@ pub struct Lease {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
-    /// Container pid at prestart (informational: teardown never relies on it).
+    /// Container pid at prestart (teardown never relies on it; reconcile checks it is
+    /// still the same process in the same namespace).
     pub pid: u32,
+    /// Start time of `pid` (clock ticks after boot, /proc/<pid>/stat field 22): a pid
+    /// reused by another process has another start time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
+    /// Inode of the container's network namespace (/proc/<pid>/ns/net).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_ino: Option<u64>,
     /// Host end of the veth; known before it is created, so a crashed prestart can
     /// still be cleaned up.
     pub host_veth: String,
@@ -65,6 +73,8 @@ pub struct Lease {
 #[derive(Debug, Clone)]
 pub struct LeaseRequest {
     pub pid: u32,
+    pub pid_start: Option<u64>,
+    pub netns_ino: Option<u64>,
     pub host_veth: String,
     pub bridge: String,
 }
@@ -122,6 +132,8 @@ pub fn allocate(
         prefix_len: gw.prefix_len,
         gateway: gw.addr,
         pid: req.pid,
+        pid_start: req.pid_start,
+        netns_ino: req.netns_ino,
         host_veth: req.host_veth,
         host_ifindex: 0,
         mac: None,
@@ -195,6 +207,8 @@ mod tests {
     fn req(pid: u32) -> LeaseRequest {
         LeaseRequest {
             pid,
+            pid_start: None,
+            netns_ino: None,
             host_veth: format!("netnsv0-{pid}"),
             bridge: "netns0".into(),
         }

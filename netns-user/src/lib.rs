@@ -1,5 +1,6 @@
 //! netns: an OCI runtime hook giving runc containers a bridge network with eBPF NAT.
 
+pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod commands;
@@ -9,6 +10,7 @@ pub mod ipam;
 pub mod network;
 pub mod oci;
 pub mod portmap;
+pub mod reconcile;
 pub mod store;
 
 /// An error and its sources joined by ": ", skipping a source whose text the message

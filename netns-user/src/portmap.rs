@@ -292,7 +292,10 @@ pub fn remove(
     if let Some(dp) = dp {
         uninstall(dp, ms)?;
     }
-    let gone: HashSet<(Proto, u16, Option<Ipv4Addr>)> = ms.iter().map(|m| (m.proto, m.host_port, m.host_ip)).collect();
+    let gone: HashSet<(Proto, u16, Option<Ipv4Addr>)> = ms
+        .iter()
+        .map(|m| (m.proto, m.host_port, m.host_ip))
+        .collect();
     let mut table = load_table(lock)?;
     table.retain(|t| !gone.contains(&(t.proto, t.host_port, t.host_ip)));
     save_table(lock, &table)
@@ -434,7 +437,8 @@ pub fn uninstall(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
     let mut map = dp.ports()?;
     for m in ms {
         match map.remove(&m.key()) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if crate::reconcile::map_key_absent(&e) => {}
             Err(e) => {
                 return Err(DatapathError::Bpf(format!(
                     "removing port map entry {}: {e}",

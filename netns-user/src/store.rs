@@ -62,6 +62,17 @@ impl Store {
             Ok(()) => {}
             Err(e) => return Err(io_err("creating state directory", dir)(e)),
         }
+        // A directory made by someone else keeps its mode (it may be shared, such as
+        // /tmp); the files in it are 0600 whatever it is.
+        if let Ok(m) = fs::metadata(dir)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            log::warn!(
+                "state directory {} has mode {:o}: other users can list it (use a 0700 directory)",
+                dir.display(),
+                m.permissions().mode() & 0o7777
+            );
+        }
         Ok(Store {
             dir: dir.to_owned(),
         })
@@ -107,6 +118,13 @@ impl Store {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .map_err(io_err("opening lock file", &path))?;
+        // An older file may have been left wider.
+        if f.metadata()
+            .is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+            && let Err(e) = f.set_permissions(fs::Permissions::from_mode(0o600))
+        {
+            log::warn!("could not make {} mode 600: {e}", path.display());
+        }
         let flock = Flock::lock(f, arg).map_err(|(_, e)| io_err("locking", &path)(e.into()))?;
         Ok(Locked {
             store: self,

@@ -1,8 +1,9 @@
 //! `netns [hook]`: the OCI hook, state JSON on stdin.
 
 use super::CommandError;
+use crate::caps::Need;
 use crate::cli::GlobalArgs;
-use crate::oci::State;
+use crate::oci::{Phase, State};
 
 pub fn run(g: &GlobalArgs) -> Result<(), CommandError> {
     let st = State::from_reader(std::io::stdin().lock())?;
@@ -12,5 +13,10 @@ pub fn run(g: &GlobalArgs) -> Result<(), CommandError> {
         st.status,
         st.pid
     );
+    let (what, need) = match st.phase()? {
+        Phase::Prestart => ("the prestart hook", Need::PRESTART),
+        Phase::Poststop => ("the poststop hook", Need::DATAPATH),
+    };
+    crate::caps::require(what, need)?;
     Ok(crate::hook::run(g, &st)?)
 }

@@ -45,11 +45,23 @@ pub enum CommandError {
     Timeouts(String),
     #[error("starting the collector")]
     Daemon(#[source] std::io::Error),
+    #[error(transparent)]
+    Caps(#[from] crate::caps::CapError),
+    #[error(transparent)]
+    Reconcile(#[from] crate::reconcile::ReconcileError),
+    #[error(
+        "reconcile left {0} item(s) it could not clean (see above); they are retried next time"
+    )]
+    ReconcileIncomplete(usize),
 }
 
 /// Runs the parsed command line; no command means `hook`.
 pub fn run(cli: Cli) -> Result<(), CommandError> {
-    match cli.command.unwrap_or(Command::Hook) {
+    let cmd = cli.command.unwrap_or(Command::Hook);
+    if let Some(what) = needs_datapath_caps(&cmd) {
+        crate::caps::require(what, crate::caps::Need::DATAPATH)?;
+    }
+    match cmd {
         Command::Hook => hook::run(&cli.global),
         Command::Ls { json } => ls::run(&cli.global, json),
         Command::Version => version::run(),
@@ -59,5 +71,19 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
         Command::Stats { json } => stats::run(&cli.global, json),
         Command::Gc(ref a) => gc::run(&cli.global, a),
         Command::Datapath(ref c) => datapath::run(&cli.global, c),
+    }
+}
+
+/// The commands that touch the datapath or the network, by name; `ls` and `version`
+/// read only the state directory. The hook checks per phase once it has read stdin.
+fn needs_datapath_caps(cmd: &Command) -> Option<&'static str> {
+    match cmd {
+        Command::Hook | Command::Ls { .. } | Command::Version => None,
+        Command::Load { .. } => Some("netns load"),
+        Command::Port(_) => Some("netns port"),
+        Command::Conntrack(_) => Some("netns conntrack"),
+        Command::Stats { .. } => Some("netns stats"),
+        Command::Gc(_) => Some("netns gc"),
+        Command::Datapath(_) => Some("netns datapath"),
     }
 }

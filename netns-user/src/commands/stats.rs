@@ -8,7 +8,11 @@ use crate::datapath::Datapath;
 
 pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
     let dp = Datapath::open_required(&g.bpffs_dir)?;
-    let mut stats: Vec<(String, u64, bool)> = dp.stats()?.into_iter().map(|(s, v)| (s.name().to_owned(), v, s.is_drop())).collect();
+    let mut stats: Vec<(String, u64, bool)> = dp
+        .stats()?
+        .into_iter()
+        .map(|(s, v)| (s.name().to_owned(), v, s.is_drop()))
+        .collect();
     let entries = dp.conntrack_entries()?.len() as u64;
     stats.push(("ct_entries".into(), entries, false));
     stats.push(("ct_evicted".into(), dp.ct_evictions()?, false));

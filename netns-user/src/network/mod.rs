@@ -29,6 +29,8 @@ pub enum NetworkError {
     NoMac(&'static str),
     #[error("no interface named {0}")]
     NoSuchLink(String),
+    #[error("uplink {0} (--uplink/NETNS_UPLINK) does not exist in the hook's network namespace")]
+    NoUplink(String),
     #[error(
         "no IPv4 default route in this network namespace to pick the uplink from; pass --uplink"
     )]
@@ -128,7 +130,7 @@ pub async fn uplink(nl: &Netlink, name: Option<&str>) -> Result<Uplink, NetworkE
         Some(n) => nl
             .link_by_name(n)
             .await?
-            .ok_or_else(|| NetworkError::NoSuchLink(n.to_owned()))?,
+            .ok_or_else(|| NetworkError::NoUplink(n.to_owned()))?,
         None => {
             let idx = nl
                 .default_route_ifindex()

@@ -41,7 +41,11 @@ fn reserve_in(path: &Path, min: u16, max: u16) -> Result<bool, SysctlError> {
     if covered {
         return Ok(false);
     }
-    let new = if cur.trim().is_empty() { format!("{min}-{max}\n") } else { format!("{},{min}-{max}\n", cur.trim()) };
+    let new = if cur.trim().is_empty() {
+        format!("{min}-{max}\n")
+    } else {
+        format!("{},{min}-{max}\n", cur.trim())
+    };
     std::fs::write(path, new).map_err(err("writing"))?;
     Ok(true)
 }
@@ -74,7 +78,10 @@ mod tests {
         std::fs::write(&f, "22,8000-9000\n").unwrap();
         assert!(!reserve_in(&f, 8100, 8200).unwrap());
         assert!(reserve_in(&f, 61000, 61010).unwrap());
-        assert_eq!(std::fs::read_to_string(&f).unwrap(), "22,8000-9000,61000-61010\n");
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap(),
+            "22,8000-9000,61000-61010\n"
+        );
     }
 
     #[test]

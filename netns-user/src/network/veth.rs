@@ -27,6 +27,15 @@ pub fn host_veth_name(pid: u32) -> String {
     }
 }
 
+/// Could `name` be a host end [`host_veth_name`] made (for any pid)?
+pub fn is_host_veth_name(name: &str) -> bool {
+    if let Some(pid) = name.strip_prefix(HOST_PREFIX) {
+        return !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    }
+    name.strip_prefix("nsv")
+        .is_some_and(|h| !h.is_empty() && h.len() <= 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Creates the pair with the peer made directly inside the container's namespace
 /// (`ns`, an open `/proc/<pid>/ns/net`), so `eth0` never appears on the host.
 /// Returns the host end's ifindex.
@@ -105,5 +114,19 @@ mod tests {
         assert_eq!(host_veth_name(4_194_304), "netnsv0-4194304");
         assert!(host_veth_name(4_194_304).len() <= 15);
         assert_eq!(host_veth_name(u32::MAX), "nsvffffffff");
+        for n in ["netnsv0-4370", "nsvffffffff", &host_veth_name(7)] {
+            assert!(is_host_veth_name(n), "{n}");
+        }
+        for n in [
+            "netnsv0-",
+            "netnsv0-12a",
+            "netns0",
+            "eth0",
+            "nsv",
+            "nsvxyz",
+            "veth123",
+        ] {
+            assert!(!is_host_veth_name(n), "{n}");
+        }
     }
 }
