@@ -1,78 +1,166 @@
 //! `cargo xtask demo`: two real runc containers with the netns hooks, in private
 //! namespaces (a "host" with an uplink to a "wan" namespace), showing masquerade,
 //! a port forward, conntrack and teardown. Nothing touches the machine's own network.
+//!
+//! Everything it creates is owned by RAII guards (topology, containers, servers), so it
+//! is removed when a step fails and on Ctrl-C / SIGTERM / SIGHUP: the signal handler
+//! only sets a flag, the running step's child processes end (Ctrl-C reaches them too),
+//! and the next check returns an error that unwinds through the guards.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use netns_tests::topo::{UPLINK_IP, WAN_IP};
+use anyhow::{bail, ensure};
+use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
+use netns_tests::util::{ChildGuard, tcp_who_server};
 use netns_tests::{Container, Topology};
 
-fn show(title: &str, out: &std::process::Output) {
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C" {
+    fn signal(signum: i32, handler: usize) -> usize;
+}
+
+extern "C" fn on_signal(_: i32) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    // SIGHUP, SIGINT, SIGTERM. The handler only stores to an atomic: async-signal-safe.
+    for s in [1, 2, 15] {
+        // SAFETY: installing a handler that only touches an atomic.
+        unsafe { signal(s, on_signal as *const () as usize) };
+    }
+}
+
+fn check() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted: tearing everything down");
+    }
+    Ok(())
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn show(title: &str, out: &Output) -> anyhow::Result<()> {
+    check()?;
     println!("\n\x1b[1m$ {title}\x1b[0m");
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", text(out));
     let err = String::from_utf8_lossy(&out.stderr);
     if !err.trim().is_empty() {
         print!("{err}");
     }
+    Ok(())
 }
 
-fn step(s: &str) {
+fn step(s: &str) -> anyhow::Result<()> {
+    check()?;
     println!("\n\x1b[1;34m== {s}\x1b[0m");
+    Ok(())
+}
+
+fn runc_err(o: Output) -> anyhow::Error {
+    anyhow::anyhow!("runc run (and its prestart hook) failed:\n{}", String::from_utf8_lossy(&o.stderr))
 }
 
 pub fn run(bin: &Path) -> anyhow::Result<()> {
     // SAFETY: single-threaded at this point; the harness reads NETNS_BIN.
     unsafe { std::env::set_var("NETNS_BIN", bin) };
-    step("private topology: host namespace with uplink up0 198.51.100.2/24 -> wan namespace 198.51.100.1/24");
+    install_signal_handlers();
+    let result = demo();
+    match &result {
+        Ok(()) => println!("\n\x1b[1;32mdemo ok\x1b[0m: containers, namespaces, pins and state removed"),
+        Err(e) => eprintln!("\n\x1b[1;31mdemo failed\x1b[0m: {e:#}\n(everything it created has been removed)"),
+    }
+    result
+}
+
+fn demo() -> anyhow::Result<()> {
+    step("private topology: host namespace with uplink up0 198.51.100.2/24 -> wan namespace 198.51.100.1/24")?;
     let t = Topology::new();
-    println!("host netns {}, wan netns {}, state {}, pins {}", t.host.name, t.wan.name, t.state_dir.display(), t.bpffs_dir.display());
-
-    step("a web server in the wan namespace that tells clients who they are");
-    let _web = t.wan_spawn(
-        "socat TCP-LISTEN:8000,reuseaddr,fork SYSTEM:'printf \"HTTP/1.0 200 OK\\r\\n\\r\\nhello from the wan; you came from $SOCAT_PEERADDR\\n\"'",
+    println!(
+        "host netns {}, wan netns {}\nstate dir {}\nbpffs pins {}",
+        t.host.name,
+        t.wan.name,
+        t.state_dir.display(),
+        t.bpffs_dir.display()
     );
-    std::thread::sleep(Duration::from_millis(300));
 
-    step("two runc containers; prestart hook = netns (bridge, veth, IP, eBPF datapath)");
+    step("a web server in the wan namespace; it logs and answers each client's address")?;
+    let seen = t.path("wan-server-saw");
+    // The answer comes from a script file: socat's SYSTEM address would eat the quotes
+    // and backslashes of an inline printf.
+    let http = t.path("http.sh");
+    std::fs::write(
+        &http,
+        format!(
+            "echo \"$SOCAT_PEERADDR\" >> {}\n\
+             printf 'HTTP/1.0 200 OK\\r\\n\\r\\nhello from the wan; you came from %s\\n' \"$SOCAT_PEERADDR\"\n",
+            seen.display()
+        ),
+    )?;
+    let _web = t.wan_spawn(&format!("socat -t 10 TCP-LISTEN:8000,reuseaddr,fork SYSTEM:'sh {}'", http.display()));
+    t.wan.wait_listen("tcp", 8000);
+
+    step("two runc containers; prestart hook = netns (bridge, veth, IP, eBPF datapath)")?;
     let mut ann = BTreeMap::new();
     ann.insert("netns.ports".to_owned(), "8080:80/tcp".to_owned());
-    let a = Container::start_with(&t, &ann, &[]).map_err(|o| anyhow::anyhow!("runc: {}", String::from_utf8_lossy(&o.stderr)))?;
-    let b = Container::start(&t);
-    println!("container {} pid {}, container {} pid {}", a.id, a.pid, b.id, b.pid);
-    show("netns ls", &t.netns_cmd(&["ls"]).output()?);
+    let a = Container::start_with(&t, &ann, &[]).map_err(runc_err)?;
+    let b = Container::start_with(&t, &BTreeMap::new(), &[]).map_err(runc_err)?;
+    println!("container A {} (pid {}), container B {} (pid {})", a.id, a.pid, b.id, b.pid);
+    show("netns ls", &t.netns_cmd(&["ls"]).output()?)?;
 
-    step("inside container A");
-    show("ip addr show eth0", &a.exec(&["ip", "-4", "addr", "show", "eth0"]));
-    show("ip route", &a.exec(&["ip", "route"]));
-    show(&format!("ping -c 2 {WAN_IP}"), &a.exec(&["ping", "-c", "2", WAN_IP]));
-    show(&format!("wget -qO- http://{WAN_IP}:8000/"), &a.exec(&["wget", "-qO-", &format!("http://{WAN_IP}:8000/")]));
-    println!("(the wan server saw the uplink address {UPLINK_IP}, not the container's)");
+    step("inside container A (busybox, via runc exec)")?;
+    show("ip addr show eth0", &a.exec(&["ip", "-4", "addr", "show", "eth0"]))?;
+    let route = a.exec(&["ip", "route"]);
+    show("ip route", &route)?;
+    ensure!(text(&route).contains(&format!("default via {GATEWAY}")), "no default route via {GATEWAY} in the container");
+    let ping = a.exec(&["ping", "-c", "2", "-W", "2", WAN_IP]);
+    show(&format!("ping -c 2 {WAN_IP}"), &ping)?;
+    ensure!(ping.status.success(), "ping from the container to the wan failed");
+    let url = format!("http://{WAN_IP}:8000/");
+    let got = a.exec(&["wget", "-qO-", &url]);
+    show(&format!("wget -qO- {url}"), &got)?;
+    ensure!(text(&got).contains("you came from"), "wget from the container to the wan failed");
+    let got_b = b.exec(&["wget", "-qO-", &url]);
+    show(&format!("(container B) wget -qO- {url}"), &got_b)?;
 
-    step("port forward 8080 -> A:80 (from the netns.ports annotation), reached from the wan");
-    let _srv = a
-        .cmd("socat")
-        .args(["TCP-LISTEN:80,reuseaddr,fork", "SYSTEM:echo served by container A to $SOCAT_PEERADDR"])
-        .spawn()
-        .map(netns_tests::util::ChildGuard)?;
-    std::thread::sleep(Duration::from_millis(300));
-    show(&format!("(wan) socat - TCP:{UPLINK_IP}:8080"), &t.wan_sh(&format!("echo | socat -t 2 - TCP:{UPLINK_IP}:8080")));
-    show(&format!("(container B, hairpin) socat - TCP:{UPLINK_IP}:8080"), &b.sh(&format!("echo | socat -t 2 - TCP:{UPLINK_IP}:8080")));
-    show("(host) echo the host says HI | nc localhost 8080", &t.host_sh("echo the host says HI | socat -t 2 - TCP:127.0.0.1:8080"));
+    step("what the wan server saw as client addresses (masquerade: the uplink's)")?;
+    let saw = t.wan_sh(&format!("cat {}", seen.display()));
+    show("(wan) cat server log", &saw)?;
+    let saw = text(&saw);
+    ensure!(
+        !saw.trim().is_empty() && saw.lines().all(|l| l.trim() == UPLINK_IP),
+        "the server should have seen only {UPLINK_IP}, saw: {saw:?}"
+    );
+    println!("-> only {UPLINK_IP}, never a 172.19.x.x container address");
 
-    step("datapath state");
-    show("netns port ls", &t.netns_cmd(&["port", "ls"]).output()?);
-    show("netns conntrack ls", &t.netns_cmd(&["conntrack", "ls"]).output()?);
-    show("netns stats", &t.netns_cmd(&["stats"]).output()?);
-    show("iptables-save -t nat (host namespace: empty, NAT is eBPF)", &t.host.cmd("iptables-save").args(["-t", "nat"]).output()?);
+    step("port forward 8080 -> A:80 (from the netns.ports annotation), reached from the wan")?;
+    let srv = format!("exec {}", tcp_who_server(80).replace("echo peer=", "echo served by container A to "));
+    let _srv = ChildGuard::spawn(a.cmd("sh").arg("-c").arg(srv));
+    a.wait_listen("tcp", 80);
+    show(&format!("(wan) socat - TCP:{UPLINK_IP}:8080"), &t.wan_sh(&format!("timeout 10 socat -u TCP:{UPLINK_IP}:8080 STDOUT")))?;
+    show(
+        &format!("(container B, hairpin) socat - TCP:{UPLINK_IP}:8080"),
+        &b.sh(&format!("timeout 10 socat -u TCP:{UPLINK_IP}:8080 STDOUT")),
+    )?;
 
-    step("teardown: runc delete runs the poststop hook");
+    step("datapath state")?;
+    show("netns conntrack ls", &t.netns_cmd(&["conntrack", "ls"]).output()?)?;
+    show("netns port ls", &t.netns_cmd(&["port", "ls"]).output()?)?;
+    show("netns stats", &t.netns_cmd(&["stats"]).output()?)?;
+    show("iptables-save -t nat (host namespace: no rules, NAT is eBPF)", &t.host.cmd("iptables-save").args(["-t", "nat"]).output()?)?;
+
+    step("teardown: runc delete runs the poststop hook")?;
     let out = a.delete();
-    show("runc delete A", &out);
-    show("netns ls", &t.netns_cmd(&["ls"]).output()?);
+    show("runc delete A", &out)?;
+    ensure!(out.status.success(), "runc delete failed");
+    show("netns ls", &t.netns_cmd(&["ls"]).output()?)?;
     drop(b);
     drop(t);
-    println!("\nall namespaces, pins and containers removed");
     Ok(())
 }

@@ -107,6 +107,32 @@ fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the tests need and `scripts/setup.sh` installs: fail early with one clear
+/// message instead of forty confusing test failures.
+fn preflight() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for tool in ["runc", "socat", "python3", "nsenter", "ip", "ss", "iptables-save", "nft", "bpftool", "bpf-linker"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        if !found {
+            missing.push(tool.to_owned());
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        missing.push("/bin/busybox (busybox-static)".to_owned());
+    }
+    if !missing.is_empty() {
+        bail!("missing: {}; run `bash scripts/setup.sh` (or `cargo xtask setup`) first", missing.join(", "));
+    }
+    let euid = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:").and_then(|r| r.split_whitespace().nth(1)).map(str::to_owned));
+    if euid.as_deref() != Some("0") {
+        bail!("the tests create network namespaces, veths and runc containers: run them as root");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -127,13 +153,18 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Test { args } => {
+            preflight()?;
             // One build: the integration tests run this binary (target/debug/netns).
-            build(false)?;
-            let mut a = vec!["test", "--workspace", "--exclude", "netns-ebpf", "--exclude", "xtask"];
+            let bin = build(false)?;
+            // SAFETY: single-threaded; the tests find the binary through NETNS_BIN.
+            unsafe { std::env::set_var("NETNS_BIN", &bin) };
+            // --no-fail-fast: one failing test binary must not hide the others' results.
+            let mut a = vec!["test", "--workspace", "--exclude", "netns-ebpf", "--exclude", "xtask", "--no-fail-fast"];
             a.extend(args.iter().map(String::as_str));
             test_with_summary(&a)?;
         }
         Cmd::Demo => {
+            preflight()?;
             let bin = build(false)?;
             demo::run(&bin)?;
         }
