@@ -5,7 +5,8 @@
 set -euo pipefail
 
 PKGS=(runc busybox-static iproute2 bpftool iptables nftables conntrack iperf3
-      sockperf tcpdump socat netcat-openbsd iputils-ping containernetworking-plugins jq)
+      sockperf tcpdump socat netcat-openbsd iputils-ping containernetworking-plugins jq
+      python3 util-linux)
 
 need=()
 for p in "${PKGS[@]}"; do
