@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
-use netns_tests::util::{ChildGuard, UDP_WHO, sh, tcp_ask, tcp_who_server, udp_ask, wait_for};
+use netns_tests::util::{ChildGuard, UDP_WHO, run, sh, tcp_ask, tcp_who_server, udp_ask, wait_for};
 use netns_tests::{Container, Topology};
 
 fn stdout(o: &std::process::Output) -> String {
@@ -180,16 +180,33 @@ fn failed_hook_rolls_back_everything() {
     let keep = Container::start(&t);
     let mut ann = BTreeMap::new();
     ann.insert("netns.ports".to_owned(), "18081:80/tcp".to_owned());
-    for step in ["veth", "add-endpoint", "port-map", "persist"] {
-        let before = t.host.ip(&["-o", "link"]).lines().count();
+    let eps = || -> u64 {
+        let st: serde_json::Value = serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+        st["maps"].as_array().unwrap().iter().find(|m| m["name"] == "NETNS_EPS").unwrap()["entries"].as_u64().unwrap()
+    };
+    let root = t.runc_root.display().to_string();
+    let links_before = t.host.ip(&["-o", "link"]);
+    // Every step of the prestart hook (netns-user's hook::Step names).
+    for step in [
+        "bridge", "ip-forward", "ipam", "veth", "container-net", "datapath-load", "attach-port", "add-endpoint", "port-map",
+        "persist",
+    ] {
         let err = Container::start_with(&t, &ann, &[("NETNS_FAIL_AT", step)]).err().expect("hook must fail");
         let msg = String::from_utf8_lossy(&err.stderr).into_owned() + &String::from_utf8_lossy(&err.stdout);
         assert!(msg.contains(step), "runc output names the step {step}: {msg}");
-        assert_eq!(t.host.ip(&["-o", "link"]).lines().count(), before, "veth left behind after {step}");
+        let links = t.host.ip(&["-o", "link"]);
+        assert_eq!(links.lines().count(), links_before.lines().count(), "veth left behind after {step}: {links}");
         assert_eq!(t.containers().len(), 1, "lease left behind after {step}");
         assert!(!t.netns(&["port", "ls"]).contains("18081"), "port map left after {step}");
+        assert_eq!(eps(), 1, "endpoint left in the datapath after {step}");
+        let listed = run(std::process::Command::new("runc").args(["--root", &root, "list", "-q"]));
+        assert_eq!(listed.trim(), keep.id, "runc keeps only the good container after {step}");
     }
     assert!(keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    // And a start without the fault works after all those rollbacks.
+    let ok = Container::start_with(&t, &ann, &[]).expect("start after rollbacks");
+    assert!(ok.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    assert!(t.netns(&["port", "ls"]).contains("18081"));
 }
 
 #[test]
