@@ -357,15 +357,7 @@ async fn sweep_port_links(
     }
 }
 
-/// Did a map delete fail only because the key is not there? aya reports that as the
-/// syscall's ENOENT, not as `MapError::KeyNotFound` (which only lookups return).
-pub(crate) fn map_key_absent(e: &aya::maps::MapError) -> bool {
-    match e {
-        aya::maps::MapError::KeyNotFound => true,
-        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
+pub(crate) use crate::datapath::key_absent as map_key_absent;
 
 /// The addresses registered in the datapath's endpoint map.
 pub(crate) fn endpoint_ips(dp: &Datapath) -> Result<HashSet<Ipv4Addr>, DatapathError> {

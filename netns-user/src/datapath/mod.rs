@@ -353,7 +353,8 @@ impl Datapath {
         let key = u32::from(ip).to_be();
         let mut eps = self.endpoints()?;
         match eps.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if key_absent(&e) => {}
             Err(e) => return Err(bpf(format!("removing endpoint {ip}"))(e)),
         }
         self.purge_conntrack(|k, v| {
@@ -378,7 +379,7 @@ impl Datapath {
             match item {
                 Ok(kv) => out.push(kv),
                 // An entry evicted or deleted while iterating: skip it.
-                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) if key_absent(&e) => {}
                 Err(e) => return Err(bpf("reading conntrack map")(e)),
             }
         }
@@ -401,7 +402,7 @@ impl Datapath {
         for k in &doomed {
             match ct.remove(k) {
                 Ok(()) => n += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) if key_absent(&e) => {}
                 Err(e) => return Err(bpf("deleting conntrack entry")(e)),
             }
         }
@@ -656,6 +657,16 @@ impl Datapath {
     pub fn unload(self) -> Result<(), DatapathError> {
         let root = self.pins.root().to_owned();
         fs::remove_dir_all(&root).map_err(io(format!("removing {}", root.display())))
+    }
+}
+
+/// Is this map error "no such key"? aya 0.14 reports a failed delete of a missing key
+/// as a syscall error with ENOENT, a failed lookup as `KeyNotFound`.
+pub fn key_absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
