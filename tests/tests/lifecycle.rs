@@ -188,3 +188,50 @@ fn pins_and_state_are_root_only() {
     }
     let _ = wait_for(Duration::from_millis(1), || Some(()));
 }
+
+#[test]
+fn a_killed_hook_leaves_nothing_gc_cannot_reconcile() {
+    let t = Topology::new();
+    let keep = Container::start(&t);
+    for step in ["veth", "attach-port", "add-endpoint", "port-map"] {
+        let mut ann = BTreeMap::new();
+        ann.insert("netns.ports".to_owned(), "9600:80/tcp".to_owned());
+        let r = Container::start_with(&t, &ann, &[("NETNS_KILL_AT", step)]);
+        assert!(r.is_err(), "a hook killed at {step} fails the container start");
+        let report = t.netns(&["gc"]);
+        assert!(report.contains("reconciled") || report.contains("nothing to reconcile"), "{report}");
+        // Only the healthy container is left: one lease, one veth, one endpoint.
+        assert_eq!(t.containers().len(), 1, "after {step}: {report}");
+        let veths = t.host.ip(&["-o", "link"]).lines().filter(|l| l.contains("netnsv0-")).count();
+        assert_eq!(veths, 1, "after {step}: {report}");
+        assert!(!t.netns(&["port", "ls"]).contains("9600"), "port map left after {step}");
+        let st: serde_json::Value = serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+        let eps = st["maps"].as_array().unwrap().iter().find(|m| m["name"] == "NETNS_EPS").unwrap()["entries"].clone();
+        assert_eq!(eps, 1, "after {step}");
+    }
+    // The next container gets an address and works.
+    let next = Container::start(&t);
+    assert!(next.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    assert!(keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+}
+
+#[test]
+fn the_cli_refuses_without_capabilities() {
+    let t = Topology::new();
+    let _c = Container::start(&t);
+    for args in [&["stats"][..], &["port", "ls"], &["datapath", "status"]] {
+        let mut cmd = t.host.cmd("setpriv");
+        cmd.args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+            .arg(netns_tests::netns_bin())
+            .args(t.flags())
+            .args(args);
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} without capabilities must fail");
+        assert!(err.contains("CAP_NET_ADMIN"), "{args:?}: {err}");
+    }
+    // Reading the lease list needs none.
+    let mut cmd = t.host.cmd("setpriv");
+    cmd.args(["--inh-caps=-all", "--bounding-set=-all", "--"]).arg(netns_tests::netns_bin()).args(t.flags()).arg("version");
+    assert!(cmd.output().unwrap().status.success());
+}
