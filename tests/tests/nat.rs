@@ -17,14 +17,14 @@ fn py(script: &str) -> String {
 }
 
 /// TCP server: tells each client its address:port, then keeps the connection open and
-/// says "again" after 0.5 s.
+/// says "again" after 0.5 s; closes argv[2] seconds later (default 3).
 const TCP_WHO: &str = r#"
 import socket, sys, threading, time
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("0.0.0.0", int(sys.argv[1]))); l.listen(64)
 def h(c, a):
     c.sendall(("%s:%d\n" % a).encode()); time.sleep(0.5)
-    try: c.sendall(b"again\n"); time.sleep(3)
+    try: c.sendall(b"again\n"); time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 3)
     except OSError: pass
     c.close()
 while True:
@@ -52,6 +52,13 @@ fn tcp_client(sport: u16, addr: &str, port: u16) -> String {
          s.bind((\"\",{sport}))\ns.settimeout(5)\ns.connect((\"{addr}\",{port}))\nf=s.makefile()\n\
          print(f.readline().strip(), f.readline().strip())"
     ))
+}
+
+/// Like `tcp_client`, then keeps the connection open until its stdin closes.
+fn tcp_client_holding(sport: u16, addr: &str, port: u16) -> String {
+    let cmd = tcp_client(sport, addr, port).replace(".strip())'", ".strip())\nimport sys\nsys.stdin.read()'");
+    assert!(cmd.contains("sys.stdin.read()"), "{cmd}");
+    cmd
 }
 
 #[test]
@@ -82,14 +89,24 @@ fn same_source_port_from_two_containers_both_flows_work() {
 fn a_host_socket_on_the_port_is_never_hijacked() {
     let t = Topology::new();
     let c = Container::start(&t);
-    let _srv = wan_server(&t, TCP_WHO, 7101);
-    // The host itself talks to the peer from UPLINK_IP:40001 and waits for "again".
-    let host = ChildGuard::spawn(
-        t.host.cmd("sh").arg("-c").arg(tcp_client(40001, WAN_IP, 7101)).stdout(std::process::Stdio::piped()),
+    // The server holds every connection for 30 s: the host's must outlive the container's
+    // attempt however slow this machine is.
+    let _srv = ChildGuard::spawn(t.wan.cmd("python3").args(["-c", TCP_WHO, "7101", "30"]));
+    t.wan.wait_listen("tcp", 7101);
+    // The host itself talks to the peer from UPLINK_IP:40001, waits for "again" and
+    // keeps the connection until its stdin closes.
+    let mut host = ChildGuard::spawn(
+        t.host
+            .cmd("sh")
+            .arg("-c")
+            .arg(tcp_client_holding(40001, WAN_IP, 7101))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
     );
     // The host's connection must exist before the container's.
     t.host.wait_ss(&["-Htn", "state", "established", "sport = :40001"]);
     let oc = out(&c.sh(&tcp_client(40001, WAN_IP, 7101)));
+    drop(host.0.stdin.take());
     let oh = out(&host.wait_output(Duration::from_secs(8)));
     assert_eq!(oh, format!("{UPLINK_IP}:40001 again"), "host flow intact");
     assert!(oc.ends_with(" again") && !oc.starts_with(&format!("{UPLINK_IP}:40001 ")), "container moved off 40001: {oc}");
