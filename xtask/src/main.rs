@@ -1,5 +1,6 @@
 //! Build, run, test, demo and benchmark helpers: `cargo xtask <command>`.
 
+mod bench;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -169,8 +170,7 @@ fn main() -> anyhow::Result<()> {
             demo::run(&bin)?;
         }
         Cmd::Bench { args } => {
-            let _ = args;
-            bail!("the benchmark is not in this build yet (issue 6)");
+            bench::run(&args)?;
         }
     }
     Ok(())

@@ -1,0 +1,350 @@
+//! Results and their rendering: one Markdown document, also printed on the terminal.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::sys::{median, percentile};
+use super::topo::Kind;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Metric {
+    LatOutP50,
+    LatOutP99,
+    LatInP50,
+    LatInP99,
+    UdpOut,
+    UdpIn,
+    TcpUp,
+    TcpDown,
+    Conn1,
+    Conn10k,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 10] = [
+        Metric::LatOutP50,
+        Metric::LatOutP99,
+        Metric::LatInP50,
+        Metric::LatInP99,
+        Metric::UdpOut,
+        Metric::UdpIn,
+        Metric::TcpUp,
+        Metric::TcpDown,
+        Metric::Conn1,
+        Metric::Conn10k,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::LatOutP50 => "1. UDP latency p50, container → wan (SNAT)",
+            Metric::LatOutP99 => "1. UDP latency p99, container → wan (SNAT)",
+            Metric::LatInP50 => "1. UDP latency p50, wan → container (port forward)",
+            Metric::LatInP99 => "1. UDP latency p99, wan → container (port forward)",
+            Metric::UdpOut => "2. UDP 64 B delivered, container → wan (SNAT)",
+            Metric::UdpIn => "2. UDP 64 B delivered, wan → container (port forward)",
+            Metric::TcpUp => "3. TCP bulk, container → wan (iperf3)",
+            Metric::TcpDown => "3. TCP bulk, wan → container (iperf3 -R)",
+            Metric::Conn1 => "4. TCP connections, port forward, 1 mapping",
+            Metric::Conn10k => "4. TCP connections, port forward, 10,000 mappings",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::LatOutP50 | Metric::LatOutP99 | Metric::LatInP50 | Metric::LatInP99 => "µs",
+            Metric::UdpOut | Metric::UdpIn => "msg/s",
+            Metric::TcpUp | Metric::TcpDown => "Gbit/s",
+            Metric::Conn1 | Metric::Conn10k => "conn/s",
+        }
+    }
+
+    pub fn higher_is_better(self) -> bool {
+        !matches!(
+            self,
+            Metric::LatOutP50 | Metric::LatOutP99 | Metric::LatInP50 | Metric::LatInP99
+        )
+    }
+
+    fn fmt(self, v: f64) -> String {
+        match self.unit() {
+            "µs" => format!("{v:.1}"),
+            "Gbit/s" => format!("{v:.2}"),
+            _ => thousands(v.round() as u64),
+        }
+    }
+}
+
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[derive(Default)]
+pub struct Results {
+    pub vals: BTreeMap<(Metric, Kind), Vec<f64>>,
+    /// Cells that could not be measured, with the reason.
+    pub na: BTreeMap<(Metric, Kind), String>,
+    /// Workload 5 rows: method, median seconds, how measured.
+    pub install: Vec<(String, Option<f64>, String)>,
+    /// Workload 6 rows: what, samples (seconds), note.
+    pub starts: Vec<(String, Vec<f64>, String)>,
+    /// Extra observations (profiles, errors that did not stop the run).
+    pub notes: Vec<String>,
+}
+
+impl Results {
+    pub fn push(&mut self, m: Metric, k: Kind, v: f64) {
+        self.vals.entry((m, k)).or_default().push(v);
+    }
+
+    pub fn na(&mut self, m: Metric, k: Kind, why: &str) {
+        self.na.entry((m, k)).or_insert_with(|| why.to_owned());
+    }
+
+    pub fn med(&self, m: Metric, k: Kind) -> Option<f64> {
+        self.vals.get(&(m, k)).and_then(|v| median(v))
+    }
+
+    fn cell(&self, m: Metric, k: Kind) -> String {
+        match self.vals.get(&(m, k)) {
+            Some(v) if !v.is_empty() => {
+                let med = median(v).unwrap_or(0.0);
+                let (lo, hi) = (
+                    percentile(v, 0.0).unwrap_or(0.0),
+                    percentile(v, 100.0).unwrap_or(0.0),
+                );
+                if v.len() > 1 && med > 0.0 {
+                    let spread = (hi - lo) / 2.0 / med * 100.0;
+                    if spread > 100.0 {
+                        format!("{} (max {})", m.fmt(med), m.fmt(hi))
+                    } else {
+                        format!("{} ±{spread:.0}%", m.fmt(med))
+                    }
+                } else {
+                    m.fmt(med)
+                }
+            }
+            _ => match self.na.get(&(m, k)) {
+                Some(why) => format!("n/a ({why})"),
+                None => "–".to_owned(),
+            },
+        }
+    }
+
+    /// variant / no NAT: the median of per-round ratios when both have every round
+    /// (the rounds are interleaved, so this cancels drift), else the ratio of medians.
+    pub fn ratio_val(&self, m: Metric, k: Kind) -> Option<f64> {
+        let (v, base) = (self.vals.get(&(m, k))?, self.vals.get(&(m, Kind::NoNat))?);
+        if v.len() == base.len() && !v.is_empty() && base.iter().all(|b| *b > 0.0) {
+            return median(&v.iter().zip(base).map(|(a, b)| a / b).collect::<Vec<_>>());
+        }
+        match (median(v), median(base)) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        }
+    }
+
+    fn ratio(&self, m: Metric, k: Kind) -> String {
+        self.ratio_val(m, k)
+            .map_or("–".to_owned(), |r| format!("{r:.2}"))
+    }
+
+    /// The results section (tables and automatic observations), Markdown.
+    pub fn markdown(&self, rounds: usize) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "### Datapath (workloads 1–4): median of {rounds} interleaved rounds, ± half the min–max spread\n"
+        );
+        let mut rows = vec![vec![
+            "workload".to_owned(),
+            "unit".to_owned(),
+            "no NAT".to_owned(),
+            "iptables".to_owned(),
+            "eBPF".to_owned(),
+            "iptables / no NAT".to_owned(),
+            "eBPF / no NAT".to_owned(),
+        ]];
+        for m in Metric::ALL {
+            rows.push(vec![
+                m.label().to_owned(),
+                m.unit().to_owned(),
+                self.cell(m, Kind::NoNat),
+                self.cell(m, Kind::Iptables),
+                self.cell(m, Kind::Ebpf),
+                self.ratio(m, Kind::Iptables),
+                self.ratio(m, Kind::Ebpf),
+            ]);
+        }
+        let mut flat = vec!["4. 10,000 / 1 mapping".to_owned(), "ratio".to_owned()];
+        for k in Kind::ALL {
+            flat.push(
+                match (self.med(Metric::Conn10k, k), self.med(Metric::Conn1, k)) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                    _ => "–".to_owned(),
+                },
+            );
+        }
+        flat.extend(["".to_owned(), "".to_owned()]);
+        rows.push(flat);
+        s.push_str(&table(&rows));
+        s.push_str(
+            "\nRatios are variant / no NAT, the median of the per-round ratios (each round measures the three \
+             back to back): above 1 is slower for latency, below 1 is slower for rates. \
+             Latency is sockperf's (half the round trip). \"Delivered\" counts datagrams that reached the \
+             receiving socket (UdpInDatagrams of the receiver's namespace) per second of sending. In the \
+             no-NAT topology there is no port forward: wan talks to the container's address directly, \
+             and its 10,000-mapping row is the same setup measured again in the later phase (a drift check).\n",
+        );
+
+        let _ = writeln!(s, "\n### Installing 10,000 port mappings (workload 5)\n");
+        let mut rows = vec![vec![
+            "method".to_owned(),
+            "time".to_owned(),
+            "how".to_owned(),
+        ]];
+        for (what, secs, how) in &self.install {
+            rows.push(vec![
+                what.clone(),
+                secs.map_or("n/a".to_owned(), fmt_secs),
+                how.clone(),
+            ]);
+        }
+        s.push_str(&table(&rows));
+
+        let _ = writeln!(s, "\n### Container network start cost (workload 6)\n");
+        let mut rows = vec![vec![
+            "step".to_owned(),
+            "p50".to_owned(),
+            "p90".to_owned(),
+            "n".to_owned(),
+            "note".to_owned(),
+        ]];
+        for (what, v, note) in &self.starts {
+            rows.push(vec![
+                what.clone(),
+                median(v).map_or("n/a".to_owned(), fmt_secs),
+                percentile(v, 90.0).map_or("n/a".to_owned(), fmt_secs),
+                v.len().to_string(),
+                note.clone(),
+            ]);
+        }
+        s.push_str(&table(&rows));
+
+        let _ = writeln!(
+            s,
+            "\n### Against the goals (computed from the numbers above)\n"
+        );
+        for m in [
+            Metric::LatOutP50,
+            Metric::LatInP50,
+            Metric::UdpOut,
+            Metric::UdpIn,
+            Metric::TcpUp,
+            Metric::TcpDown,
+        ] {
+            if let Some(e) = self.ratio_val(m, Kind::Ebpf) {
+                let cost = if m.higher_is_better() {
+                    1.0 - e
+                } else {
+                    e - 1.0
+                };
+                let verdict = if cost <= 0.05 {
+                    "within 5% of no NAT"
+                } else {
+                    "NOT within 5% of no NAT"
+                };
+                let ipt = match self.ratio_val(m, Kind::Iptables) {
+                    Some(i) => {
+                        let ic = if m.higher_is_better() {
+                            1.0 - i
+                        } else {
+                            i - 1.0
+                        };
+                        format!("; iptables {:+.1}%", ic * 100.0)
+                    }
+                    None => String::new(),
+                };
+                let _ = writeln!(
+                    s,
+                    "- {}: eBPF {verdict} (cost {:+.1}%{ipt}; + = worse than no NAT).",
+                    m.label(),
+                    cost * 100.0
+                );
+            }
+        }
+        for k in [Kind::Iptables, Kind::Ebpf] {
+            if let (Some(a), Some(b)) = (self.med(Metric::Conn10k, k), self.med(Metric::Conn1, k)) {
+                let _ = writeln!(
+                    s,
+                    "- 4. {}: 10,000 mappings give {:.0}% of the 1-mapping connection rate{}.",
+                    k.label(),
+                    a / b * 100.0,
+                    if k == Kind::Ebpf {
+                        if a / b >= 0.95 {
+                            " (flat: goal met)"
+                        } else {
+                            " (not flat: goal missed)"
+                        }
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+        s
+    }
+}
+
+pub fn fmt_secs(v: f64) -> String {
+    if v >= 1.0 {
+        format!("{v:.2} s")
+    } else {
+        format!("{:.1} ms", v * 1000.0)
+    }
+}
+
+/// A Markdown table with padded columns (readable on a terminal too).
+pub fn table(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+            .max()
+            .unwrap_or(0)
+    };
+    let w: Vec<usize> = (0..n).map(width).collect();
+    let mut s = String::new();
+    for (ri, r) in rows.iter().enumerate() {
+        s.push('|');
+        for (i, wi) in w.iter().enumerate() {
+            let c = r.get(i).map_or("", String::as_str);
+            let pad = wi - c.chars().count();
+            // Numbers right-aligned, text left-aligned.
+            if ri > 0 && i > 0 && c.chars().next().is_some_and(|ch| ch.is_ascii_digit()) {
+                let _ = write!(s, " {}{c} |", " ".repeat(pad));
+            } else {
+                let _ = write!(s, " {c}{} |", " ".repeat(pad));
+            }
+        }
+        s.push('\n');
+        if ri == 0 {
+            s.push('|');
+            for wi in &w {
+                let _ = write!(s, "{}|", "-".repeat(wi + 2));
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
