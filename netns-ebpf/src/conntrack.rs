@@ -32,9 +32,9 @@ pub fn key(pkt: &Packet, dir: u8) -> CtKey {
 }
 
 /// Finds the entry for `key` and accounts the packet to it. Returns the translated
-/// tuple and the entry's kind.
+/// tuple, the entry's kind and its packet count.
 #[inline(always)]
-pub fn lookup(key: &CtKey, pkt: &Packet, len: u32) -> Option<(Tuple, u8)> {
+pub fn lookup(key: &CtKey, pkt: &Packet, len: u32) -> Option<(Tuple, u8, u64)> {
     let e = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a valid map value pointer; concurrent writers only touch counters and
     // single-word fields, where a lost update is harmless.
@@ -51,7 +51,7 @@ pub fn lookup(key: &CtKey, pkt: &Packet, len: u32) -> Option<(Tuple, u8)> {
                 (*e).state = s;
             }
         }
-        Some(((*e).xlat, (*e).kind))
+        Some(((*e).xlat, (*e).kind, (*e).packets))
     }
 }
 

@@ -97,11 +97,13 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::UPLINK_EGRESS);
     let hit = match conntrack::lookup(&key, &pkt, len) {
-        Some((xlat, kind)) if kind == ct_kind::DNAT => {
+        Some((xlat, kind, _)) if kind == ct_kind::DNAT => {
             stats::inc(Stat::DnatReplyPackets);
             Some(xlat)
         }
-        Some((xlat, _)) if conntrack::check_reverse(&pkt, &xlat) => {
+        // The reverse half is checked every 16th packet: an evicted or reclaimed half
+        // is found within 16 packets without a second lookup on every packet.
+        Some((xlat, _, n)) if n & 15 != 0 || conntrack::check_reverse(&pkt, &xlat) => {
             stats::inc(Stat::SnatPackets);
             Some(xlat)
         }
@@ -169,7 +171,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::UPLINK_INGRESS);
     let new = match conntrack::lookup(&key, &pkt, len) {
-        Some((xlat, kind)) => {
+        Some((xlat, kind, _)) => {
             stats::inc(if kind == ct_kind::DNAT {
                 Stat::DnatPackets
             } else {
@@ -281,6 +283,12 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
 #[inline(always)]
 fn hairpin(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     let Some(cfg) = config() else { return Ok(None) };
+    // Every hairpinned packet is addressed to a host address (the uplink's, or the
+    // gateway the target replies to): anything else needs no parse and no lookup.
+    let daddr: u32 = ctx.load(packet::IP_DADDR_OFF).map_err(|_| Stat::DropMalformed)?;
+    if daddr != cfg.uplink_addr && daddr != cfg.gateway {
+        return Ok(None);
+    }
     let pkt = match packet::parse(ctx)? {
         Parsed::Ipv4(p) if !p.later_fragment => p,
         _ => return Ok(None),
@@ -288,7 +296,7 @@ fn hairpin(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::BRIDGE);
     let new = match conntrack::lookup(&key, &pkt, len) {
-        Some((xlat, _)) => xlat,
+        Some((xlat, _, _)) => xlat,
         None => {
             let d = pkt.tuple.daddr;
             if (d != cfg.uplink_addr && d != cfg.gateway) || d == 0 {
