@@ -25,10 +25,18 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run the loader (`netns load --follow`) with extra arguments.
+    /// Build, then run the loader (`netns load --follow`) with extra arguments, inside
+    /// the named network namespace (`--netns`); refuses this machine's own namespace
+    /// unless `--host` says so.
     Run {
         #[arg(long)]
         release: bool,
+        /// Network namespace (from `ip netns add`) to run the loader in.
+        #[arg(long)]
+        netns: Option<String>,
+        /// Really attach to the interfaces of the namespace xtask runs in.
+        #[arg(long, conflicts_with = "netns")]
+        host: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -146,9 +154,24 @@ fn main() -> anyhow::Result<()> {
         Cmd::Build { release } => {
             build(release)?;
         }
-        Cmd::Run { release, args } => {
+        Cmd::Run { release, netns, host, args } => {
+            let same_as_init = std::fs::read_link("/proc/self/ns/net").ok() == std::fs::read_link("/proc/1/ns/net").ok();
+            if netns.is_none() && !host && same_as_init {
+                bail!(
+                    "refusing to attach the datapath to this machine's own interfaces: \
+                     pass --netns NAME (a namespace made with `ip netns add`), or --host if you mean it"
+                );
+            }
             let bin = build(release)?;
-            let status = Command::new(&bin).args(&args).arg("load").arg("--follow").status()?;
+            let mut cmd = match &netns {
+                Some(ns) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net=/run/netns/{ns}")).arg(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            let status = cmd.args(&args).arg("load").arg("--follow").status()?;
             if !status.success() {
                 bail!("netns load failed: {status}");
             }
