@@ -383,31 +383,28 @@ pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<
     Ok(())
 }
 
-/// Does conntrack entry (k, v) belong to a flow through host port `port`/`proto`?
-fn uses_host_port(k: &CtKey, v: &CtEntry, proto: u8, port_be: u16) -> bool {
-    k.proto == proto
-        && match k.dir {
-            dir::UPLINK_INGRESS | dir::BRIDGE => k.tuple.dport == port_be,
-            _ => v.xlat.sport == port_be,
-        }
+/// The host port (proto, port in network order) a conntrack entry's flow uses, if it
+/// is a flow through the uplink or a hairpin: the destination port on the way in, the
+/// translated source port on the way out.
+fn host_port_of(k: &CtKey, v: &CtEntry) -> (u8, u16) {
+    match k.dir {
+        dir::UPLINK_INGRESS | dir::BRIDGE => (k.proto, k.tuple.dport),
+        _ => (k.proto, v.xlat.sport),
+    }
 }
 
-/// Deletes every conntrack pair that uses one of the host ports of `ms`.
+/// Deletes every conntrack pair that uses one of the host ports of `ms`: one pass over
+/// the table with a set lookup per entry, whatever the number of mappings.
 pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathError> {
     if ms.is_empty() {
         return Ok(0);
     }
-    let ports: HashSet<(u8, u16)> = ms
-        .iter()
-        .map(|m| (m.proto.number(), m.host_port.to_be()))
-        .collect();
-    let entries = dp.conntrack_entries()?;
+    let ports: HashSet<(u8, u16)> = ms.iter().map(|m| (m.proto.number(), m.host_port.to_be())).collect();
     let mut doomed = HashSet::new();
-    for (k, v) in &entries {
-        let hit = ports.iter().any(|&(p, port)| uses_host_port(k, v, p, port));
-        if hit {
-            doomed.insert(*k);
-            doomed.insert(partner_key(k, v));
+    for (k, v) in dp.conntrack_entries()? {
+        if ports.contains(&host_port_of(&k, &v)) {
+            doomed.insert(k);
+            doomed.insert(partner_key(&k, &v));
         }
     }
     dp.purge_conntrack(|k, _| doomed.contains(k))

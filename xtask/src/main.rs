@@ -26,8 +26,7 @@ enum Cmd {
         release: bool,
     },
     /// Build, then run the loader (`netns load --follow`) with extra arguments, inside
-    /// the named network namespace (`--netns`); refuses this machine's own namespace
-    /// unless `--host` says so.
+    /// the named network namespace (`--netns`), or with `--host` in xtask's own.
     Run {
         #[arg(long)]
         release: bool,
@@ -155,11 +154,13 @@ fn main() -> anyhow::Result<()> {
             build(release)?;
         }
         Cmd::Run { release, netns, host, args } => {
-            let same_as_init = std::fs::read_link("/proc/self/ns/net").ok() == std::fs::read_link("/proc/1/ns/net").ok();
-            if netns.is_none() && !host && same_as_init {
+            // Fail safe: /proc/1/ns/net is not always readable, so no guessing whether
+            // this is the machine's own namespace: say where, or say --host.
+            if netns.is_none() && !host {
                 bail!(
-                    "refusing to attach the datapath to this machine's own interfaces: \
-                     pass --netns NAME (a namespace made with `ip netns add`), or --host if you mean it"
+                    "refusing to attach the datapath without knowing where: pass --netns NAME \
+                     (a namespace made with `ip netns add`), or --host to attach to the \
+                     interfaces of the namespace xtask runs in"
                 );
             }
             let bin = build(release)?;
