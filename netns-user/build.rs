@@ -8,7 +8,8 @@ use aya_build::{Package, Toolchain};
 /// object is embedded then and loading the datapath fails with a clear error.
 fn main() -> anyhow::Result<()> {
     let out_dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         let obj = out_dir.join("netns");
         if !obj.exists() {

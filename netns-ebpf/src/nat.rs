@@ -285,7 +285,9 @@ fn hairpin(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     let Some(cfg) = config() else { return Ok(None) };
     // Every hairpinned packet is addressed to a host address (the uplink's, or the
     // gateway the target replies to): anything else needs no parse and no lookup.
-    let daddr: u32 = ctx.load(packet::IP_DADDR_OFF).map_err(|_| Stat::DropMalformed)?;
+    let daddr: u32 = ctx
+        .load(packet::IP_DADDR_OFF)
+        .map_err(|_| Stat::DropMalformed)?;
     if daddr != cfg.uplink_addr && daddr != cfg.gateway {
         return Ok(None);
     }

@@ -399,7 +399,10 @@ pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathE
     if ms.is_empty() {
         return Ok(0);
     }
-    let ports: HashSet<(u8, u16)> = ms.iter().map(|m| (m.proto.number(), m.host_port.to_be())).collect();
+    let ports: HashSet<(u8, u16)> = ms
+        .iter()
+        .map(|m| (m.proto.number(), m.host_port.to_be()))
+        .collect();
     let mut doomed = HashSet::new();
     for (k, v) in dp.conntrack_entries()? {
         if ports.contains(&host_port_of(&k, &v)) {

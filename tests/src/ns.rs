@@ -17,7 +17,9 @@ pub struct NamedNetns {
 impl NamedNetns {
     pub fn new(name: &str) -> NamedNetns {
         run(Command::new("ip").args(["netns", "add", name]));
-        let ns = NamedNetns { name: name.to_owned() };
+        let ns = NamedNetns {
+            name: name.to_owned(),
+        };
         run(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]));
         ns
     }
@@ -52,7 +54,9 @@ impl NamedNetns {
 
 impl Drop for NamedNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

@@ -9,7 +9,18 @@ use std::process::{Command, Output, Stdio};
 use crate::topo::Topology;
 use crate::util::{netns_bin, output, run, unique};
 
-const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ping", "nc", "wget", "ip", "sha256sum", "true"];
+const APPLETS: &[&str] = &[
+    "sh",
+    "sleep",
+    "cat",
+    "echo",
+    "ping",
+    "nc",
+    "wget",
+    "ip",
+    "sha256sum",
+    "true",
+];
 
 /// A bundle directory: rootfs + config.json.
 pub struct Bundle {
@@ -19,7 +30,12 @@ pub struct Bundle {
 impl Bundle {
     /// Builds a bundle whose hooks run `netns` with the topology's flags (through
     /// `args`, as a user would in config.json) plus `hook_env`.
-    pub fn new(topo: &Topology, id: &str, annotations: &BTreeMap<String, String>, hook_env: &[(&str, &str)]) -> Bundle {
+    pub fn new(
+        topo: &Topology,
+        id: &str,
+        annotations: &BTreeMap<String, String>,
+        hook_env: &[(&str, &str)],
+    ) -> Bundle {
         let mut args = vec!["netns".to_owned()];
         args.extend(topo.flags());
         let env: Vec<String> = hook_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -35,20 +51,27 @@ impl Bundle {
 
     /// Builds a bundle with these OCI `hooks` (any program: the harness's self-test
     /// uses a shell script).
-    pub fn with_hooks(topo: &Topology, id: &str, annotations: &BTreeMap<String, String>, hooks: serde_json::Value) -> Bundle {
+    pub fn with_hooks(
+        topo: &Topology,
+        id: &str,
+        annotations: &BTreeMap<String, String>,
+        hooks: serde_json::Value,
+    ) -> Bundle {
         let dir = topo.path(&format!("bundle-{id}"));
         let bin = dir.join("rootfs/bin");
         fs::create_dir_all(&bin).expect("rootfs");
         for d in ["proc", "sys", "dev", "tmp", "etc"] {
             fs::create_dir_all(dir.join("rootfs").join(d)).expect("rootfs dir");
         }
-        fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static (apt-get install busybox-static)");
+        fs::copy("/bin/busybox", bin.join("busybox"))
+            .expect("busybox-static (apt-get install busybox-static)");
         for a in APPLETS {
             let _ = symlink("busybox", bin.join(a));
         }
         run(Command::new("runc").arg("spec").current_dir(&dir));
         let path = dir.join("config.json");
-        let mut spec: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).expect("config.json")).expect("json");
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).expect("config.json")).expect("json");
         spec["process"]["terminal"] = false.into();
         spec["process"]["args"] = serde_json::json!(["sleep", "100000"]);
         spec["root"]["readonly"] = false.into();
@@ -60,14 +83,19 @@ impl Bundle {
         }
         // `runc spec` gives the container a new network namespace: keep it (the hook
         // fills it), and check rather than assume.
-        let namespaces = spec["linux"]["namespaces"].as_array().expect("linux.namespaces");
+        let namespaces = spec["linux"]["namespaces"]
+            .as_array()
+            .expect("linux.namespaces");
         assert!(
-            namespaces.iter().any(|n| n["type"] == "network" && n.get("path").is_none()),
+            namespaces
+                .iter()
+                .any(|n| n["type"] == "network" && n.get("path").is_none()),
             "runc spec must give a new network namespace: {namespaces:?}"
         );
         spec["hooks"] = hooks;
         spec["annotations"] = serde_json::to_value(annotations).expect("annotations");
-        fs::write(&path, serde_json::to_vec_pretty(&spec).expect("json")).expect("write config.json");
+        fs::write(&path, serde_json::to_vec_pretty(&spec).expect("json"))
+            .expect("write config.json");
         Bundle { dir }
     }
 }
@@ -99,7 +127,11 @@ impl<'t> Container<'t> {
 
     /// Starts container `id` from `bundle` (`runc run -d` in the host namespace);
     /// Err(runc output) if runc or a prestart hook fails (the container is then deleted).
-    pub fn start_bundle(topo: &'t Topology, id: String, bundle: &Bundle) -> Result<Container<'t>, Output> {
+    pub fn start_bundle(
+        topo: &'t Topology,
+        id: String,
+        bundle: &Bundle,
+    ) -> Result<Container<'t>, Output> {
         let root = topo.runc_root.display().to_string();
         // The detached container inherits runc's stdio: pipes would never see EOF, so
         // runc's (and the hook's) messages go to a file.
@@ -116,13 +148,23 @@ impl<'t> Container<'t> {
             .stderr(f)
             .status()
             .expect("spawn runc");
-        let out = Output { status, stdout: Vec::new(), stderr: fs::read(&log).unwrap_or_default() };
+        let out = Output {
+            status,
+            stdout: Vec::new(),
+            stderr: fs::read(&log).unwrap_or_default(),
+        };
         if !out.status.success() {
-            let _ = topo.host.cmd("runc").args(["--root", &root, "delete", "-f", &id]).output();
+            let _ = topo
+                .host
+                .cmd("runc")
+                .args(["--root", &root, "delete", "-f", &id])
+                .output();
             return Err(out);
         }
-        let state: serde_json::Value =
-            serde_json::from_str(&run(Command::new("runc").args(["--root", &root, "state", &id]))).expect("state json");
+        let state: serde_json::Value = serde_json::from_str(&run(
+            Command::new("runc").args(["--root", &root, "state", &id])
+        ))
+        .expect("state json");
         let pid = state["pid"].as_u64().expect("pid") as u32;
         Ok(Container { topo, id, pid })
     }
@@ -147,12 +189,19 @@ impl<'t> Container<'t> {
     /// `runc exec` of a busybox command inside the container itself.
     pub fn exec(&self, args: &[&str]) -> Output {
         let root = self.topo.runc_root.display().to_string();
-        output(self.topo.host.cmd("runc").args(["--root", &root, "exec", &self.id]).args(args))
+        output(
+            self.topo
+                .host
+                .cmd("runc")
+                .args(["--root", &root, "exec", &self.id])
+                .args(args),
+        )
     }
 
     /// The container's eth0 IPv4 address.
     pub fn ip(&self) -> String {
-        let out = String::from_utf8_lossy(&self.sh("ip -4 -o addr show dev eth0").stdout).into_owned();
+        let out =
+            String::from_utf8_lossy(&self.sh("ip -4 -o addr show dev eth0").stdout).into_owned();
         out.split_whitespace()
             .skip_while(|w| *w != "inet")
             .nth(1)
@@ -164,8 +213,18 @@ impl<'t> Container<'t> {
     /// Stops and deletes the container now (poststop runs); returns runc's output.
     pub fn delete(self) -> Output {
         let root = self.topo.runc_root.display().to_string();
-        let _ = self.topo.host.cmd("runc").args(["--root", &root, "kill", &self.id, "KILL"]).output();
-        let out = output(self.topo.host.cmd("runc").args(["--root", &root, "delete", "-f", &self.id]));
+        let _ = self
+            .topo
+            .host
+            .cmd("runc")
+            .args(["--root", &root, "kill", &self.id, "KILL"])
+            .output();
+        let out = output(
+            self.topo
+                .host
+                .cmd("runc")
+                .args(["--root", &root, "delete", "-f", &self.id]),
+        );
         std::mem::forget(self);
         out
     }
@@ -174,6 +233,11 @@ impl<'t> Container<'t> {
 impl Drop for Container<'_> {
     fn drop(&mut self) {
         let root = self.topo.runc_root.display().to_string();
-        let _ = self.topo.host.cmd("runc").args(["--root", &root, "delete", "-f", &self.id]).output();
+        let _ = self
+            .topo
+            .host
+            .cmd("runc")
+            .args(["--root", &root, "delete", "-f", &self.id])
+            .output();
     }
 }

@@ -37,7 +37,8 @@ fn cgroup2_root() -> PathBuf {
 }
 
 fn ensure_bpffs() {
-    let is_bpffs = nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == 0xcafe_4a11);
+    let is_bpffs =
+        nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == 0xcafe_4a11);
     if !is_bpffs {
         run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]));
     }
@@ -88,10 +89,23 @@ impl Topology {
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         fs::create_dir_all(&t.cgroup).expect("test cgroup");
-        t.host.ip(&["link", "add", UPLINK, "type", "veth", "peer", "name", "wan0", "netns", &t.wan.name]);
-        t.host.ip(&["addr", "add", &format!("{UPLINK_IP}/24"), "dev", UPLINK]);
+        t.host.ip(&[
+            "link",
+            "add",
+            UPLINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "wan0",
+            "netns",
+            &t.wan.name,
+        ]);
+        t.host
+            .ip(&["addr", "add", &format!("{UPLINK_IP}/24"), "dev", UPLINK]);
         t.host.ip(&["link", "set", UPLINK, "up"]);
-        t.wan.ip(&["addr", "add", &format!("{WAN_IP}/24"), "dev", "wan0"]);
+        t.wan
+            .ip(&["addr", "add", &format!("{WAN_IP}/24"), "dev", "wan0"]);
         t.wan.ip(&["link", "set", "wan0", "up"]);
         t.host.ip(&["route", "add", "default", "via", WAN_IP]);
         t
@@ -135,7 +149,12 @@ impl Topology {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = c.spawn().expect("spawn netns");
-        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
         child.wait_with_output().expect("wait netns")
     }
 
@@ -173,13 +192,30 @@ impl Topology {
     /// wan (which routes), with `mtu` on wan's side of that link.
     pub fn add_far(&self, mtu: u32) -> NamedNetns {
         let far = NamedNetns::new(&format!("{}f", self.tag));
-        self.wan.ip(&["link", "add", "far0", "mtu", &mtu.to_string(), "type", "veth", "peer", "name", "eth0", "netns", &far.name]);
-        self.wan.ip(&["addr", "add", "203.0.113.254/24", "dev", "far0"]);
+        self.wan.ip(&[
+            "link",
+            "add",
+            "far0",
+            "mtu",
+            &mtu.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &far.name,
+        ]);
+        self.wan
+            .ip(&["addr", "add", "203.0.113.254/24", "dev", "far0"]);
         self.wan.ip(&["link", "set", "far0", "up"]);
         far.ip(&["addr", "add", "203.0.113.1/24", "dev", "eth0"]);
         far.ip(&["link", "set", "eth0", "up"]);
         far.ip(&["route", "add", "default", "via", "203.0.113.254"]);
-        run(self.wan.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+        run(self
+            .wan
+            .cmd("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"]));
         far
     }
 
@@ -193,9 +229,16 @@ impl Drop for Topology {
         // Containers first: their poststop hooks need the namespaces and pins.
         if self.runc_root.exists() {
             let root = self.runc_root.display().to_string();
-            if let Ok(out) = Command::new("runc").args(["--root", &root, "list", "-q"]).output() {
+            if let Ok(out) = Command::new("runc")
+                .args(["--root", &root, "list", "-q"])
+                .output()
+            {
                 for id in String::from_utf8_lossy(&out.stdout).lines() {
-                    let _ = self.host.cmd("runc").args(["--root", &root, "delete", "-f", id]).output();
+                    let _ = self
+                        .host
+                        .cmd("runc")
+                        .args(["--root", &root, "delete", "-f", id])
+                        .output();
                 }
             }
         }
@@ -203,7 +246,11 @@ impl Drop for Topology {
         kill_with_arg(&self.state_dir.display().to_string());
         let _ = fs::remove_dir_all(&self.bpffs_dir);
         if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-            let parent = self.cgroup.parent().map(Path::to_path_buf).unwrap_or_default();
+            let parent = self
+                .cgroup
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
             for pid in procs.lines() {
                 let _ = fs::write(parent.join("cgroup.procs"), pid);
             }

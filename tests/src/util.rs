@@ -22,7 +22,10 @@ pub fn netns_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
     let bin = profile_dir.join("netns");
     assert!(
         bin.exists(),
@@ -34,7 +37,8 @@ pub fn netns_bin() -> PathBuf {
 
 /// Runs a command, returning its output (no status check).
 pub fn output(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
 }
 
 /// Runs a command that must succeed; returns stdout.
@@ -74,7 +78,10 @@ pub struct ChildGuard(pub std::process::Child);
 
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> ChildGuard {
-        ChildGuard(cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")))
+        ChildGuard(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+        )
     }
 
     /// Waits for the process to exit by itself (bounded), returning its output.
@@ -104,15 +111,24 @@ impl Drop for ChildGuard {
 pub fn pids_with_arg(arg: &str) -> Vec<u32> {
     let me = std::process::id();
     let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let hit = cmdline.split(|b| *b == 0).any(|a| {
-            a == arg.as_bytes() || a.split(|b| *b == b'=').nth(1).is_some_and(|v| v == arg.as_bytes() && a.starts_with(b"--"))
+            a == arg.as_bytes()
+                || a.split(|b| *b == b'=')
+                    .nth(1)
+                    .is_some_and(|v| v == arg.as_bytes() && a.starts_with(b"--"))
         });
         if hit {
             pids.push(pid);
@@ -125,7 +141,10 @@ pub fn pids_with_arg(arg: &str) -> Vec<u32> {
 /// hook with this topology's unique state directory).
 pub fn kill_with_arg(arg: &str) {
     for pid in pids_with_arg(arg) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -146,10 +165,19 @@ pub fn wait_listen(nsenter_args: &[&str], proto: &str, port: u16) {
 /// namespace `nsenter_args` selects; panics after 15 s.
 pub fn wait_ss(nsenter_args: &[&str], ss_args: &[&str]) {
     let ok = wait_for(Duration::from_secs(15), || {
-        let o = Command::new("nsenter").args(nsenter_args).arg("ss").args(ss_args).output().ok()?;
+        let o = Command::new("nsenter")
+            .args(nsenter_args)
+            .arg("ss")
+            .args(ss_args)
+            .output()
+            .ok()?;
         (o.status.success() && !o.stdout.is_empty()).then_some(())
     });
-    assert!(ok.is_some(), "no socket for `ss {}` (nsenter {nsenter_args:?}) after 15 s", ss_args.join(" "));
+    assert!(
+        ok.is_some(),
+        "no socket for `ss {}` (nsenter {nsenter_args:?}) after 15 s",
+        ss_args.join(" ")
+    );
 }
 
 /// Shell command: a TCP server on `port` answering every connection with

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use netns_tests::runc::Bundle;
 use netns_tests::topo::{UPLINK, UPLINK_IP, WAN_IP};
-use netns_tests::util::{ChildGuard, kill_with_arg, pids_with_arg, run, tcp_ask, tcp_who_server, unique, wait_for};
+use netns_tests::util::{
+    ChildGuard, kill_with_arg, pids_with_arg, run, tcp_ask, tcp_who_server, unique, wait_for,
+};
 use netns_tests::{Container, NamedNetns, NetnsGuard, Topology};
 
 fn stdout(o: &std::process::Output) -> String {
@@ -21,9 +23,17 @@ fn stdout(o: &std::process::Output) -> String {
 
 /// The process has exited (gone, or a zombie), within 5 s.
 fn gone(pid: u32) -> bool {
-    wait_for(Duration::from_secs(5), || match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => Some(()),
-        Ok(s) => (s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z')).then_some(()),
+    wait_for(Duration::from_secs(5), || {
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => Some(()),
+            Ok(s) => (s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z'))
+            .then_some(()),
+        }
     })
     .is_some()
 }
@@ -41,12 +51,29 @@ fn runc_with_a_logging_hook_in_a_private_topology_and_nothing_left_behind() {
     assert!(list.contains(&host) && list.contains(&wan), "{list}");
 
     // The uplink: address, default route, the wan peer answers (inside our namespaces).
-    assert!(t.host.ip(&["-4", "-o", "addr", "show", "dev", UPLINK]).contains(&format!("{UPLINK_IP}/24")));
-    assert!(t.host.ip(&["route", "show", "default"]).contains(&format!("default via {WAN_IP} dev {UPLINK}")));
-    let ping = t.host.cmd("ping").args(["-c", "1", "-W", "2", WAN_IP]).output().unwrap();
+    assert!(
+        t.host
+            .ip(&["-4", "-o", "addr", "show", "dev", UPLINK])
+            .contains(&format!("{UPLINK_IP}/24"))
+    );
+    assert!(
+        t.host
+            .ip(&["route", "show", "default"])
+            .contains(&format!("default via {WAN_IP} dev {UPLINK}"))
+    );
+    let ping = t
+        .host
+        .cmd("ping")
+        .args(["-c", "1", "-W", "2", WAN_IP])
+        .output()
+        .unwrap();
     assert!(ping.status.success(), "host -> wan: {}", stdout(&ping));
     for ns in [&t.host, &t.wan] {
-        assert!(ns.ip(&["-o", "link", "show", "lo"]).contains("UP"), "lo up in {}", ns.name);
+        assert!(
+            ns.ip(&["-o", "link", "show", "lo"]).contains("UP"),
+            "lo up in {}",
+            ns.name
+        );
     }
 
     // A dummy hook: appends the state JSON it gets on stdin to a log.
@@ -61,8 +88,12 @@ fn runc_with_a_logging_hook_in_a_private_topology_and_nothing_left_behind() {
     let c = Container::start_bundle(&t, id.clone(), &bundle)
         .unwrap_or_else(|o| panic!("runc run: {}", String::from_utf8_lossy(&o.stderr)));
 
-    let states: Vec<serde_json::Value> =
-        fs::read_to_string(&log).unwrap().lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let states: Vec<serde_json::Value> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(states.len(), 1, "prestart ran once: {states:?}");
     assert_eq!(states[0]["id"], id.as_str());
     assert_eq!(states[0]["pid"], c.pid);
@@ -71,33 +102,57 @@ fn runc_with_a_logging_hook_in_a_private_topology_and_nothing_left_behind() {
     // The container has its own, empty network namespace (only lo).
     let ino = |p: &str| fs::metadata(p).unwrap().ino();
     assert_ne!(ino(&format!("/proc/{}/ns/net", c.pid)), ino(&t.host.path()));
-    assert_ne!(ino(&format!("/proc/{}/ns/net", c.pid)), ino("/proc/self/ns/net"));
+    assert_ne!(
+        ino(&format!("/proc/{}/ns/net", c.pid)),
+        ino("/proc/self/ns/net")
+    );
     let links = stdout(&c.sh("ip -o link"));
     assert_eq!(links.lines().count(), 1, "only lo: {links}");
     // runc exec runs busybox inside it.
     let e = c.exec(&["sh", "-c", "echo hi from $(cat /proc/1/comm)"]);
-    assert_eq!(stdout(&e).trim(), "hi from sleep", "{}", String::from_utf8_lossy(&e.stderr));
+    assert_eq!(
+        stdout(&e).trim(),
+        "hi from sleep",
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
 
     // A server in wan, reachable from the host namespace, killed by its guard.
     let srv = t.wan_spawn(&tcp_who_server(7900));
     t.wan.wait_listen("tcp", 7900);
-    let got = t.host.cmd("sh").args(["-c", &tcp_ask(WAN_IP, 7900)]).output().unwrap();
+    let got = t
+        .host
+        .cmd("sh")
+        .args(["-c", &tcp_ask(WAN_IP, 7900)])
+        .output()
+        .unwrap();
     assert_eq!(stdout(&got).trim(), format!("peer={UPLINK_IP}"));
     let srv_pid = srv.0.id();
     drop(srv);
-    assert!(!Path::new(&format!("/proc/{srv_pid}")).exists(), "server reaped");
+    assert!(
+        !Path::new(&format!("/proc/{srv_pid}")).exists(),
+        "server reaped"
+    );
 
     // runc delete runs poststop with status "stopped".
     let pid = c.pid;
     let out = c.delete();
-    assert!(out.status.success(), "runc delete: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "runc delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let log_text = fs::read_to_string(&log).unwrap();
-    let last: serde_json::Value = serde_json::from_str(log_text.lines().rfind(|l| !l.trim().is_empty()).unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(log_text.lines().rfind(|l| !l.trim().is_empty()).unwrap()).unwrap();
     assert_eq!(last["status"], "stopped", "{log_text}");
     assert_eq!(last["id"], id.as_str());
     assert!(gone(pid), "container process {pid} still running");
     let root = t.runc_root.display().to_string();
-    assert_eq!(run(Command::new("runc").args(["--root", &root, "list", "-q"])).trim(), "");
+    assert_eq!(
+        run(Command::new("runc").args(["--root", &root, "list", "-q"])).trim(),
+        ""
+    );
 
     // A second container is still running when the topology drops: Drop deletes it.
     let id2 = unique("c");
@@ -108,7 +163,10 @@ fn runc_with_a_logging_hook_in_a_private_topology_and_nothing_left_behind() {
 
     drop(t);
     let list = netns_list();
-    assert!(!list.contains(&host) && !list.contains(&wan), "namespaces left: {list}");
+    assert!(
+        !list.contains(&host) && !list.contains(&wan),
+        "namespaces left: {list}"
+    );
     assert!(!tmp.exists(), "{} left", tmp.display());
     assert!(!bpffs.exists(), "{} left", bpffs.display());
     assert!(!cgroup.exists(), "{} left", cgroup.display());
@@ -119,16 +177,31 @@ fn runc_with_a_logging_hook_in_a_private_topology_and_nothing_left_behind() {
 fn netns_guard_enters_and_restores_the_thread_namespace() {
     let ns = NamedNetns::new(&unique("ng"));
     let veth = unique("g");
-    ns.ip(&["link", "add", &veth, "type", "veth", "peer", "name", &format!("{veth}p")]);
+    ns.ip(&[
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{veth}p"),
+    ]);
     let mine = || fs::read_link("/proc/thread-self/ns/net").unwrap();
     let before = mine();
     {
         let _g = NetnsGuard::new(&ns.path());
         assert_ne!(mine(), before);
-        assert!(nix::net::if_::if_nametoindex(veth.as_str()).is_ok(), "{veth} visible inside");
+        assert!(
+            nix::net::if_::if_nametoindex(veth.as_str()).is_ok(),
+            "{veth} visible inside"
+        );
     }
     assert_eq!(mine(), before, "restored on drop");
-    assert!(nix::net::if_::if_nametoindex(veth.as_str()).is_err(), "{veth} not visible outside");
+    assert!(
+        nix::net::if_::if_nametoindex(veth.as_str()).is_err(),
+        "{veth} not visible outside"
+    );
     let path = ns.path();
     drop(ns);
     assert!(!Path::new(&path).exists());
@@ -150,7 +223,14 @@ fn unique_names_are_short_and_distinct() {
 fn kill_with_arg_kills_exactly_the_processes_with_that_argument() {
     let mark = format!("/tmp/netns-test-mark-{}", unique("k"));
     // `read` is a builtin: these shells block on their stdin pipe without forking.
-    let block = |args: &[&str]| ChildGuard::spawn(Command::new("sh").args(["-c", "read x", "sh"]).args(args).stdin(std::process::Stdio::piped()));
+    let block = |args: &[&str]| {
+        ChildGuard::spawn(
+            Command::new("sh")
+                .args(["-c", "read x", "sh"])
+                .args(args)
+                .stdin(std::process::Stdio::piped()),
+        )
+    };
     let victim = block(&["--state-dir", &mark]);
     let bystander = block(&[&format!("{mark}x"), &format!("--state-dir={mark}/y")]);
     let also = block(&[&format!("--state-dir={mark}")]);
@@ -166,8 +246,12 @@ fn kill_with_arg_kills_exactly_the_processes_with_that_argument() {
     assert_eq!(pids, want);
     kill_with_arg(&mark);
     let mut victim = victim;
-    let st = wait_for(Duration::from_secs(5), || victim.0.try_wait().unwrap()).expect("victim killed");
+    let st =
+        wait_for(Duration::from_secs(5), || victim.0.try_wait().unwrap()).expect("victim killed");
     assert!(!st.success());
     let mut bystander = bystander;
-    assert!(bystander.0.try_wait().unwrap().is_none(), "bystander untouched");
+    assert!(
+        bystander.0.try_wait().unwrap().is_none(),
+        "bystander untouched"
+    );
 }

@@ -25,7 +25,11 @@ fn two_containers_get_distinct_addresses_eth0_and_default_route() {
     }
     for c in [&a, &b] {
         let routes = stdout(&c.exec(&["ip", "route", "show", "default"]));
-        assert!(routes.contains(&format!("default via {GATEWAY} dev eth0")), "{}: {routes}", c.id);
+        assert!(
+            routes.contains(&format!("default via {GATEWAY} dev eth0")),
+            "{}: {routes}",
+            c.id
+        );
         let addr = stdout(&c.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]));
         assert!(addr.contains(&format!("{}/16", c.ip())), "{}: {addr}", c.id);
     }
@@ -37,7 +41,10 @@ fn two_containers_get_distinct_addresses_eth0_and_default_route() {
     assert!(master.contains("master netns0"), "{master}");
     let ls = t.containers();
     let ids: Vec<&str> = ls.iter().map(|c| c["id"].as_str().unwrap()).collect();
-    assert!(ids.contains(&a.id.as_str()) && ids.contains(&b.id.as_str()), "{ls:?}");
+    assert!(
+        ids.contains(&a.id.as_str()) && ids.contains(&b.id.as_str()),
+        "{ls:?}"
+    );
 }
 
 /// Counts ICMP echo requests arriving in its namespace until it has argv[1] of them
@@ -66,9 +73,15 @@ fn tcp_udp_icmp_reach_the_wan_peer_which_sees_the_uplink_address() {
     // The ICMP peer: a raw socket in wan that records the source of each echo request.
     let ready = t.path("icmp-ready");
     let icmp = ChildGuard::spawn(
-        t.wan.cmd("python3").args(["-c", ICMP_WITNESS, "4", &ready.display().to_string()]).stdout(std::process::Stdio::piped()),
+        t.wan
+            .cmd("python3")
+            .args(["-c", ICMP_WITNESS, "4", &ready.display().to_string()])
+            .stdout(std::process::Stdio::piped()),
     );
-    assert!(wait_for(Duration::from_secs(15), || ready.exists().then_some(())).is_some(), "ICMP witness did not start");
+    assert!(
+        wait_for(Duration::from_secs(15), || ready.exists().then_some(())).is_some(),
+        "ICMP witness did not start"
+    );
     for c in [&a, &b] {
         let got = wait_for(Duration::from_secs(5), || {
             let o = stdout(&c.sh(&tcp_ask(WAN_IP, 7000)));
@@ -84,11 +97,20 @@ fn tcp_udp_icmp_reach_the_wan_peer_which_sees_the_uplink_address() {
     }
     // The ICMP peer saw the echo requests of both containers, all from the uplink address.
     let seen = stdout(&icmp.wait_output(Duration::from_secs(15)));
-    assert_eq!(seen.trim(), format!("4 {UPLINK_IP}"), "echo requests seen by the wan peer (count, sources)");
+    assert_eq!(
+        seen.trim(),
+        format!("4 {UPLINK_IP}"),
+        "echo requests seen by the wan peer (count, sources)"
+    );
     // And the datapath's conntrack has the ICMP flow translated to the uplink address.
     let ct = t.netns(&["conntrack", "ls", "--json"]);
     let flows: Vec<serde_json::Value> = serde_json::from_str(&ct).unwrap();
-    assert!(flows.iter().any(|f| f["proto"] == "icmp" && f["translated"]["src"] == UPLINK_IP), "{ct}");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["proto"] == "icmp" && f["translated"]["src"] == UPLINK_IP),
+        "{ct}"
+    );
     drop((tcp, udp));
 }
 
@@ -97,18 +119,32 @@ fn a_100_mb_tcp_transfer_arrives_intact_both_ways() {
     let t = Topology::new();
     let a = Container::start(&t);
     let file = t.path("blob");
-    sh(&format!("head -c 104857600 /dev/urandom > {}", file.display()));
+    sh(&format!(
+        "head -c 104857600 /dev/urandom > {}",
+        file.display()
+    ));
     let want = sh(&format!("sha256sum < {}", file.display()));
     // Download: wan -> container.
-    let _srv = t.wan_spawn(&format!("socat -u OPEN:{} TCP-LISTEN:7010,reuseaddr", file.display()));
+    let _srv = t.wan_spawn(&format!(
+        "socat -u OPEN:{} TCP-LISTEN:7010,reuseaddr",
+        file.display()
+    ));
     t.wan.wait_listen("tcp", 7010);
-    let down = stdout(&a.sh(&format!("timeout 60 socat -u TCP:{WAN_IP}:7010 STDOUT | sha256sum")));
+    let down = stdout(&a.sh(&format!(
+        "timeout 60 socat -u TCP:{WAN_IP}:7010 STDOUT | sha256sum"
+    )));
     assert_eq!(down, want, "download through reverse NAT corrupted");
     // Upload: container -> wan.
     let out = t.path("uploaded");
-    let srv = t.wan_spawn(&format!("socat -u TCP-LISTEN:7011,reuseaddr CREATE:{}", out.display()));
+    let srv = t.wan_spawn(&format!(
+        "socat -u TCP-LISTEN:7011,reuseaddr CREATE:{}",
+        out.display()
+    ));
     t.wan.wait_listen("tcp", 7011);
-    let up = a.sh(&format!("timeout 60 socat -u OPEN:{} TCP:{WAN_IP}:7011", file.display()));
+    let up = a.sh(&format!(
+        "timeout 60 socat -u OPEN:{} TCP:{WAN_IP}:7011",
+        file.display()
+    ));
     assert!(up.status.success());
     let _ = srv.wait_output(Duration::from_secs(30));
     let got = sh(&format!("sha256sum < {}", out.display()));
@@ -120,7 +156,11 @@ fn containers_reach_each_other_over_the_bridge_untranslated() {
     let t = Topology::new();
     let a = Container::start(&t);
     let b = Container::start(&t);
-    let _srv = ChildGuard::spawn(b.cmd("sh").arg("-c").arg(format!("exec {}", tcp_who_server(7020))));
+    let _srv = ChildGuard::spawn(
+        b.cmd("sh")
+            .arg("-c")
+            .arg(format!("exec {}", tcp_who_server(7020))),
+    );
     b.wait_listen("tcp", 7020);
     let got = stdout(&a.sh(&tcp_ask(&b.ip(), 7020)));
     assert_eq!(got.trim(), format!("peer={}", a.ip()));
@@ -134,41 +174,82 @@ fn poststop_removes_veth_lease_and_map_entries() {
     ann.insert("netns.ports".to_owned(), "18080:80/tcp".to_owned());
     let c = Container::start_with(&t, &ann, &[]).expect("start");
     let (id, pid, ip) = (c.id.clone(), c.pid, c.ip());
-    assert!(c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    assert!(
+        c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
+            .status
+            .success()
+    );
     let status = t.netns(&["datapath", "status", "--json"]);
     let st: serde_json::Value = serde_json::from_str(&status).unwrap();
     let eps = |st: &serde_json::Value| {
-        st["maps"].as_array().unwrap().iter().find(|m| m["name"] == "NETNS_EPS").unwrap()["entries"].as_u64().unwrap()
+        st["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "NETNS_EPS")
+            .unwrap()["entries"]
+            .as_u64()
+            .unwrap()
     };
     assert_eq!(eps(&st), 2);
     let out = c.delete();
-    assert!(out.status.success(), "runc delete: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "runc delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Veth gone, lease gone, endpoint and port map gone, its conntrack entries gone.
     let links = t.host.ip(&["-o", "link"]);
     assert!(!links.contains(&format!("netnsv0-{pid}")), "{links}");
     assert!(!t.containers().iter().any(|c| c["id"] == id.as_str()));
-    let st: serde_json::Value = serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
     assert_eq!(eps(&st), 1);
     assert!(!t.netns(&["port", "ls"]).contains("18080"));
     let ct = t.netns(&["conntrack", "ls", "--json"]);
     assert!(!ct.contains(&format!("\"{ip}\"")), "{ct}");
     // Poststop again is harmless.
-    let again = t.netns_stdin(&[], &format!(r#"{{"ociVersion":"1.0.2","id":"{id}","status":"stopped","bundle":"/"}}"#), &[]);
+    let again = t.netns_stdin(
+        &[],
+        &format!(r#"{{"ociVersion":"1.0.2","id":"{id}","status":"stopped","bundle":"/"}}"#),
+        &[],
+    );
     assert!(again.status.success());
     // The other container still works.
-    assert!(keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    assert!(
+        keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
+            .status
+            .success()
+    );
 }
 
 #[test]
 fn no_netfilter_nat_rule_exists_after_setup() {
     let t = Topology::new();
     let a = Container::start(&t);
-    assert!(a.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    assert!(
+        a.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
+            .status
+            .success()
+    );
     let ipt = t.host.cmd("iptables-save").output().unwrap();
     let ipt = stdout(&ipt);
-    assert!(!ipt.contains("MASQUERADE") && !ipt.contains("DNAT") && !ipt.contains("SNAT"), "{ipt}");
-    let nft = stdout(&t.host.cmd("nft").arg("list").arg("ruleset").output().unwrap());
-    assert!(!nft.contains("masquerade") && !nft.contains("dnat") && !nft.contains("snat"), "{nft}");
+    assert!(
+        !ipt.contains("MASQUERADE") && !ipt.contains("DNAT") && !ipt.contains("SNAT"),
+        "{ipt}"
+    );
+    let nft = stdout(
+        &t.host
+            .cmd("nft")
+            .arg("list")
+            .arg("ruleset")
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        !nft.contains("masquerade") && !nft.contains("dnat") && !nft.contains("snat"),
+        "{nft}"
+    );
     // And the translation really happened in eBPF.
     let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
     assert!(stats["snat_packets"].as_u64().unwrap() >= 1, "{stats}");
@@ -181,31 +262,72 @@ fn failed_hook_rolls_back_everything() {
     let mut ann = BTreeMap::new();
     ann.insert("netns.ports".to_owned(), "18081:80/tcp".to_owned());
     let eps = || -> u64 {
-        let st: serde_json::Value = serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
-        st["maps"].as_array().unwrap().iter().find(|m| m["name"] == "NETNS_EPS").unwrap()["entries"].as_u64().unwrap()
+        let st: serde_json::Value =
+            serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+        st["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "NETNS_EPS")
+            .unwrap()["entries"]
+            .as_u64()
+            .unwrap()
     };
     let root = t.runc_root.display().to_string();
     let links_before = t.host.ip(&["-o", "link"]);
     // Every step of the prestart hook (netns-user's hook::Step names).
     for step in [
-        "bridge", "ip-forward", "ipam", "veth", "container-net", "datapath-load", "attach-port", "add-endpoint", "port-map",
+        "bridge",
+        "ip-forward",
+        "ipam",
+        "veth",
+        "container-net",
+        "datapath-load",
+        "attach-port",
+        "add-endpoint",
+        "port-map",
         "persist",
     ] {
-        let err = Container::start_with(&t, &ann, &[("NETNS_FAIL_AT", step)]).err().expect("hook must fail");
-        let msg = String::from_utf8_lossy(&err.stderr).into_owned() + &String::from_utf8_lossy(&err.stdout);
-        assert!(msg.contains(step), "runc output names the step {step}: {msg}");
+        let err = Container::start_with(&t, &ann, &[("NETNS_FAIL_AT", step)])
+            .err()
+            .expect("hook must fail");
+        let msg = String::from_utf8_lossy(&err.stderr).into_owned()
+            + &String::from_utf8_lossy(&err.stdout);
+        assert!(
+            msg.contains(step),
+            "runc output names the step {step}: {msg}"
+        );
         let links = t.host.ip(&["-o", "link"]);
-        assert_eq!(links.lines().count(), links_before.lines().count(), "veth left behind after {step}: {links}");
+        assert_eq!(
+            links.lines().count(),
+            links_before.lines().count(),
+            "veth left behind after {step}: {links}"
+        );
         assert_eq!(t.containers().len(), 1, "lease left behind after {step}");
-        assert!(!t.netns(&["port", "ls"]).contains("18081"), "port map left after {step}");
+        assert!(
+            !t.netns(&["port", "ls"]).contains("18081"),
+            "port map left after {step}"
+        );
         assert_eq!(eps(), 1, "endpoint left in the datapath after {step}");
         let listed = run(std::process::Command::new("runc").args(["--root", &root, "list", "-q"]));
-        assert_eq!(listed.trim(), keep.id, "runc keeps only the good container after {step}");
+        assert_eq!(
+            listed.trim(),
+            keep.id,
+            "runc keeps only the good container after {step}"
+        );
     }
-    assert!(keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    assert!(
+        keep.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
+            .status
+            .success()
+    );
     // And a start without the fault works after all those rollbacks.
     let ok = Container::start_with(&t, &ann, &[]).expect("start after rollbacks");
-    assert!(ok.exec(&["ping", "-c", "1", "-W", "2", WAN_IP]).status.success());
+    assert!(
+        ok.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
+            .status
+            .success()
+    );
     assert!(t.netns(&["port", "ls"]).contains("18081"));
 }
 
@@ -215,20 +337,39 @@ fn bad_state_json_gives_a_clear_error_and_leaves_nothing() {
     let cases = [
         ("{not json", "JSON"),
         (r#"{"ociVersion":"1.0.2","id":"x","status":"creating""#, ""),
-        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating","bundle":"/"}"#, "pid"),
-        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating","pid":999999999,"bundle":"/"}"#, "999999999"),
-        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating","pid":-4,"bundle":"/"}"#, "-4"),
-        (r#"{"ociVersion":"1.0.2","id":"../x","status":"creating","pid":1,"bundle":"/"}"#, "id"),
+        (
+            r#"{"ociVersion":"1.0.2","id":"x","status":"creating","bundle":"/"}"#,
+            "pid",
+        ),
+        (
+            r#"{"ociVersion":"1.0.2","id":"x","status":"creating","pid":999999999,"bundle":"/"}"#,
+            "999999999",
+        ),
+        (
+            r#"{"ociVersion":"1.0.2","id":"x","status":"creating","pid":-4,"bundle":"/"}"#,
+            "-4",
+        ),
+        (
+            r#"{"ociVersion":"1.0.2","id":"../x","status":"creating","pid":1,"bundle":"/"}"#,
+            "id",
+        ),
     ];
     for (input, needle) in cases {
         let out = t.netns_stdin(&[], input, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{input} must fail");
         assert!(err.starts_with("netns: "), "{err}");
-        assert!(err.contains(needle), "error for {input} should mention {needle:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "error for {input} should mention {needle:?}: {err}"
+        );
     }
     let links = t.host.ip(&["-o", "link"]);
-    assert_eq!(links.lines().count(), 2, "only lo and the uplink, no bridge or veth: {links}");
+    assert_eq!(
+        links.lines().count(),
+        2,
+        "only lo and the uplink, no bridge or veth: {links}"
+    );
     assert!(!t.bpffs_dir.exists(), "no datapath loaded");
     assert!(t.containers().is_empty(), "no lease");
 }

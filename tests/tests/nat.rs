@@ -41,7 +41,14 @@ while True:
 
 fn wan_server(t: &Topology, script: &str, port: u16) -> ChildGuard {
     let g = ChildGuard::spawn(t.wan.cmd("python3").args(["-c", script, &port.to_string()]));
-    t.wan.wait_listen(if script.contains("SOCK_DGRAM") { "udp" } else { "tcp" }, port);
+    t.wan.wait_listen(
+        if script.contains("SOCK_DGRAM") {
+            "udp"
+        } else {
+            "tcp"
+        },
+        port,
+    );
     g
 }
 
@@ -56,7 +63,8 @@ fn tcp_client(sport: u16, addr: &str, port: u16) -> String {
 
 /// Like `tcp_client`, then keeps the connection open until its stdin closes.
 fn tcp_client_holding(sport: u16, addr: &str, port: u16) -> String {
-    let cmd = tcp_client(sport, addr, port).replace(".strip())'", ".strip())\nimport sys\nsys.stdin.read()'");
+    let cmd = tcp_client(sport, addr, port)
+        .replace(".strip())'", ".strip())\nimport sys\nsys.stdin.read()'");
     assert!(cmd.contains("sys.stdin.read()"), "{cmd}");
     cmd
 }
@@ -67,12 +75,19 @@ fn same_source_port_from_two_containers_both_flows_work() {
     let a = Container::start(&t);
     let b = Container::start(&t);
     let _srv = wan_server(&t, TCP_WHO, 7100);
-    let ca = ChildGuard::spawn(a.cmd("sh").arg("-c").arg(tcp_client(40000, WAN_IP, 7100)).stdout(std::process::Stdio::piped()));
+    let ca = ChildGuard::spawn(
+        a.cmd("sh")
+            .arg("-c")
+            .arg(tcp_client(40000, WAN_IP, 7100))
+            .stdout(std::process::Stdio::piped()),
+    );
     std::thread::sleep(Duration::from_millis(100));
     let ob = out(&b.sh(&tcp_client(40000, WAN_IP, 7100)));
     let oa = out(&ca.wait_output(Duration::from_secs(8)));
     let port = |s: &str| -> u16 {
-        let (who, again) = s.split_once(' ').unwrap_or_else(|| panic!("bad reply {s:?}"));
+        let (who, again) = s
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("bad reply {s:?}"));
         assert_eq!(again, "again", "{s}");
         let (ip, p) = who.split_once(':').unwrap();
         assert_eq!(ip, UPLINK_IP);
@@ -80,9 +95,15 @@ fn same_source_port_from_two_containers_both_flows_work() {
     };
     let (pa, pb) = (port(&oa), port(&ob));
     assert_ne!(pa, pb, "two flows cannot share a translated port");
-    assert!(pa == 40000 || pb == 40000, "the first keeps its port: {pa} {pb}");
+    assert!(
+        pa == 40000 || pb == 40000,
+        "the first keeps its port: {pa} {pb}"
+    );
     let other = if pa == 40000 { pb } else { pa };
-    assert!((61000..=65535).contains(&other), "the second gets one from --nat-ports: {other}");
+    assert!(
+        (61000..=65535).contains(&other),
+        "the second gets one from --nat-ports: {other}"
+    );
 }
 
 #[test]
@@ -104,12 +125,16 @@ fn a_host_socket_on_the_port_is_never_hijacked() {
             .stdout(std::process::Stdio::piped()),
     );
     // The host's connection must exist before the container's.
-    t.host.wait_ss(&["-Htn", "state", "established", "sport = :40001"]);
+    t.host
+        .wait_ss(&["-Htn", "state", "established", "sport = :40001"]);
     let oc = out(&c.sh(&tcp_client(40001, WAN_IP, 7101)));
     drop(host.0.stdin.take());
     let oh = out(&host.wait_output(Duration::from_secs(8)));
     assert_eq!(oh, format!("{UPLINK_IP}:40001 again"), "host flow intact");
-    assert!(oc.ends_with(" again") && !oc.starts_with(&format!("{UPLINK_IP}:40001 ")), "container moved off 40001: {oc}");
+    assert!(
+        oc.ends_with(" again") && !oc.starts_with(&format!("{UPLINK_IP}:40001 ")),
+        "container moved off 40001: {oc}"
+    );
     let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
     assert!(stats["port_host_socket"].as_u64().unwrap() >= 1, "{stats}");
 }
@@ -119,14 +144,21 @@ fn flows(t: &Topology) -> Vec<serde_json::Value> {
 }
 
 fn state_of(t: &Topology, dport: u16) -> Option<String> {
-    flows(t).into_iter().find(|f| f["original"]["dport"] == dport).map(|f| f["state"].as_str().unwrap().to_owned())
+    flows(t)
+        .into_iter()
+        .find(|f| f["original"]["dport"] == dport)
+        .map(|f| f["state"].as_str().unwrap().to_owned())
 }
 
 #[test]
 fn tcp_states_and_expiry_with_short_timeouts() {
     let t = Topology::new();
     let c = Container::start(&t);
-    t.netns(&["gc", "--timeouts", "tcp_syn=2,tcp_established=6,tcp_fin=2,tcp_close=2,udp=2,udp_stream=2,icmp=2"]);
+    t.netns(&[
+        "gc",
+        "--timeouts",
+        "tcp_syn=2,tcp_established=6,tcp_fin=2,tcp_close=2,udp=2,udp_stream=2,icmp=2",
+    ]);
     let _echo = wan_server(&t, UDP_ECHO, 7103);
     let _hold = t.wan_spawn("socat TCP-LISTEN:7109,reuseaddr,fork SYSTEM:'echo hi; sleep 60'");
     t.wan.wait_listen("tcp", 7109);
@@ -139,22 +171,51 @@ fn tcp_states_and_expiry_with_short_timeouts() {
     t.wan.wait_listen("tcp", 7110);
     c.sh(&format!("echo | timeout 3 socat -t 1 - TCP:{WAN_IP}:7110"));
     // UDP.
-    c.sh(&format!("echo x | timeout 2 socat -t 1 - UDP:{WAN_IP}:7103"));
-    let est = wait_for(Duration::from_secs(3), || (state_of(&t, 7109).as_deref() == Some("established")).then_some(()));
-    assert!(est.is_some(), "a held connection is established: {:?}", flows(&t));
+    c.sh(&format!(
+        "echo x | timeout 2 socat -t 1 - UDP:{WAN_IP}:7103"
+    ));
+    let est = wait_for(Duration::from_secs(3), || {
+        (state_of(&t, 7109).as_deref() == Some("established")).then_some(())
+    });
+    assert!(
+        est.is_some(),
+        "a held connection is established: {:?}",
+        flows(&t)
+    );
     let fl = flows(&t);
-    assert!(fl.iter().any(|f| f["original"]["dport"] == 7110 && f["state"] == "fin_wait"), "closed one in fin_wait: {fl:?}");
-    assert!(fl.iter().any(|f| f["original"]["dport"] == 7103 && f["proto"] == "udp"), "{fl:?}");
+    assert!(
+        fl.iter()
+            .any(|f| f["original"]["dport"] == 7110 && f["state"] == "fin_wait"),
+        "closed one in fin_wait: {fl:?}"
+    );
+    assert!(
+        fl.iter()
+            .any(|f| f["original"]["dport"] == 7103 && f["proto"] == "udp"),
+        "{fl:?}"
+    );
     std::thread::sleep(Duration::from_millis(3200));
     let report = t.netns(&["gc"]);
     assert!(report.contains("flows expired"), "{report}");
     let fl = flows(&t);
-    assert!(!fl.iter().any(|f| f["original"]["dport"] == 7103), "udp expired: {fl:?}");
-    assert!(!fl.iter().any(|f| f["state"] == "fin_wait"), "closed flow expired: {fl:?}");
-    assert!(fl.iter().any(|f| f["state"] == "established"), "established survives: {fl:?}");
+    assert!(
+        !fl.iter().any(|f| f["original"]["dport"] == 7103),
+        "udp expired: {fl:?}"
+    );
+    assert!(
+        !fl.iter().any(|f| f["state"] == "fin_wait"),
+        "closed flow expired: {fl:?}"
+    );
+    assert!(
+        fl.iter().any(|f| f["state"] == "established"),
+        "established survives: {fl:?}"
+    );
     std::thread::sleep(Duration::from_millis(4000));
     t.netns(&["gc"]);
-    assert!(flows(&t).is_empty(), "idle established flow expired too: {:?}", flows(&t));
+    assert!(
+        flows(&t).is_empty(),
+        "idle established flow expired too: {:?}",
+        flows(&t)
+    );
     drop(held);
 }
 
@@ -170,13 +231,25 @@ fn a_full_table_evicts_and_counts_without_wrong_translations() {
         "import socket,sys\nok=0\nfor i in range(12):\n  s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n  s.settimeout(1)\n  \
          s.connect((\"{WAN_IP}\",7104))\n  m=(\"%s-%d\" % (sys.argv[1], i)).encode()\n  s.send(m)\n  ok += s.recv(100) == m\nprint(ok)"
     ));
-    let ra = ChildGuard::spawn(a.cmd("sh").arg("-c").arg(format!("{client} A")).stdout(std::process::Stdio::piped()));
+    let ra = ChildGuard::spawn(
+        a.cmd("sh")
+            .arg("-c")
+            .arg(format!("{client} A"))
+            .stdout(std::process::Stdio::piped()),
+    );
     let ob = out(&b.sh(&format!("{client} B")));
     let oa = out(&ra.wait_output(Duration::from_secs(20)));
-    assert_eq!((oa.as_str(), ob.as_str()), ("12", "12"), "every flow answered correctly");
+    assert_eq!(
+        (oa.as_str(), ob.as_str()),
+        ("12", "12"),
+        "every flow answered correctly"
+    );
     let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
     assert!(stats["ct_entries"].as_u64().unwrap() <= 16, "{stats}");
-    assert!(stats["ct_evicted"].as_u64().unwrap() >= 8, "evictions counted: {stats}");
+    assert!(
+        stats["ct_evicted"].as_u64().unwrap() >= 8,
+        "evictions counted: {stats}"
+    );
 }
 
 const ICMP_CASES: &str = r#"
@@ -203,21 +276,34 @@ fn icmp_errors_reach_the_container() {
     let t = Topology::new();
     let far = t.add_far(1000);
     let c = Container::start(&t);
-    let o = out(&c.cmd("python3").args(["-c", ICMP_CASES, WAN_IP, "203.0.113.1"]).output().unwrap());
+    let o = out(&c
+        .cmd("python3")
+        .args(["-c", ICMP_CASES, WAN_IP, "203.0.113.1"])
+        .output()
+        .unwrap());
     assert!(o.contains("unreachable: ECONNREFUSED"), "{o}");
-    assert!(o.contains(&format!("ttl: type 11 offender {WAN_IP}")), "{o}");
+    assert!(
+        o.contains(&format!("ttl: type 11 offender {WAN_IP}")),
+        "{o}"
+    );
     // Path MTU: far's link is 1000 bytes behind wan; a 1500-byte segment from the
     // container gets "fragmentation needed" from wan, translated back.
     far.ip(&["link", "set", "eth0", "mtu", "1500"]);
     let sink = ChildGuard::spawn(
-        far.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:7200,reuseaddr STDOUT | wc -c").stdout(std::process::Stdio::piped()),
+        far.cmd("sh")
+            .arg("-c")
+            .arg("socat -u TCP-LISTEN:7200,reuseaddr STDOUT | wc -c")
+            .stdout(std::process::Stdio::piped()),
     );
     far.wait_listen("tcp", 7200);
     let up = c.sh("head -c 300000 /dev/zero | timeout 20 socat -u - TCP:203.0.113.1:7200");
     assert!(up.status.success(), "upload across the smaller MTU");
     assert_eq!(out(&sink.wait_output(Duration::from_secs(10))), "300000");
     let route = out(&c.sh("ip route get 203.0.113.1"));
-    assert!(route.contains("mtu 1000"), "PMTU learnt from the translated ICMP: {route}");
+    assert!(
+        route.contains("mtu 1000"),
+        "PMTU learnt from the translated ICMP: {route}"
+    );
     let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
     assert!(stats["icmp_errors"].as_u64().unwrap() >= 3, "{stats}");
 }
@@ -261,20 +347,46 @@ fn fragmented_udp_through_snat_and_a_port_forward_also_out_of_order() {
     let c = Container::start(&t);
     let _echo = wan_server(&t, UDP_ECHO, 7105);
     // SNAT: 4000 bytes out (fragmented by the container), echoed back fragmented.
-    assert_eq!(out(&c.cmd("python3").args(["-c", UDP_BIG, WAN_IP, "7105"]).output().unwrap()), "True 4000");
+    assert_eq!(
+        out(&c
+            .cmd("python3")
+            .args(["-c", UDP_BIG, WAN_IP, "7105"])
+            .output()
+            .unwrap()),
+        "True 4000"
+    );
     // Port forward, in order.
     let _cecho = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_ECHO, "7106"]));
     t.netns(&["port", "add", &c.id, "8600:7106/udp", "8601:7107/udp"]);
     c.wait_listen("udp", 7106);
-    assert_eq!(out(&t.wan_sh(&format!("python3 -c '{}' {UPLINK_IP} 8600", UDP_BIG.replace('\'', "\"")))), "True 4000");
+    assert_eq!(
+        out(&t.wan_sh(&format!(
+            "python3 -c '{}' {UPLINK_IP} 8600",
+            UDP_BIG.replace('\'', "\"")
+        ))),
+        "True 4000"
+    );
     // Port forward, fragments in reverse order from a raw socket.
-    let sink = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_SINK, "7107"]).stdout(std::process::Stdio::piped()));
+    let sink = ChildGuard::spawn(
+        c.cmd("python3")
+            .args(["-c", UDP_SINK, "7107"])
+            .stdout(std::process::Stdio::piped()),
+    );
     c.wait_listen("udp", 7107);
-    let sent = out(&t.wan.cmd("python3").args(["-c", FRAG_REVERSED, WAN_IP, UPLINK_IP, "8601"]).output().unwrap());
+    let sent = out(&t
+        .wan
+        .cmd("python3")
+        .args(["-c", FRAG_REVERSED, WAN_IP, UPLINK_IP, "8601"])
+        .output()
+        .unwrap());
     let got = out(&sink.wait_output(Duration::from_secs(10)));
     assert_eq!(got, sent, "reassembled datagram intact");
     let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
-    assert!(stats["frag_stashed"].as_u64().unwrap() >= 1 && stats["frag_replayed"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(
+        stats["frag_stashed"].as_u64().unwrap() >= 1
+            && stats["frag_replayed"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
 }
 
 #[test]
@@ -282,22 +394,37 @@ fn conntrack_and_stats_cli_output() {
     let t = Topology::new();
     let c = Container::start(&t);
     let _echo = wan_server(&t, UDP_ECHO, 7108);
-    c.sh(&format!("echo hello | timeout 2 socat -t 1 - UDP:{WAN_IP}:7108,sourceport=41000"));
+    c.sh(&format!(
+        "echo hello | timeout 2 socat -t 1 - UDP:{WAN_IP}:7108,sourceport=41000"
+    ));
     let fl = flows(&t);
-    let f = fl.iter().find(|f| f["original"]["dport"] == 7108).expect("the UDP flow is listed");
+    let f = fl
+        .iter()
+        .find(|f| f["original"]["dport"] == 7108)
+        .expect("the UDP flow is listed");
     assert_eq!(f["proto"], "udp");
     assert_eq!(f["kind"], "snat");
     assert_eq!(f["original"]["src"], c.ip());
     assert_eq!(f["original"]["sport"], 41000);
     assert_eq!(f["translated"]["src"], UPLINK_IP);
     assert_eq!(f["translated"]["dst"], WAN_IP);
-    assert!(f["packets"].as_u64().unwrap() >= 1 && f["reply_packets"].as_u64().unwrap() >= 1, "{f}");
+    assert!(
+        f["packets"].as_u64().unwrap() >= 1 && f["reply_packets"].as_u64().unwrap() >= 1,
+        "{f}"
+    );
     assert!(f["bytes"].as_u64().unwrap() > 0);
     assert!(f["age_secs"].is_u64() && f["idle_secs"].is_u64());
     let text = t.netns(&["conntrack", "ls"]);
     assert!(text.contains("src=") && text.contains("flow(s)"), "{text}");
     let stats: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
-    for k in ["snat_packets", "snat_reply_packets", "ct_created", "drop_port_exhausted", "drop_spoofed_ip", "ct_entries"] {
+    for k in [
+        "snat_packets",
+        "snat_reply_packets",
+        "ct_created",
+        "drop_port_exhausted",
+        "drop_spoofed_ip",
+        "ct_entries",
+    ] {
         assert!(stats[k].is_u64(), "stats has {k}: {stats}");
     }
     assert!(t.netns(&["conntrack", "flush"]).contains("deleted"));
@@ -316,14 +443,30 @@ fn a_full_port_range_is_a_counted_drop_not_a_wrong_translation() {
          s.settimeout(0.5)\ns.connect((\"{WAN_IP}\",7500))\nm=sys.argv[1].encode()\nr=b\"\"\n\
          for i in range(3):\n  s.send(m)\n  try:\n    r=s.recv(100); break\n  except Exception: pass\nprint(r==m)"
     ));
-    let answers: Vec<String> = cs.iter().map(|c| out(&c.sh(&format!("{q} {}", c.id)))).collect();
-    assert_eq!(answers.iter().filter(|a| *a == "True").count(), 3, "{answers:?}");
-    assert_eq!(answers.iter().filter(|a| *a == "False").count(), 1, "{answers:?}");
+    let answers: Vec<String> = cs
+        .iter()
+        .map(|c| out(&c.sh(&format!("{q} {}", c.id))))
+        .collect();
+    assert_eq!(
+        answers.iter().filter(|a| *a == "True").count(),
+        3,
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|a| *a == "False").count(),
+        1,
+        "{answers:?}"
+    );
     let s: serde_json::Value = serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap();
     assert!(s["drop_port_exhausted"].as_u64().unwrap() >= 1, "{s}");
-    let retries: u64 = ["port_retries_1", "port_retries_2_3", "port_retries_4_7", "port_retries_8_16"]
-        .iter()
-        .map(|k| s[*k].as_u64().unwrap())
-        .sum();
+    let retries: u64 = [
+        "port_retries_1",
+        "port_retries_2_3",
+        "port_retries_4_7",
+        "port_retries_8_16",
+    ]
+    .iter()
+    .map(|k| s[*k].as_u64().unwrap())
+    .sum();
     assert!(retries >= 2, "retries histogram: {s}");
 }

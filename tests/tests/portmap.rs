@@ -29,8 +29,16 @@ while True:
 /// TCP and UDP servers on `port` in the container that answer with the peer address.
 fn servers(c: &Container<'_>, port: u16, tag: &str) -> [ChildGuard; 2] {
     let reply = format!("SYSTEM:echo {tag} peer=$SOCAT_PEERADDR");
-    let tcp = ChildGuard::spawn(c.cmd("socat").args(["-t", "10", &format!("TCP-LISTEN:{port},reuseaddr,fork"), reply.as_str()]));
-    let udp = ChildGuard::spawn(c.cmd("python3").args(["-c", UDP_SERVER, &port.to_string(), tag]));
+    let tcp = ChildGuard::spawn(c.cmd("socat").args([
+        "-t",
+        "10",
+        &format!("TCP-LISTEN:{port},reuseaddr,fork"),
+        reply.as_str(),
+    ]));
+    let udp = ChildGuard::spawn(
+        c.cmd("python3")
+            .args(["-c", UDP_SERVER, &port.to_string(), tag]),
+    );
     c.wait_listen("tcp", port);
     c.wait_listen("udp", port);
     [tcp, udp]
@@ -66,7 +74,8 @@ fn expect(mut f: impl FnMut() -> Output, want: &str) {
 fn annotated<'t>(t: &'t Topology, ports: &str) -> Container<'t> {
     let mut ann = BTreeMap::new();
     ann.insert("netns.ports".to_owned(), ports.to_owned());
-    Container::start_with(t, &ann, &[]).unwrap_or_else(|o| panic!("start: {}", String::from_utf8_lossy(&o.stderr)))
+    Container::start_with(t, &ann, &[])
+        .unwrap_or_else(|o| panic!("start: {}", String::from_utf8_lossy(&o.stderr)))
 }
 
 #[test]
@@ -77,8 +86,14 @@ fn from_outside_tcp_and_udp_the_container_sees_the_real_peer() {
     t.netns(&["port", "add", &c.id, "8080:80/tcp", "8080:80/udp"]);
     // A connected UDP socket only accepts replies from UPLINK_IP:8080, so an answer
     // also proves the reply's source was translated back.
-    expect(|| t.wan_sh(&tcp(UPLINK_IP, 8080)), &format!("c peer={WAN_IP}"));
-    expect(|| t.wan_sh(&udp(UPLINK_IP, 8080)), &format!("c peer={WAN_IP}"));
+    expect(
+        || t.wan_sh(&tcp(UPLINK_IP, 8080)),
+        &format!("c peer={WAN_IP}"),
+    );
+    expect(
+        || t.wan_sh(&udp(UPLINK_IP, 8080)),
+        &format!("c peer={WAN_IP}"),
+    );
 }
 
 #[test]
@@ -89,8 +104,14 @@ fn hairpin_from_another_container_and_from_itself() {
     let _s = servers(&target, 80, "t");
     t.netns(&["port", "add", &target.id, "8080:80/tcp", "8080:80/udp"]);
     for client in [&other, &target] {
-        expect(|| client.sh(&tcp(UPLINK_IP, 8080)), &format!("t peer={GATEWAY}"));
-        expect(|| client.sh(&udp(UPLINK_IP, 8080)), &format!("t peer={GATEWAY}"));
+        expect(
+            || client.sh(&tcp(UPLINK_IP, 8080)),
+            &format!("t peer={GATEWAY}"),
+        );
+        expect(
+            || client.sh(&udp(UPLINK_IP, 8080)),
+            &format!("t peer={GATEWAY}"),
+        );
     }
 }
 
@@ -117,14 +138,23 @@ fn localhost_in_another_namespace_is_not_redirected() {
     let c = Container::start(&t);
     let _s = servers(&c, 80, "c");
     t.netns(&["port", "add", &c.id, "7777:80/tcp"]);
-    expect(|| t.host_sh(&tcp("127.0.0.1", 7777)), &format!("c peer={GATEWAY}"));
+    expect(
+        || t.host_sh(&tcp("127.0.0.1", 7777)),
+        &format!("c peer={GATEWAY}"),
+    );
     // Same cgroup (the programs are attached there), other namespace: untouched.
     let other = NamedNetns::new(&format!("{}x", t.tag));
     let procs = t.cgroup.join("cgroup.procs");
-    let o = netns_tests::util::output(
-        other.cmd("sh").arg("-c").arg(format!("echo $$ > {}; {}", procs.display(), tcp("127.0.0.1", 7777))),
+    let o = netns_tests::util::output(other.cmd("sh").arg("-c").arg(format!(
+        "echo $$ > {}; {}",
+        procs.display(),
+        tcp("127.0.0.1", 7777)
+    )));
+    assert!(
+        !o.status.success(),
+        "connection must be refused there: {}",
+        out(&o)
     );
-    assert!(!o.status.success(), "connection must be refused there: {}", out(&o));
     assert_eq!(out(&o), "");
 }
 
@@ -135,7 +165,10 @@ fn host_ip_limits_the_mapping_to_that_address() {
     let c = Container::start(&t);
     let _s = servers(&c, 80, "c");
     t.netns(&["port", "add", &c.id, "198.51.100.3:8090:80/tcp"]);
-    expect(|| t.wan_sh(&tcp("198.51.100.3", 8090)), &format!("c peer={WAN_IP}"));
+    expect(
+        || t.wan_sh(&tcp("198.51.100.3", 8090)),
+        &format!("c peer={WAN_IP}"),
+    );
     let o = t.wan_sh(&tcp(UPLINK_IP, 8090));
     assert_eq!(out(&o), "", "not forwarded on another address");
 }
@@ -147,11 +180,21 @@ fn ranges_map_one_to_one() {
     let _a = servers(&c, 9100, "p9100");
     let _b = servers(&c, 9102, "p9102");
     t.netns(&["port", "add", &c.id, "8100-8102:9100-9102/tcp"]);
-    expect(|| t.wan_sh(&tcp(UPLINK_IP, 8100)), &format!("p9100 peer={WAN_IP}"));
-    expect(|| t.wan_sh(&tcp(UPLINK_IP, 8102)), &format!("p9102 peer={WAN_IP}"));
-    let ls: Vec<serde_json::Value> = serde_json::from_str(&t.netns(&["port", "ls", "--json"])).unwrap();
+    expect(
+        || t.wan_sh(&tcp(UPLINK_IP, 8100)),
+        &format!("p9100 peer={WAN_IP}"),
+    );
+    expect(
+        || t.wan_sh(&tcp(UPLINK_IP, 8102)),
+        &format!("p9102 peer={WAN_IP}"),
+    );
+    let ls: Vec<serde_json::Value> =
+        serde_json::from_str(&t.netns(&["port", "ls", "--json"])).unwrap();
     assert_eq!(ls.len(), 3);
-    assert!(ls.iter().any(|m| m["host_port"] == 8101 && m["container_port"] == 9101));
+    assert!(
+        ls.iter()
+            .any(|m| m["host_port"] == 8101 && m["container_port"] == 9101)
+    );
 }
 
 #[test]
@@ -161,7 +204,10 @@ fn annotation_mappings_appear_at_start_and_vanish_at_stop() {
     let _s = servers(&c, 80, "c");
     let ls = t.netns(&["port", "ls"]);
     assert!(ls.contains("8200") && ls.contains("8201"), "{ls}");
-    expect(|| t.wan_sh(&tcp(UPLINK_IP, 8200)), &format!("c peer={WAN_IP}"));
+    expect(
+        || t.wan_sh(&tcp(UPLINK_IP, 8200)),
+        &format!("c peer={WAN_IP}"),
+    );
     c.delete();
     let ls = t.netns(&["port", "ls", "--json"]);
     assert_eq!(ls.trim(), "[]");
@@ -176,17 +222,27 @@ fn removing_a_mapping_stops_new_connections_and_spares_other_flows() {
     let _s = servers(&c, 80, "c");
     // A long flow through mapping 8301 (server in the container counts the bytes).
     let sink = ChildGuard::spawn(
-        c.cmd("sh").arg("-c").arg("socat -u TCP-LISTEN:81,reuseaddr STDOUT | wc -c").stdout(std::process::Stdio::piped()),
+        c.cmd("sh")
+            .arg("-c")
+            .arg("socat -u TCP-LISTEN:81,reuseaddr STDOUT | wc -c")
+            .stdout(std::process::Stdio::piped()),
     );
     c.wait_listen("tcp", 81);
     t.netns(&["port", "add", &c.id, "8300:80/tcp", "8301:81/tcp"]);
-    expect(|| t.wan_sh(&tcp(UPLINK_IP, 8300)), &format!("c peer={WAN_IP}"));
+    expect(
+        || t.wan_sh(&tcp(UPLINK_IP, 8300)),
+        &format!("c peer={WAN_IP}"),
+    );
     let flow = t.wan_spawn(&format!(
         "sh -c 'for i in $(seq 1 30); do head -c 1000 /dev/zero; sleep 0.05; done | socat -u - TCP:{UPLINK_IP}:8301'"
     ));
     std::thread::sleep(Duration::from_millis(300));
     t.netns(&["port", "rm", &c.id, "8300:80/tcp"]);
-    assert_eq!(out(&t.wan_sh(&tcp(UPLINK_IP, 8300))), "", "removed mapping still forwards");
+    assert_eq!(
+        out(&t.wan_sh(&tcp(UPLINK_IP, 8300))),
+        "",
+        "removed mapping still forwards"
+    );
     let f = flow.wait_output(Duration::from_secs(10));
     assert!(f.status.success(), "flow through the other mapping broke");
     let n = sink.wait_output(Duration::from_secs(5));
@@ -201,10 +257,16 @@ fn bad_input_is_refused_and_changes_nothing() {
     let before = t.netns(&["port", "ls", "--json"]);
     let cases: &[(&[&str], &str)] = &[
         (&["port", "add", &c.id, "8400:81/tcp"], "already mapped"),
-        (&["port", "add", &c.id, "8401:81", "8400:82"], "already mapped"),
+        (
+            &["port", "add", &c.id, "8401:81", "8400:82"],
+            "already mapped",
+        ),
         (&["port", "add", &c.id, "0:80"], "not in 1..65535"),
         (&["port", "add", &c.id, "70000:80"], "not in 1..65535"),
-        (&["port", "add", "no-such-container", "8402:80"], "no container"),
+        (
+            &["port", "add", "no-such-container", "8402:80"],
+            "no container",
+        ),
         (&["port", "add", &c.id, "80"], "expected"),
         (&["port", "add", &c.id, "8403:80/sctp"], "protocol"),
         (&["port", "add", &c.id, "8410-8415:80-81"], "range"),
@@ -215,11 +277,21 @@ fn bad_input_is_refused_and_changes_nothing() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?} must fail");
         assert!(err.contains(needle), "{args:?}: {err}");
-        assert_eq!(t.netns(&["port", "ls", "--json"]), before, "{args:?} changed the table");
+        assert_eq!(
+            t.netns(&["port", "ls", "--json"]),
+            before,
+            "{args:?} changed the table"
+        );
     }
     // The datapath map too: still exactly one entry.
-    let st: serde_json::Value = serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
-    let ports = st["maps"].as_array().unwrap().iter().find(|m| m["name"] == "NETNS_PORTS").unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+    let ports = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "NETNS_PORTS")
+        .unwrap();
     assert_eq!(ports["entries"], 1);
 }
 
@@ -230,11 +302,17 @@ fn mapped_ports_are_reserved_and_busy_ports_reported() {
     t.netns(&["port", "add", &c.id, "8500:80/tcp"]);
     let o = t.host_sh("timeout 1 socat TCP-LISTEN:8500 - ; echo rc=$?");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("Operation not permitted"), "bind of a mapped port must fail: {err}");
+    assert!(
+        err.contains("Operation not permitted"),
+        "bind of a mapped port must fail: {err}"
+    );
     // A port a host socket holds cannot be mapped.
     let _busy = ChildGuard::spawn(t.host.cmd("socat").args(["TCP-LISTEN:8501,reuseaddr", "-"]));
     t.host.wait_listen("tcp", 8501);
-    let o = t.netns_cmd(&["port", "add", &c.id, "8501:80/tcp"]).output().unwrap();
+    let o = t
+        .netns_cmd(&["port", "add", &c.id, "8501:80/tcp"])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("in use on the host"));
 }

@@ -64,7 +64,10 @@ fn step(s: &str) -> anyhow::Result<()> {
 }
 
 fn runc_err(o: Output) -> anyhow::Error {
-    anyhow::anyhow!("runc run (and its prestart hook) failed:\n{}", String::from_utf8_lossy(&o.stderr))
+    anyhow::anyhow!(
+        "runc run (and its prestart hook) failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 pub fn run(bin: &Path) -> anyhow::Result<()> {
@@ -73,14 +76,20 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     install_signal_handlers();
     let result = demo();
     match &result {
-        Ok(()) => println!("\n\x1b[1;32mdemo ok\x1b[0m: containers, namespaces, pins and state removed"),
-        Err(e) => eprintln!("\n\x1b[1;31mdemo failed\x1b[0m: {e:#}\n(everything it created has been removed)"),
+        Ok(()) => {
+            println!("\n\x1b[1;32mdemo ok\x1b[0m: containers, namespaces, pins and state removed")
+        }
+        Err(e) => eprintln!(
+            "\n\x1b[1;31mdemo failed\x1b[0m: {e:#}\n(everything it created has been removed)"
+        ),
     }
     result
 }
 
 fn demo() -> anyhow::Result<()> {
-    step("private topology: host namespace with uplink up0 198.51.100.2/24 -> wan namespace 198.51.100.1/24")?;
+    step(
+        "private topology: host namespace with uplink up0 198.51.100.2/24 -> wan namespace 198.51.100.1/24",
+    )?;
     let t = Topology::new();
     println!(
         "host netns {}, wan netns {}\nstate dir {}\nbpffs pins {}",
@@ -103,7 +112,10 @@ fn demo() -> anyhow::Result<()> {
             seen.display()
         ),
     )?;
-    let _web = t.wan_spawn(&format!("socat -t 10 TCP-LISTEN:8000,reuseaddr,fork SYSTEM:'sh {}'", http.display()));
+    let _web = t.wan_spawn(&format!(
+        "socat -t 10 TCP-LISTEN:8000,reuseaddr,fork SYSTEM:'sh {}'",
+        http.display()
+    ));
     t.wan.wait_listen("tcp", 8000);
 
     step("two runc containers; prestart hook = netns (bridge, veth, IP, eBPF datapath)")?;
@@ -111,21 +123,36 @@ fn demo() -> anyhow::Result<()> {
     ann.insert("netns.ports".to_owned(), "8080:80/tcp".to_owned());
     let a = Container::start_with(&t, &ann, &[]).map_err(runc_err)?;
     let b = Container::start_with(&t, &BTreeMap::new(), &[]).map_err(runc_err)?;
-    println!("container A {} (pid {}), container B {} (pid {})", a.id, a.pid, b.id, b.pid);
+    println!(
+        "container A {} (pid {}), container B {} (pid {})",
+        a.id, a.pid, b.id, b.pid
+    );
     show("netns ls", &t.netns_cmd(&["ls"]).output()?)?;
 
     step("inside container A (busybox, via runc exec)")?;
-    show("ip addr show eth0", &a.exec(&["ip", "-4", "addr", "show", "eth0"]))?;
+    show(
+        "ip addr show eth0",
+        &a.exec(&["ip", "-4", "addr", "show", "eth0"]),
+    )?;
     let route = a.exec(&["ip", "route"]);
     show("ip route", &route)?;
-    ensure!(text(&route).contains(&format!("default via {GATEWAY}")), "no default route via {GATEWAY} in the container");
+    ensure!(
+        text(&route).contains(&format!("default via {GATEWAY}")),
+        "no default route via {GATEWAY} in the container"
+    );
     let ping = a.exec(&["ping", "-c", "2", "-W", "2", WAN_IP]);
     show(&format!("ping -c 2 {WAN_IP}"), &ping)?;
-    ensure!(ping.status.success(), "ping from the container to the wan failed");
+    ensure!(
+        ping.status.success(),
+        "ping from the container to the wan failed"
+    );
     let url = format!("http://{WAN_IP}:8000/");
     let got = a.exec(&["wget", "-qO-", &url]);
     show(&format!("wget -qO- {url}"), &got)?;
-    ensure!(text(&got).contains("you came from"), "wget from the container to the wan failed");
+    ensure!(
+        text(&got).contains("you came from"),
+        "wget from the container to the wan failed"
+    );
     let got_b = b.exec(&["wget", "-qO-", &url]);
     show(&format!("(container B) wget -qO- {url}"), &got_b)?;
 
@@ -140,20 +167,32 @@ fn demo() -> anyhow::Result<()> {
     println!("-> only {UPLINK_IP}, never a 172.19.x.x container address");
 
     step("port forward 8080 -> A:80 (from the netns.ports annotation), reached from the wan")?;
-    let srv = format!("exec {}", tcp_who_server(80).replace("echo peer=", "echo served by container A to "));
+    let srv = format!(
+        "exec {}",
+        tcp_who_server(80).replace("echo peer=", "echo served by container A to ")
+    );
     let _srv = ChildGuard::spawn(a.cmd("sh").arg("-c").arg(srv));
     a.wait_listen("tcp", 80);
-    show(&format!("(wan) socat - TCP:{UPLINK_IP}:8080"), &t.wan_sh(&format!("timeout 10 socat -u TCP:{UPLINK_IP}:8080 STDOUT")))?;
+    show(
+        &format!("(wan) socat - TCP:{UPLINK_IP}:8080"),
+        &t.wan_sh(&format!("timeout 10 socat -u TCP:{UPLINK_IP}:8080 STDOUT")),
+    )?;
     show(
         &format!("(container B, hairpin) socat - TCP:{UPLINK_IP}:8080"),
         &b.sh(&format!("timeout 10 socat -u TCP:{UPLINK_IP}:8080 STDOUT")),
     )?;
 
     step("datapath state")?;
-    show("netns conntrack ls", &t.netns_cmd(&["conntrack", "ls"]).output()?)?;
+    show(
+        "netns conntrack ls",
+        &t.netns_cmd(&["conntrack", "ls"]).output()?,
+    )?;
     show("netns port ls", &t.netns_cmd(&["port", "ls"]).output()?)?;
     show("netns stats", &t.netns_cmd(&["stats"]).output()?)?;
-    show("iptables-save -t nat (host namespace: no rules, NAT is eBPF)", &t.host.cmd("iptables-save").args(["-t", "nat"]).output()?)?;
+    show(
+        "iptables-save -t nat (host namespace: no rules, NAT is eBPF)",
+        &t.host.cmd("iptables-save").args(["-t", "nat"]).output()?,
+    )?;
 
     step("teardown: runc delete runs the poststop hook")?;
     let out = a.delete();

@@ -55,7 +55,10 @@ enum Cmd {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
@@ -71,7 +74,10 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
 }
 
 pub fn binary(release: bool) -> PathBuf {
-    root().join("target").join(if release { "release" } else { "debug" }).join("netns")
+    root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("netns")
 }
 
 fn build(release: bool) -> anyhow::Result<PathBuf> {
@@ -100,7 +106,11 @@ fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let num = |key: &str| {
                 rest.split(';')
-                    .find_map(|p| p.trim().strip_suffix(key).and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok()))
+                    .find_map(|p| {
+                        p.trim()
+                            .strip_suffix(key)
+                            .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    })
                     .unwrap_or(0)
             };
             passed += num(" passed");
@@ -119,7 +129,18 @@ fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
 /// message instead of forty confusing test failures.
 fn preflight() -> anyhow::Result<()> {
     let mut missing = Vec::new();
-    for tool in ["runc", "socat", "python3", "nsenter", "ip", "ss", "iptables-save", "nft", "bpftool", "bpf-linker"] {
+    for tool in [
+        "runc",
+        "socat",
+        "python3",
+        "nsenter",
+        "ip",
+        "ss",
+        "iptables-save",
+        "nft",
+        "bpftool",
+        "bpf-linker",
+    ] {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
         if !found {
@@ -130,11 +151,18 @@ fn preflight() -> anyhow::Result<()> {
         missing.push("/bin/busybox (busybox-static)".to_owned());
     }
     if !missing.is_empty() {
-        bail!("missing: {}; run `bash scripts/setup.sh` (or `cargo xtask setup`) first", missing.join(", "));
+        bail!(
+            "missing: {}; run `bash scripts/setup.sh` (or `cargo xtask setup`) first",
+            missing.join(", ")
+        );
     }
     let euid = std::fs::read_to_string("/proc/self/status")?
         .lines()
-        .find_map(|l| l.strip_prefix("Uid:").and_then(|r| r.split_whitespace().nth(1)).map(str::to_owned));
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .and_then(|r| r.split_whitespace().nth(1))
+                .map(str::to_owned)
+        });
     if euid.as_deref() != Some("0") {
         bail!("the tests create network namespaces, veths and runc containers: run them as root");
     }
@@ -145,7 +173,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => {
-            let status = Command::new("bash").arg(root().join("scripts/setup.sh")).status()?;
+            let status = Command::new("bash")
+                .arg(root().join("scripts/setup.sh"))
+                .status()?;
             if !status.success() {
                 bail!("scripts/setup.sh failed: {status}");
             }
@@ -153,7 +183,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Build { release } => {
             build(release)?;
         }
-        Cmd::Run { release, netns, host, args } => {
+        Cmd::Run {
+            release,
+            netns,
+            host,
+            args,
+        } => {
             // Fail safe: /proc/1/ns/net is not always readable, so no guessing whether
             // this is the machine's own namespace: say where, or say --host.
             if netns.is_none() && !host {
@@ -184,7 +219,15 @@ fn main() -> anyhow::Result<()> {
             // SAFETY: single-threaded; the tests find the binary through NETNS_BIN.
             unsafe { std::env::set_var("NETNS_BIN", &bin) };
             // --no-fail-fast: one failing test binary must not hide the others' results.
-            let mut a = vec!["test", "--workspace", "--exclude", "netns-ebpf", "--exclude", "xtask", "--no-fail-fast"];
+            let mut a = vec![
+                "test",
+                "--workspace",
+                "--exclude",
+                "netns-ebpf",
+                "--exclude",
+                "xtask",
+                "--no-fail-fast",
+            ];
             a.extend(args.iter().map(String::as_str));
             test_with_summary(&a)?;
         }
