@@ -249,7 +249,7 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
 /// Every `every`: reconcile the state directory, then expire conntrack entries; until
 /// the datapath's pins disappear (unloaded, or a test's bpffs directory removed),
 /// checking for that every second.
-fn collect(g: &GlobalArgs, every: Duration) -> Result<(), CommandError> {
+pub(crate) fn collect(g: &GlobalArgs, every: Duration) -> Result<(), CommandError> {
     let mut last: Option<std::time::Instant> = None;
     loop {
         let Some(dp) = Datapath::open(&g.bpffs_dir)? else {

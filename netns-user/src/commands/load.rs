@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::CommandError;
 use crate::cgroup;
 use crate::cli::GlobalArgs;
-use crate::datapath::{Datapath, DatapathConfig, gc};
+use crate::datapath::{Datapath, DatapathConfig};
 use crate::network::{self, Netlink, bridge, sysctl};
 
 /// The host side every datapath user needs: bridge (created if missing), uplink,
@@ -74,9 +74,5 @@ pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
         "following the datapath log; collecting conntrack every {} s",
         g.gc_interval
     );
-    gc::run(
-        &g.bpffs_dir,
-        Some(Duration::from_secs(u64::from(g.gc_interval))),
-    )?;
-    Ok(())
+    super::gc::collect(g, Duration::from_secs(u64::from(g.gc_interval)))
 }
