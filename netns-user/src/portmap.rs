@@ -410,7 +410,7 @@ pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathE
             doomed.insert(partner_key(&k, &v));
         }
     }
-    dp.purge_conntrack(|k, _| doomed.contains(k))
+    dp.delete_conntrack(&doomed)
 }
 
 /// Writes mappings into the datapath; on failure removes what it wrote.

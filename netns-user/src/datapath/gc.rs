@@ -110,6 +110,6 @@ pub fn sweep(dp: &Datapath, now_ns: u64) -> Result<GcReport, DatapathError> {
             }
         }
     }
-    dp.purge_conntrack(|k, _| doomed.contains(k))?;
+    dp.delete_conntrack(&doomed)?;
     Ok(report)
 }

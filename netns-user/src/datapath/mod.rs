@@ -397,9 +397,18 @@ impl Datapath {
             .filter(|(k, v)| pred(k, v))
             .map(|(k, _)| k)
             .collect();
+        self.delete_conntrack(&doomed)
+    }
+
+    /// Deletes the given conntrack keys (absent ones are fine); returns how many went.
+    /// For callers that already read the table: no second walk over it.
+    pub fn delete_conntrack<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a CtKey>,
+    ) -> Result<usize, DatapathError> {
         let mut ct = self.conntrack()?;
         let mut n = 0;
-        for k in &doomed {
+        for k in keys {
             match ct.remove(k) {
                 Ok(()) => n += 1,
                 Err(e) if key_absent(&e) => {}
