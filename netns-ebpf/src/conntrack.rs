@@ -165,10 +165,49 @@ pub fn check_reverse(pkt: &Packet, xlat: &Tuple) -> bool {
     }
 }
 
-/// Masquerade a new flow leaving through the uplink: pick a source port on `nat_addr`
-/// that no other flow to the same peer uses (the original port if neither a flow nor a
-/// host socket has it), claim it by inserting the reverse entry with BPF_NOEXIST, then
-/// insert the forward entry. Returns the translated tuple.
+/// Where a new source-translated pair lives and how its port is chosen.
+struct PairSpec {
+    /// Hook point of the packet that creates the pair (the forward half's key).
+    fwd_dir: u8,
+    /// Hook point where the reverse half is looked up.
+    rev_dir: u8,
+    kind: u8,
+    /// Try the packet's own source port first.
+    try_orig: bool,
+    min: u16,
+    max: u16,
+}
+
+/// Creates a pair that rewrites the packet to `xlat` (whose source port is chosen
+/// here): claims a source port by inserting the reverse half with BPF_NOEXIST, then
+/// inserts the forward half. Returns the translated tuple.
+#[inline(always)]
+fn create_pair(pkt: &Packet, mut xlat: Tuple, spec: PairSpec, len: u32) -> Result<Tuple, Stat> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let orig = pkt.tuple;
+    let mut rev_key = CtKey {
+        tuple: xlat.reversed(),
+        proto: pkt.proto,
+        dir: spec.rev_dir,
+        _pad: [0; 2],
+    };
+    let rev = entry(orig.reversed(), pkt, spec.kind, now, len, false);
+    xlat.sport = claim_port(
+        &mut rev_key,
+        &rev,
+        orig.sport,
+        spec.try_orig,
+        spec.min,
+        spec.max,
+    )?;
+    let fwd = entry(xlat, pkt, spec.kind, now, len, true);
+    insert_forward(&key(pkt, spec.fwd_dir), &fwd, &rev_key)?;
+    Ok(xlat)
+}
+
+/// Masquerade a new flow leaving through the uplink: the source becomes `nat_addr` and
+/// a port no other flow to the same peer uses (the original port if neither a flow nor
+/// a host socket has it).
 #[inline(always)]
 pub fn create_snat(
     ctx: &TcContext,
@@ -178,31 +217,27 @@ pub fn create_snat(
     max: u16,
     len: u32,
 ) -> Result<Tuple, Stat> {
-    let now = unsafe { bpf_ktime_get_ns() };
     let orig = pkt.tuple;
-    let mut xlat = Tuple {
-        saddr: nat_addr,
-        daddr: orig.daddr,
-        sport: orig.sport,
-        dport: orig.dport,
-    };
-    let mut rev_key = CtKey {
-        tuple: xlat.reversed(),
-        proto: pkt.proto,
-        dir: dir::UPLINK_INGRESS,
-        _pad: [0; 2],
-    };
-    let rev = entry(orig.reversed(), pkt, ct_kind::SNAT, now, len, false);
     let host_owned = host_socket_owns(ctx, pkt.proto, nat_addr, orig.sport, orig.daddr, orig.dport);
     if host_owned {
         stats::inc(Stat::PortHostSocket);
     }
-    xlat.sport = claim_port(&mut rev_key, &rev, orig.sport, !host_owned, min, max)?;
+    let xlat = Tuple {
+        saddr: nat_addr,
+        ..orig
+    };
+    let spec = PairSpec {
+        fwd_dir: dir::UPLINK_EGRESS,
+        rev_dir: dir::UPLINK_INGRESS,
+        kind: ct_kind::SNAT,
+        try_orig: !host_owned,
+        min,
+        max,
+    };
+    let xlat = create_pair(pkt, xlat, spec, len)?;
     if xlat.sport == orig.sport {
         stats::inc(Stat::PortKept);
     }
-    let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
-    insert_forward(&key(pkt, dir::UPLINK_EGRESS), &fwd, &rev_key)?;
     Ok(xlat)
 }
 
@@ -266,32 +301,21 @@ pub fn create_hairpin(
     target_port: u16,
     len: u32,
 ) -> Result<Tuple, Stat> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let orig = pkt.tuple;
-    let mut xlat = Tuple {
+    let xlat = Tuple {
         saddr: cfg.gateway,
         daddr: target_addr,
-        sport: orig.sport,
+        sport: pkt.tuple.sport,
         dport: target_port,
     };
-    let mut rev_key = CtKey {
-        tuple: xlat.reversed(),
-        proto: pkt.proto,
-        dir: dir::BRIDGE,
-        _pad: [0; 2],
+    let spec = PairSpec {
+        fwd_dir: dir::BRIDGE,
+        rev_dir: dir::BRIDGE,
+        kind: ct_kind::HAIRPIN,
+        try_orig: true,
+        min: cfg.nat_port_min,
+        max: cfg.nat_port_max,
     };
-    let rev = entry(orig.reversed(), pkt, ct_kind::HAIRPIN, now, len, false);
-    xlat.sport = claim_port(
-        &mut rev_key,
-        &rev,
-        orig.sport,
-        true,
-        cfg.nat_port_min,
-        cfg.nat_port_max,
-    )?;
-    let fwd = entry(xlat, pkt, ct_kind::HAIRPIN, now, len, true);
-    insert_forward(&key(pkt, dir::BRIDGE), &fwd, &rev_key)?;
-    Ok(xlat)
+    create_pair(pkt, xlat, spec, len)
 }
 
 /// Port-forward a new flow arriving on the uplink to `target` (address, port). The
