@@ -158,6 +158,21 @@ impl Topology {
         child.wait_with_output().expect("wait netns")
     }
 
+    /// How many entries the pinned map `name` holds (`datapath status --json`).
+    pub fn map_entries(&self, name: &str) -> u64 {
+        let st: serde_json::Value =
+            serde_json::from_str(&self.netns(&["datapath", "status", "--json"]))
+                .expect("datapath status --json is JSON");
+        st["maps"]
+            .as_array()
+            .expect("maps array")
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no map {name} in datapath status"))["entries"]
+            .as_u64()
+            .expect("entries")
+    }
+
     /// `ls --json` parsed.
     pub fn containers(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.netns(&["ls", "--json"])).expect("ls --json is JSON")

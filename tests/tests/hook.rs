@@ -179,19 +179,7 @@ fn poststop_removes_veth_lease_and_map_entries() {
             .status
             .success()
     );
-    let status = t.netns(&["datapath", "status", "--json"]);
-    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
-    let eps = |st: &serde_json::Value| {
-        st["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == "NETNS_EPS")
-            .unwrap()["entries"]
-            .as_u64()
-            .unwrap()
-    };
-    assert_eq!(eps(&st), 2);
+    assert_eq!(t.map_entries("NETNS_EPS"), 2);
     let out = c.delete();
     assert!(
         out.status.success(),
@@ -202,9 +190,7 @@ fn poststop_removes_veth_lease_and_map_entries() {
     let links = t.host.ip(&["-o", "link"]);
     assert!(!links.contains(&format!("netnsv0-{pid}")), "{links}");
     assert!(!t.containers().iter().any(|c| c["id"] == id.as_str()));
-    let st: serde_json::Value =
-        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
-    assert_eq!(eps(&st), 1);
+    assert_eq!(t.map_entries("NETNS_EPS"), 1);
     assert!(!t.netns(&["port", "ls"]).contains("18080"));
     let ct = t.netns(&["conntrack", "ls", "--json"]);
     assert!(!ct.contains(&format!("\"{ip}\"")), "{ct}");
@@ -261,18 +247,7 @@ fn failed_hook_rolls_back_everything() {
     let keep = Container::start(&t);
     let mut ann = BTreeMap::new();
     ann.insert("netns.ports".to_owned(), "18081:80/tcp".to_owned());
-    let eps = || -> u64 {
-        let st: serde_json::Value =
-            serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
-        st["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == "NETNS_EPS")
-            .unwrap()["entries"]
-            .as_u64()
-            .unwrap()
-    };
+    let eps = || t.map_entries("NETNS_EPS");
     let root = t.runc_root.display().to_string();
     let links_before = t.host.ip(&["-o", "link"]);
     // Every step of the prestart hook (netns-user's hook::Step names).

@@ -309,16 +309,7 @@ fn a_killed_hook_leaves_nothing_gc_cannot_reconcile() {
             !t.netns(&["port", "ls"]).contains("9600"),
             "port map left after {step}"
         );
-        let st: serde_json::Value =
-            serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
-        let eps = st["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == "NETNS_EPS")
-            .unwrap()["entries"]
-            .clone();
-        assert_eq!(eps, 1, "after {step}");
+        assert_eq!(t.map_entries("NETNS_EPS"), 1, "after {step}");
     }
     // The next container gets an address and works.
     let next = Container::start(&t);

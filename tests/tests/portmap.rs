@@ -284,15 +284,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         );
     }
     // The datapath map too: still exactly one entry.
-    let st: serde_json::Value =
-        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
-    let ports = st["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "NETNS_PORTS")
-        .unwrap();
-    assert_eq!(ports["entries"], 1);
+    assert_eq!(t.map_entries("NETNS_PORTS"), 1);
 }
 
 #[test]
