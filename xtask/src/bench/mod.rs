@@ -662,22 +662,25 @@ fn parse_sockperf_pp(out: &str) -> anyhow::Result<(f64, f64)> {
     }
 }
 
-fn latency(b: &mut Bed, inbound: bool, d: u64, blocking: bool) -> anyhow::Result<(f64, f64)> {
-    let (ip, port) = if inbound {
-        b.inbound(FWD_UDP, CTR_UDP)
-    } else {
-        (WAN_IP.to_owned(), WAN_UDP)
-    };
-    let _server = udp_server(b, inbound, !blocking)?;
+/// A 64-byte sockperf client for `d` s: in the wan namespace towards the port forward
+/// (`inbound`), or in container a towards the wan server.
+fn sockperf_client(
+    b: &Bed,
+    inbound: bool,
+    mode: &str,
+    ip: &str,
+    port: u16,
+    d: u64,
+) -> std::process::Command {
     let mut c = if inbound {
         b.t.wan.cmd("sockperf")
     } else {
         b.t.ctrs[0].cmd("sockperf")
     };
     c.args([
-        "ping-pong",
+        mode,
         "-i",
-        &ip,
+        ip,
         "-p",
         &port.to_string(),
         "-m",
@@ -685,6 +688,17 @@ fn latency(b: &mut Bed, inbound: bool, d: u64, blocking: bool) -> anyhow::Result
         "-t",
         &d.to_string(),
     ]);
+    c
+}
+
+fn latency(b: &mut Bed, inbound: bool, d: u64, blocking: bool) -> anyhow::Result<(f64, f64)> {
+    let (ip, port) = if inbound {
+        b.inbound(FWD_UDP, CTR_UDP)
+    } else {
+        (WAN_IP.to_owned(), WAN_UDP)
+    };
+    let _server = udp_server(b, inbound, !blocking)?;
+    let mut c = sockperf_client(b, inbound, "ping-pong", &ip, port, d);
     if !blocking {
         c.arg("--nonblocked");
     }
@@ -723,22 +737,7 @@ fn udp_rate(b: &mut Bed, inbound: bool, d: u64) -> anyhow::Result<f64> {
     };
     let server = udp_server(b, inbound, false)?;
     let rx_pid = server.pid();
-    let mut c = if inbound {
-        b.t.wan.cmd("sockperf")
-    } else {
-        b.t.ctrs[0].cmd("sockperf")
-    };
-    c.args([
-        "throughput",
-        "-i",
-        &ip,
-        "-p",
-        &port.to_string(),
-        "-m",
-        "64",
-        "-t",
-        &d.to_string(),
-    ]);
+    let mut c = sockperf_client(b, inbound, "throughput", &ip, port, d);
     let before = udp_in_datagrams(rx_pid)?;
     let out = run_to(&mut c, Duration::from_secs(d + 15))?.stdout;
     std::thread::sleep(Duration::from_millis(50));
