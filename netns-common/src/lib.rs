@@ -9,7 +9,7 @@
 /// Bumped whenever a map key, value or map definition changes. It is part of the bpffs
 /// pin directory name because aya reuses an existing pinned map without checking its
 /// layout: a new layout must never open an old map.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names; maps are pinned by these names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
 pub mod maps {
@@ -22,6 +22,8 @@ pub mod maps {
     pub const SOCK_REVNAT: &str = "NETNS_SKREV";
     pub const FRAG_STASH: &str = "NETNS_FSTASH";
     pub const SCRATCH: &str = "NETNS_SCRATCH";
+    pub const BRIDGE_PORTS: &str = "NETNS_BRPORTS";
+    pub const INBOUND: &str = "NETNS_INBOUND";
 }
 
 /// Program (function) names in the eBPF object.
@@ -159,7 +161,7 @@ pub struct Config {
     /// Conntrack timeouts, read by the garbage collector (seconds).
     pub timeouts: Timeouts,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 80);
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
 
 /// Conntrack timeouts in seconds, by state; defaults are Linux conntrack's.
 #[repr(C)]
@@ -178,8 +180,12 @@ pub struct Timeouts {
     pub icmp: u32,
     /// How often the collector sweeps.
     pub gc_interval: u32,
+    /// Protocols without ports (GRE, ESP, SCTP...), masqueraded by address only
+    /// (nf_conntrack_generic_timeout).
+    pub generic: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Timeouts>() == 32);
+const _: () = assert!(core::mem::size_of::<Timeouts>() == 40);
 
 impl Default for Timeouts {
     fn default() -> Self {
@@ -192,6 +198,8 @@ impl Default for Timeouts {
             udp_stream: 120,
             icmp: 30,
             gc_interval: 30,
+            generic: 600,
+            _pad: 0,
         }
     }
 }
@@ -226,20 +234,65 @@ pub struct PortTarget {
     pub addr: u32,
     pub port: u16,
     pub _pad: [u8; 2],
+    /// The interface the mapping's host address belongs to: a packet matches only when
+    /// it arrives there (0: a wildcard mapping, any host address; [`LOOPBACK_IFINDEX`]:
+    /// a 127/8 mapping, reachable from host processes only).
+    pub ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<PortTarget>() == 8);
+const _: () = assert!(core::mem::size_of::<PortTarget>() == 12);
 
-/// A socket-level translation, keyed by the container end (address, port, proto), so
-/// that recvmsg4/getpeername4 can show the host address the process used.
+/// `lo` is ifindex 1 in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// The host address a socket-level forward replaced, for one socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockOrig {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockOrig>() == 8);
+
+/// A bridge port (host end of a container's veth), keyed by its ifindex: what may
+/// leave the container through it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BridgePort {
+    /// The container's IPv4 address (network order).
+    pub addr: u32,
+    /// The container's `eth0` MAC: the only source MAC accepted on the port.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<BridgePort>() == 12);
+
+/// Key of the `NETNS_INBOUND` LPM trie (`--allow-inbound` CIDRs): the layout of
+/// `bpf_lpm_trie_key` with an IPv4 address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundKey {
+    pub prefix_len: u32,
+    pub addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 8);
+
+pub const INBOUND_MAX_ENTRIES: u32 = 1024;
+pub const BRIDGE_PORTS_MAX_ENTRIES: u32 = 65_536;
+
+/// A socket-level translation, keyed by the socket (its cookie) and the container end
+/// (address, port, proto), so that recvmsg4/getpeername4 show each socket the host
+/// address it used, even when two sockets reach one container port two ways.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SockKey {
+    pub cookie: u64,
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<SockKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
 
 /// IPv4 fragment key: later fragments carry no L4 header and take their ports from the
 /// first fragment of the same datagram.
@@ -284,8 +337,12 @@ const _: () = assert!(core::mem::size_of::<StashedFrame>() == 8 + STASH_FRAME_MA
 pub struct FragPorts {
     pub sport: u16,
     pub dport: u16,
+    /// 1: the datagram is the host's own (its first fragment matched no flow): later
+    /// fragments pass untouched, with no stash.
+    pub host: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 8);
 
 /// Indexes into the per-CPU counter array. Every drop has its own reason.
 #[repr(u32)]
@@ -345,10 +402,33 @@ pub enum Stat {
     FragReplayed,
     /// A fragment too large to hold, or no free slot for its datagram.
     DropFragStash,
+    /// A packet from outside to a container address that belongs to no flow or port
+    /// forward (and whose source is not in `--allow-inbound`).
+    DropInbound,
+    /// A packet from outside whose source is in the bridge subnet.
+    DropInboundSpoofed,
+    /// A frame from a container of an ethertype the datapath does not know.
+    DropEthertype,
+    /// ICMP a container may not send: redirects and router adverts to the host, and
+    /// types with nothing to translate on the way out.
+    DropIcmpType,
+    /// Address-only masquerade (protocols without ports): another container already
+    /// talks that protocol to that peer.
+    DropProtoCollision,
+    /// Packets of protocols without ports masqueraded by address only.
+    ProtoAddrOnly,
+    /// Later fragments of the host's own datagrams passed untouched.
+    FragHost,
+    /// Container flows retired because a host socket opened a flow on the same tuple.
+    CtHostReclaimed,
+    /// Datapath log lines dropped by the rate limit.
+    LogSuppressed,
+    /// Packets to a mapped port left to a host socket that owns the flow.
+    HostSocketPassed,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::DropFragStash as u32 + 1;
+    pub const COUNT: u32 = Stat::HostSocketPassed as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -382,6 +462,16 @@ impl Stat {
         Stat::FragStashed,
         Stat::FragReplayed,
         Stat::DropFragStash,
+        Stat::DropInbound,
+        Stat::DropInboundSpoofed,
+        Stat::DropEthertype,
+        Stat::DropIcmpType,
+        Stat::DropProtoCollision,
+        Stat::ProtoAddrOnly,
+        Stat::FragHost,
+        Stat::CtHostReclaimed,
+        Stat::LogSuppressed,
+        Stat::HostSocketPassed,
     ];
 
     /// Stable name used by `netns stats`.
@@ -418,6 +508,16 @@ impl Stat {
             Stat::FragStashed => "frag_stashed",
             Stat::FragReplayed => "frag_replayed",
             Stat::DropFragStash => "drop_frag_stash",
+            Stat::DropInbound => "drop_inbound",
+            Stat::DropInboundSpoofed => "drop_inbound_spoofed",
+            Stat::DropEthertype => "drop_ethertype",
+            Stat::DropIcmpType => "drop_icmp_type",
+            Stat::DropProtoCollision => "drop_proto_collision",
+            Stat::ProtoAddrOnly => "proto_addr_only",
+            Stat::FragHost => "frag_host",
+            Stat::CtHostReclaimed => "ct_host_reclaimed",
+            Stat::LogSuppressed => "log_suppressed",
+            Stat::HostSocketPassed => "host_socket_passed",
         }
     }
 
@@ -433,6 +533,11 @@ impl Stat {
                 | Stat::DropFragNoFirst
                 | Stat::DropNoEndpoint
                 | Stat::DropFragStash
+                | Stat::DropInbound
+                | Stat::DropInboundSpoofed
+                | Stat::DropEthertype
+                | Stat::DropIcmpType
+                | Stat::DropProtoCollision
         )
     }
 }
@@ -459,5 +564,8 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockOrig {}
+    unsafe impl aya::Pod for BridgePort {}
+    unsafe impl aya::Pod for InboundKey {}
     unsafe impl aya::Pod for Timeouts {}
 }

@@ -12,7 +12,7 @@ use netns_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple, ct_kin
 
 use crate::{
     maps::CONNTRACK,
-    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, icmp_query},
     stats,
 };
 
@@ -102,7 +102,7 @@ fn entry(xlat: Tuple, pkt: &Packet, kind: u8, now: u64, len: u32, counted: bool)
 /// Does a socket of the host itself own (`local`:`port`) towards `peer`:`peer_port`, or
 /// listen on it? Then a reply to that port is the host's, not a container's.
 #[inline(always)]
-fn host_socket_owns(
+pub fn host_socket_owns(
     ctx: &TcContext,
     proto: u8,
     local: u32,
@@ -348,4 +348,81 @@ pub fn create_dnat(
     let fwd = entry(xlat, pkt, ct_kind::DNAT, now, len, true);
     insert_forward(&key(pkt, dir::UPLINK_INGRESS), &fwd, &rev_key)?;
     Ok(xlat)
+}
+
+/// Masquerade by address alone, for protocols without ports (GRE, ESP, SCTP...), as
+/// netfilter's generic NAT does: one flow per container, protocol and peer. A second
+/// container talking the same protocol to the same peer collides: its packets are
+/// dropped and counted, never sent with a private source.
+#[inline(always)]
+pub fn create_addr_only(pkt: &Packet, nat_addr: u32, len: u32) -> Result<Tuple, Stat> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let orig = pkt.tuple;
+    let xlat = Tuple {
+        saddr: nat_addr,
+        ..orig
+    };
+    let rev_key = CtKey {
+        tuple: xlat.reversed(),
+        proto: pkt.proto,
+        dir: dir::UPLINK_INGRESS,
+        _pad: [0; 2],
+    };
+    let rev = entry(orig.reversed(), pkt, ct_kind::SNAT, now, len, false);
+    if CONNTRACK
+        .insert(&rev_key, &rev, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // Another CPU created this very flow (adopt it), or another container owns it.
+        match unsafe { CONNTRACK.get(&rev_key) } {
+            Some(r) if r.xlat.daddr == orig.saddr => {}
+            _ => return Err(Stat::DropProtoCollision),
+        }
+    }
+    let fwd = entry(xlat, pkt, ct_kind::SNAT, now, len, true);
+    if CONNTRACK
+        .insert(&key(pkt, dir::UPLINK_EGRESS), &fwd, BPF_ANY as u64)
+        .is_err()
+    {
+        return Err(Stat::DropCtInsert);
+    }
+    stats::inc(Stat::CtCreated);
+    Ok(xlat)
+}
+
+/// A host socket opens a flow (its first packet leaves) whose replies a container's
+/// masquerade entry would take: the container kept its own source port, and the host
+/// picked or bound the same port towards the same peer later. The host wins: the
+/// container's pair is retired, and its next packet claims a port no host socket
+/// holds (the port allocator checks host sockets).
+#[inline(always)]
+pub fn reclaim_for_host(pkt: &Packet) {
+    let opens = match pkt.l4 {
+        L4::Ports if pkt.proto == IPPROTO_UDP => true,
+        L4::Ports => pkt.l4_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        L4::IcmpQuery => icmp_query(pkt.l4_flags) == Some(true),
+        _ => false,
+    };
+    if !opens || pkt.later_fragment {
+        return;
+    }
+    let rev_key = CtKey {
+        tuple: pkt.tuple.reversed(),
+        proto: pkt.proto,
+        dir: dir::UPLINK_INGRESS,
+        _pad: [0; 2],
+    };
+    let fwd_tuple = match unsafe { CONNTRACK.get(&rev_key) } {
+        Some(r) if r.kind == ct_kind::SNAT => r.xlat.reversed(),
+        _ => return,
+    };
+    let fwd_key = CtKey {
+        tuple: fwd_tuple,
+        proto: pkt.proto,
+        dir: dir::UPLINK_EGRESS,
+        _pad: [0; 2],
+    };
+    let _ = CONNTRACK.remove(&fwd_key);
+    let _ = CONNTRACK.remove(&rev_key);
+    stats::inc(Stat::CtHostReclaimed);
 }

@@ -58,7 +58,8 @@ fn become_frame(ctx: &TcContext, frame: *const StashedFrame) -> Result<(), Stat>
     Ok(())
 }
 
-/// Holds the current (later) fragment of datagram `key`. The caller drops the packet.
+/// Keeps a copy of the current (later) fragment of datagram `key`, in case its first
+/// fragment turns out to be a container's. The original goes on to the host.
 #[inline(always)]
 pub fn stash(ctx: &TcContext, key: &FragKey) -> Result<(), Stat> {
     let frame = capture(ctx)?;
@@ -108,4 +109,21 @@ pub fn replay(ctx: &TcContext, key: &FragKey, ifindex: u32) -> Result<(), Stat> 
         slot += 1;
     }
     become_frame(ctx, first)
+}
+
+/// Forgets held fragments of datagram `key` (it turned out to be the host's own).
+#[inline(always)]
+pub fn discard(key: &FragKey) {
+    let first = StashKey {
+        frag: *key,
+        slot: 0,
+    };
+    if unsafe { FRAG_STASH.get(&first) }.is_none() {
+        return;
+    }
+    let mut slot = 0;
+    while slot < STASH_SLOTS {
+        let _ = FRAG_STASH.remove(&StashKey { frag: *key, slot });
+        slot += 1;
+    }
 }

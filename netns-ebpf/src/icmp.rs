@@ -10,8 +10,8 @@ use netns_common::{CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple, d
 use crate::{
     maps::CONNTRACK,
     packet::{
-        ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Hdr,
-        Packet, l4_csum_off,
+        ICMP_CSUM, ICMP_ID, ICMP_QUOTE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPH_CSUM,
+        IPH_DADDR, IPH_SADDR, Ipv4Hdr, L4_DPORT, L4_SPORT, Packet, icmp_query, l4_csum_off,
     },
 };
 
@@ -62,8 +62,8 @@ fn patch_inner_csum(
 /// false if it is not about a tracked flow (it then passes untouched).
 #[inline(always)]
 pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, Stat> {
-    let icmp_csum = outer.l4_off + 2;
-    let ip_off = outer.l4_off + 8;
+    let icmp_csum = outer.l4_off + ICMP_CSUM;
+    let ip_off = outer.l4_off + ICMP_QUOTE;
     let Ok(ip) = ctx.load::<Ipv4Hdr>(ip_off) else {
         return Ok(false);
     };
@@ -92,20 +92,21 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
             let Ok(ty) = ctx.load::<u8>(l4_off) else {
                 return Ok(false);
             };
-            let Ok(id) = ctx.load::<u16>(l4_off + 4) else {
+            let Ok(id) = ctx.load::<u16>(l4_off + ICMP_ID) else {
                 return Ok(false);
             };
-            icmp_id_off = l4_off + 4;
-            if ty == ICMP_ECHO_REQUEST {
-                quoted.sport = id;
-                echo_request = true;
-            } else if ty == ICMP_ECHO_REPLY {
-                quoted.dport = id;
-            } else {
-                return Ok(false);
+            icmp_id_off = l4_off + ICMP_ID;
+            match icmp_query(ty) {
+                Some(true) => {
+                    quoted.sport = id;
+                    echo_request = true;
+                }
+                Some(false) => quoted.dport = id,
+                None => return Ok(false),
             }
         }
-        _ => return Ok(false),
+        // Address-only flows (GRE, ESP...): the quoted addresses are all there is.
+        _ => {}
     }
     // The quoted packet travelled the other way: a packet of the same flow arriving
     // here would carry the quoted tuple reversed.
@@ -141,11 +142,11 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
     }
 
     let l4_csum = l4_csum_off(ip.proto);
-    let has_pseudo = ip.proto != IPPROTO_ICMP;
+    let has_pseudo = ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP;
     let udp = ip.proto == IPPROTO_UDP;
     for (off, o, n) in [
-        (ip_off + 12, quoted.saddr, new_quoted.saddr),
-        (ip_off + 16, quoted.daddr, new_quoted.daddr),
+        (ip_off + IPH_SADDR, quoted.saddr, new_quoted.saddr),
+        (ip_off + IPH_DADDR, quoted.daddr, new_quoted.daddr),
     ] {
         if o == n {
             continue;
@@ -153,7 +154,15 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
         if has_pseudo {
             patch_inner_csum(ctx, icmp_csum, l4_off + l4_csum, o as u64, n as u64, 4, udp)?;
         }
-        patch_inner_csum(ctx, icmp_csum, ip_off + 10, o as u64, n as u64, 4, false)?;
+        patch_inner_csum(
+            ctx,
+            icmp_csum,
+            ip_off + IPH_CSUM,
+            o as u64,
+            n as u64,
+            4,
+            false,
+        )?;
         patch(ctx, icmp_csum, off, o, n)?;
     }
     if ip.proto == IPPROTO_ICMP {
@@ -163,13 +172,21 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
             (quoted.dport, new_quoted.dport)
         };
         if o != n {
-            patch_inner_csum(ctx, icmp_csum, l4_off + 2, o as u64, n as u64, 2, false)?;
+            patch_inner_csum(
+                ctx,
+                icmp_csum,
+                l4_off + ICMP_CSUM,
+                o as u64,
+                n as u64,
+                2,
+                false,
+            )?;
             patch(ctx, icmp_csum, icmp_id_off, o, n)?;
         }
-    } else {
+    } else if has_pseudo {
         for (off, o, n) in [
-            (l4_off, quoted.sport, new_quoted.sport),
-            (l4_off + 2, quoted.dport, new_quoted.dport),
+            (l4_off + L4_SPORT, quoted.sport, new_quoted.sport),
+            (l4_off + L4_DPORT, quoted.dport, new_quoted.dport),
         ] {
             if o != n {
                 patch_inner_csum(ctx, icmp_csum, l4_off + l4_csum, o as u64, n as u64, 2, udp)?;

@@ -14,12 +14,13 @@ mod icmp;
 mod maps;
 mod nat;
 mod packet;
+mod portfwd;
 mod sock;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
@@ -27,7 +28,27 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use netns_common::Stat;
 
-use crate::stats::Verdict;
+use crate::{maps::LOG_LAST, stats::Verdict};
+
+/// At most one datapath log line per CPU per this many nanoseconds: a container
+/// sending bad packets must not flood the log.
+const LOG_INTERVAL_NS: u64 = 100_000_000;
+
+#[inline(always)]
+fn log_allowed() -> bool {
+    let Some(last) = LOG_LAST.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
 
 #[classifier]
 pub fn netns_uplink_egress(ctx: TcContext) -> i32 {
@@ -69,13 +90,14 @@ pub fn netns_bind4(ctx: SockAddrContext) -> i32 {
     sock::check_bind(&ctx)
 }
 
-/// Every drop is counted with its reason; everything else continues down the stack.
-/// Drops that signal a problem of netns itself (not of the traffic) are also logged
-/// (`netns load --follow` prints them).
+/// Every drop is counted with its reason; everything else goes on to the next TCX
+/// program (TCX_NEXT, not TCX_PASS: other eBPF programs on the same hook still see
+/// it) and then down the stack. Drops that signal a problem of netns itself (not of
+/// the traffic) are also logged, rate-limited (`netns load --follow` prints them).
 #[inline(always)]
 fn verdict(ctx: &TcContext, v: Verdict) -> i32 {
     match v {
-        Verdict::Pass => TC_ACT_OK,
+        Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop(reason) => {
             stats::inc(reason);
             if matches!(
@@ -85,7 +107,11 @@ fn verdict(ctx: &TcContext, v: Verdict) -> i32 {
                     | Stat::DropCsumHelper
                     | Stat::DropFragStash
             ) {
-                warn!(ctx, "netns drop: {}", reason.name());
+                if log_allowed() {
+                    warn!(ctx, "netns drop: {}", reason.name());
+                } else {
+                    stats::inc(Stat::LogSuppressed);
+                }
             }
             TC_ACT_SHOT
         }

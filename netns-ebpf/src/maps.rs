@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use netns_common::{
-    CT_MAX_ENTRIES, Config, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey,
-    PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, StashKey, StashedFrame, Stat,
+    BRIDGE_PORTS_MAX_ENTRIES, BridgePort, CT_MAX_ENTRIES, Config, CtEntry, CtKey,
+    ENDPOINTS_MAX_ENTRIES, Endpoint, FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FragKey, FragPorts,
+    INBOUND_MAX_ENTRIES, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey,
+    SockOrig, StashKey, StashedFrame, Stat,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
@@ -22,6 +23,16 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// Container addresses (network order) -> bridge port and MAC.
 #[map(name = "NETNS_EPS")]
 pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
+
+/// Bridge ports (host veth ifindex) -> the only source MAC and IPv4 address a
+/// container may send from. A port without an entry forwards nothing.
+#[map(name = "NETNS_BRPORTS")]
+pub static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::pinned(BRIDGE_PORTS_MAX_ENTRIES, 0);
+
+/// `--allow-inbound` CIDRs: sources that may reach container addresses directly (routed
+/// setups), and destinations container flows reach without masquerade.
+#[map(name = "NETNS_INBOUND")]
+pub static INBOUND: LpmTrie<u32, u8> = LpmTrie::pinned(INBOUND_MAX_ENTRIES, 0);
 
 /// Port forwards: (host address or 0, host port, proto) -> container address and port.
 #[map(name = "NETNS_PORTS")]
@@ -41,14 +52,27 @@ pub static FRAG_STASH: LruHashMap<StashKey, StashedFrame> =
 #[map(name = "NETNS_SCRATCH")]
 pub static SCRATCH: PerCpuArray<StashedFrame> = PerCpuArray::with_max_entries(1, 0);
 
-/// Socket-level port forwards: container end -> the host address the process used.
+/// Socket-level port forwards: (socket, container end) -> the host address the
+/// process used.
 #[map(name = "NETNS_SKREV")]
-pub static SOCK_REVNAT: LruHashMap<SockKey, PortTarget> =
+pub static SOCK_REVNAT: LruHashMap<SockKey, SockOrig> =
     LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
+
+/// Per-CPU time of the last datapath log line (rate limit).
+#[map(name = "NETNS_LOGRL")]
+pub static LOG_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counters by `Stat`, per CPU so the fast path never contends.
 #[map(name = "NETNS_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+
+/// Is `addr` (network order) in an `--allow-inbound` CIDR?
+#[inline(always)]
+pub fn inbound_allowed(addr: u32) -> bool {
+    INBOUND
+        .get(aya_ebpf::maps::lpm_trie::Key::new(32, addr))
+        .is_some()
+}
 
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {

@@ -1,17 +1,26 @@
-//! The three programs' logic: masquerade and port-forward translation on the uplink,
-//! source validation on bridge ports.
+//! The three TC programs' logic: masquerade and port-forward translation on the uplink,
+//! source validation and hairpin on bridge ports.
+//!
+//! Do no harm: the host's own traffic is never changed or dropped unless it belongs to
+//! a translated flow; nothing from outside reaches a container address unless it
+//! belongs to a flow, a port forward or an `--allow-inbound` source; nothing leaves a
+//! container with a private source or a foreign MAC.
 
 use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
 use netns_common::{
-    Config, FragKey, FragPorts, IPPROTO_TCP, IPPROTO_UDP, PortKey, Stat, Tuple, ct_kind, dir,
+    Config, FragKey, FragPorts, IPPROTO_ICMP, PortTarget, Stat, Tuple, ct_kind, dir,
 };
 
 use crate::{
     conntrack, frag, icmp,
-    maps::{ENDPOINTS, FRAGS, PORTS, config},
-    packet::{self, Packet, Parsed},
+    maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed},
+    packet::{self, ETH_HLEN, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, L4, Packet, Parsed},
+    portfwd,
     stats::{self, Verdict},
 };
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
 
 #[inline(always)]
 fn into_verdict(r: Result<(), Stat>) -> Verdict {
@@ -27,6 +36,17 @@ fn in_subnet(cfg: &Config, addr: u32) -> bool {
 }
 
 #[inline(always)]
+fn is_loopback(addr: u32) -> bool {
+    u32::from_be(addr) >> 24 == 127
+}
+
+#[inline(always)]
+fn skb_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
 fn frag_key(pkt: &Packet) -> FragKey {
     FragKey {
         saddr: pkt.tuple.saddr,
@@ -37,25 +57,37 @@ fn frag_key(pkt: &Packet) -> FragKey {
     }
 }
 
+/// What the fragment cache knows about a later fragment's datagram.
+enum FragInfo {
+    /// A translated datagram: the ports are filled in.
+    Ours,
+    /// The host's own datagram.
+    Host,
+    Unknown,
+}
+
 /// Later fragments carry no ports: take them from the first fragment of the datagram.
 #[inline(always)]
-fn frag_ports(pkt: &mut Packet) -> bool {
+fn frag_ports(pkt: &mut Packet) -> FragInfo {
     match unsafe { FRAGS.get(&frag_key(pkt)) } {
+        Some(p) if p.host != 0 => FragInfo::Host,
         Some(p) => {
             pkt.tuple.sport = p.sport;
             pkt.tuple.dport = p.dport;
-            true
+            FragInfo::Ours
         }
-        None => false,
+        None => FragInfo::Unknown,
     }
 }
 
 #[inline(always)]
-fn remember_frag(pkt: &Packet) {
+fn remember_frag(pkt: &Packet, host: bool) {
     if pkt.first_fragment {
         let ports = FragPorts {
             sport: pkt.tuple.sport,
             dport: pkt.tuple.dport,
+            host: host as u8,
+            _pad: [0; 3],
         };
         let _ = FRAGS.insert(&frag_key(pkt), &ports, BPF_ANY as u64);
     }
@@ -70,21 +102,31 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
     if cfg.uplink_addr == 0 {
         return Ok(());
     }
+    let masquerades = |t: &Tuple| {
+        in_subnet(cfg, t.saddr)
+            && t.saddr != cfg.gateway
+            && !in_subnet(cfg, t.daddr)
+            && !inbound_allowed(t.daddr)
+    };
     let pkt = match packet::parse(ctx)? {
         Parsed::Other => return Ok(()),
         Parsed::Ipv4(p) => p,
         Parsed::IcmpError(p) => {
             if icmp::translate_error(ctx, &p, dir::UPLINK_EGRESS)? {
                 stats::inc(Stat::IcmpErrors);
+            } else if masquerades(&p.tuple) {
+                // An error about no flow of this container's: nothing to translate it
+                // by, and it must not leave with a private source.
+                return Err(Stat::DropIcmpType);
             }
             return Ok(());
         }
     };
-    if pkt.later_fragment {
+    if pkt.later_fragment && pkt.l4 != L4::AddrOnly {
         // A later fragment has no ports, and needs none: every flow leaving through the
         // uplink takes the uplink address, and the ports were rewritten in the first
         // fragment. So fragments translate in any order, without waiting for the first.
-        if !in_subnet(cfg, pkt.tuple.saddr) || in_subnet(cfg, pkt.tuple.daddr) {
+        if !masquerades(&pkt.tuple) {
             return Ok(());
         }
         let new = Tuple {
@@ -104,7 +146,11 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
         // The reverse half is checked every 16th packet: an evicted or reclaimed half
         // is found within 16 packets without a second lookup on every packet.
         Some((xlat, _, n)) if n & 15 != 0 || conntrack::check_reverse(&pkt, &xlat) => {
-            stats::inc(Stat::SnatPackets);
+            stats::inc(if pkt.l4 == L4::AddrOnly {
+                Stat::ProtoAddrOnly
+            } else {
+                Stat::SnatPackets
+            });
             Some(xlat)
         }
         _ => None,
@@ -112,24 +158,40 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
     let new = match hit {
         Some(xlat) => xlat,
         None => {
-            // Only container flows leaving the host are masqueraded; the host's own
-            // traffic and anything addressed back into the subnet pass untouched.
-            if !in_subnet(cfg, pkt.tuple.saddr)
-                || pkt.tuple.saddr == cfg.gateway
-                || in_subnet(cfg, pkt.tuple.daddr)
-            {
+            if pkt.tuple.saddr == cfg.uplink_addr {
+                // The host's own flow: untouched. If a container flow that kept its
+                // port would take this flow's replies, the host wins the tuple.
+                conntrack::reclaim_for_host(&pkt);
                 return Ok(());
             }
-            let xlat = conntrack::create_snat(
-                ctx,
-                &pkt,
-                cfg.uplink_addr,
-                cfg.nat_port_min,
-                cfg.nat_port_max,
-                len,
-            )?;
-            stats::inc(Stat::SnatPackets);
-            xlat
+            // Only container flows leaving the host are masqueraded; the host's own
+            // traffic, anything addressed back into the subnet and routed peers
+            // (`--allow-inbound`) pass untouched.
+            if !masquerades(&pkt.tuple) {
+                return Ok(());
+            }
+            match pkt.l4 {
+                L4::Ports | L4::IcmpQuery => {
+                    let xlat = conntrack::create_snat(
+                        ctx,
+                        &pkt,
+                        cfg.uplink_addr,
+                        cfg.nat_port_min,
+                        cfg.nat_port_max,
+                        len,
+                    )?;
+                    stats::inc(Stat::SnatPackets);
+                    xlat
+                }
+                L4::AddrOnly => {
+                    let xlat = conntrack::create_addr_only(&pkt, cfg.uplink_addr, len)?;
+                    stats::inc(Stat::ProtoAddrOnly);
+                    xlat
+                }
+                // Redirects, router adverts...: nothing to translate, and never sent
+                // with a private source.
+                L4::IcmpOther => return Err(Stat::DropIcmpType),
+            }
         }
     };
     packet::rewrite(ctx, &pkt, &new)
@@ -137,6 +199,20 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
 
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
     into_verdict(try_uplink_ingress(ctx))
+}
+
+/// Nothing from outside may claim a source inside the bridge subnet, or reach a
+/// container address directly unless its source is an `--allow-inbound` one (the
+/// container flows' replies and port forwards are addressed to host addresses).
+#[inline(always)]
+fn inbound_guard(cfg: &Config, t: &Tuple) -> Result<(), Stat> {
+    if in_subnet(cfg, t.saddr) {
+        return Err(Stat::DropInboundSpoofed);
+    }
+    if in_subnet(cfg, t.daddr) && t.daddr != cfg.gateway && !inbound_allowed(t.saddr) {
+        return Err(Stat::DropInbound);
+    }
+    Ok(())
 }
 
 fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
@@ -148,6 +224,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
         Parsed::Other => return Ok(()),
         Parsed::Ipv4(p) => p,
         Parsed::IcmpError(p) => {
+            inbound_guard(cfg, &p.tuple)?;
             if p.tuple.daddr == cfg.uplink_addr
                 && icmp::translate_error(ctx, &p, dir::UPLINK_INGRESS)?
             {
@@ -156,17 +233,35 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
             return Ok(());
         }
     };
+    inbound_guard(cfg, &pkt.tuple)?;
+    // 127/8 from the wire is a martian the kernel drops; a loopback-only mapping must
+    // never be reached this way (TC ingress runs before that check: CVE-2020-8558).
+    if is_loopback(pkt.tuple.daddr) {
+        return Ok(());
+    }
     // Replies and port forwards may be addressed to any address of the uplink (a
     // mapping can name a secondary one); the conntrack key includes the address.
     let to_uplink = pkt.tuple.daddr == cfg.uplink_addr;
-    if pkt.later_fragment && !frag_ports(&mut pkt) {
-        if !to_uplink {
-            return Ok(());
+    if pkt.later_fragment && pkt.l4 != L4::AddrOnly {
+        match frag_ports(&mut pkt) {
+            FragInfo::Ours => {}
+            FragInfo::Host => {
+                stats::inc(Stat::FragHost);
+                return Ok(());
+            }
+            FragInfo::Unknown => {
+                // It overtook its first fragment, whose ports say whether it is a
+                // container's: keep a copy for then, and let the original go on to the
+                // host, whose datagram it may well be.
+                if to_uplink {
+                    match frag::stash(ctx, &frag_key(&pkt)) {
+                        Ok(()) => stats::inc(Stat::FragStashed),
+                        Err(s) => stats::inc(s),
+                    }
+                }
+                return Ok(());
+            }
         }
-        // It overtook its first fragment, whose ports say which container it is for:
-        // hold it until the first fragment arrives. Dropped here, sent on from there.
-        frag::stash(ctx, &frag_key(&pkt))?;
-        return Err(Stat::FragStashed);
     }
     let len = ctx.len();
     let key = conntrack::key(&pkt, dir::UPLINK_INGRESS);
@@ -179,39 +274,49 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
             });
             xlat
         }
-        None => {
-            if pkt.later_fragment || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+        None => match forward_target(ctx, &pkt, to_uplink) {
+            Some(t) => {
+                let xlat = conntrack::create_dnat(&pkt, t.addr, t.port, len)?;
+                stats::inc(Stat::DnatPackets);
+                xlat
+            }
+            None => {
+                // The host's own: its later fragments pass without a copy, and copies
+                // of ones that overtook this first fragment are dropped.
+                if pkt.first_fragment {
+                    remember_frag(&pkt, true);
+                    frag::discard(&frag_key(&pkt));
+                }
                 return Ok(());
             }
-            let mut pk = PortKey {
-                host_addr: pkt.tuple.daddr,
-                host_port: pkt.tuple.dport,
-                proto: pkt.proto,
-                _pad: 0,
-            };
-            let target = match unsafe { PORTS.get(&pk) } {
-                Some(t) => *t,
-                // Wildcard mappings: the uplink's main address.
-                None if to_uplink => {
-                    pk.host_addr = 0;
-                    match unsafe { PORTS.get(&pk) } {
-                        Some(t) => *t,
-                        None => return Ok(()),
-                    }
-                }
-                None => return Ok(()),
-            };
-            let xlat = conntrack::create_dnat(&pkt, target.addr, target.port, len)?;
-            stats::inc(Stat::DnatPackets);
-            xlat
-        }
+        },
     };
-    remember_frag(&pkt);
+    remember_frag(&pkt, false);
     packet::rewrite(ctx, &pkt, &new)?;
     if pkt.first_fragment {
         frag::replay(ctx, &frag_key(&pkt), cfg.uplink_ifindex)?;
     }
     Ok(())
+}
+
+/// The port forward a new flow arriving on the uplink opens, if any: a mapping on the
+/// address it is sent to that belongs to this interface, or a wildcard one on the
+/// uplink's main address. A host socket that already owns the flow keeps it.
+#[inline(always)]
+fn forward_target(ctx: &TcContext, pkt: &Packet, to_uplink: bool) -> Option<PortTarget> {
+    if pkt.l4 != L4::Ports || pkt.later_fragment {
+        return None;
+    }
+    let t = portfwd::lookup(pkt.tuple.daddr, pkt.tuple.dport, pkt.proto)?;
+    if !portfwd::reachable_on(&t, skb_ifindex(ctx), to_uplink) {
+        return None;
+    }
+    let p = &pkt.tuple;
+    if conntrack::host_socket_owns(ctx, pkt.proto, p.daddr, p.dport, p.saddr, p.sport) {
+        stats::inc(Stat::HostSocketPassed);
+        return None;
+    }
+    Some(t)
 }
 
 pub fn port_ingress(ctx: &TcContext) -> Verdict {
@@ -222,57 +327,59 @@ pub fn port_ingress(ctx: &TcContext) -> Verdict {
     }
 }
 
-const IP_SADDR_OFF: usize = packet::ETH_HLEN + 12;
-
-/// A container may only send IPv4 from its own address and MAC, through its own port.
-/// Then hairpin: a container reaching a port forward through a host address is sent
-/// straight to the target container. Returns the ifindex to redirect to, if any.
+/// A container may only send from its own MAC, through its own port, and only IPv4
+/// from its own address and ARP about itself: anything else could poison the bridge's
+/// FDB or the host's and other containers' neighbour caches. Nor may it configure the
+/// host (ICMP redirects, router adverts). Then hairpin: a container reaching a port
+/// forward through a host address is sent straight to the target container. Returns
+/// the ifindex to redirect to, if any.
 fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     let eth = packet::eth(ctx)?;
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(port) = (unsafe { BRIDGE_PORTS.get(&skb_ifindex(ctx)) }) else {
+        return Err(Stat::DropNoEndpoint);
+    };
+    if eth.src != port.mac {
+        return Err(Stat::DropSpoofedMac);
+    }
     match u16::from_be(eth.proto) {
-        0x0800 => {}
-        // ARP: the sender must be the container itself, or it could poison the host's
-        // and its neighbours' caches (claim the gateway or another container).
-        0x0806 => {
+        ETH_P_IP => {}
+        ETH_P_ARP => {
             let sender_mac: [u8; 6] = ctx
-                .load(packet::ETH_HLEN + 8)
+                .load(packet::ARP_SENDER_MAC_OFF)
                 .map_err(|_| Stat::DropMalformed)?;
             let sender_ip: u32 = ctx
-                .load(packet::ETH_HLEN + 14)
+                .load(packet::ARP_SENDER_IP_OFF)
                 .map_err(|_| Stat::DropMalformed)?;
-            if sender_ip == 0 {
-                // ARP probe (duplicate address detection) carries no claim.
-                return if sender_mac == eth.src {
-                    Ok(None)
-                } else {
-                    Err(Stat::DropSpoofedMac)
-                };
-            }
-            let ep = match unsafe { ENDPOINTS.get(&sender_ip) } {
-                Some(ep) if ep.ifindex == ifindex => ep,
-                _ => return Err(Stat::DropSpoofedIp),
-            };
-            if ep.mac != eth.src || ep.mac != sender_mac {
+            if sender_mac != port.mac {
                 return Err(Stat::DropSpoofedMac);
+            }
+            // 0.0.0.0: an ARP probe (duplicate address detection) claims nothing.
+            if sender_ip != port.addr && sender_ip != 0 {
+                return Err(Stat::DropSpoofedIp);
             }
             return Ok(None);
         }
-        _ => return Ok(None),
+        _ => return Err(Stat::DropEthertype),
     }
-    let saddr: u32 = ctx.load(IP_SADDR_OFF).map_err(|_| Stat::DropMalformed)?;
-    let ep = match unsafe { ENDPOINTS.get(&saddr) } {
-        Some(ep) => ep,
-        None => return Err(Stat::DropSpoofedIp),
-    };
-    if ep.ifindex != ifindex {
+    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| Stat::DropMalformed)?;
+    if ip.saddr != port.addr {
         return Err(Stat::DropSpoofedIp);
     }
-    if ep.mac != eth.src {
-        return Err(Stat::DropSpoofedMac);
+    if ip.proto == IPPROTO_ICMP && u16::from_be(ip.frag_off) & 0x1fff == 0 {
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        let ty: u8 = ctx.load(ETH_HLEN + ihl).map_err(|_| Stat::DropMalformed)?;
+        if ty == ICMP_REDIRECT || ty == ICMP_ROUTER_ADVERT {
+            return Err(Stat::DropIcmpType);
+        }
     }
     stats::inc(Stat::PortPassed);
-    hairpin(ctx)
+    let Some(cfg) = config() else { return Ok(None) };
+    // Every hairpinned packet is addressed to a host address (the uplink's, or the
+    // gateway the target replies to): anything else needs no parse and no lookup.
+    if ip.daddr != cfg.uplink_addr && ip.daddr != cfg.gateway {
+        return Ok(None);
+    }
+    hairpin(ctx, cfg)
 }
 
 /// Hairpin NAT: destination -> the target container (port forward), source -> the
@@ -281,18 +388,9 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
 /// are redirected port to port, so the host stack (and its martian-source check on a
 /// gateway-sourced packet) is never involved, and a container can reach itself.
 #[inline(always)]
-fn hairpin(ctx: &TcContext) -> Result<Option<u32>, Stat> {
-    let Some(cfg) = config() else { return Ok(None) };
-    // Every hairpinned packet is addressed to a host address (the uplink's, or the
-    // gateway the target replies to): anything else needs no parse and no lookup.
-    let daddr: u32 = ctx
-        .load(packet::IP_DADDR_OFF)
-        .map_err(|_| Stat::DropMalformed)?;
-    if daddr != cfg.uplink_addr && daddr != cfg.gateway {
-        return Ok(None);
-    }
+fn hairpin(ctx: &TcContext, cfg: &Config) -> Result<Option<u32>, Stat> {
     let pkt = match packet::parse(ctx)? {
-        Parsed::Ipv4(p) if !p.later_fragment => p,
+        Parsed::Ipv4(p) if !p.later_fragment && p.l4 == L4::Ports => p,
         _ => return Ok(None),
     };
     let len = ctx.len();
@@ -300,30 +398,16 @@ fn hairpin(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     let new = match conntrack::lookup(&key, &pkt, len) {
         Some((xlat, _, _)) => xlat,
         None => {
-            let d = pkt.tuple.daddr;
-            if (d != cfg.uplink_addr && d != cfg.gateway) || d == 0 {
+            let Some(t) = portfwd::lookup(pkt.tuple.daddr, pkt.tuple.dport, pkt.proto) else {
+                return Ok(None);
+            };
+            // Wildcard mappings, and ones on the uplink's or the bridge's addresses;
+            // never loopback-only ones.
+            if t.ifindex != 0 && t.ifindex != cfg.uplink_ifindex && t.ifindex != cfg.bridge_ifindex
+            {
                 return Ok(None);
             }
-            if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
-                return Ok(None);
-            }
-            let mut pk = PortKey {
-                host_addr: d,
-                host_port: pkt.tuple.dport,
-                proto: pkt.proto,
-                _pad: 0,
-            };
-            let target = match unsafe { PORTS.get(&pk) } {
-                Some(t) => *t,
-                None => {
-                    pk.host_addr = 0;
-                    match unsafe { PORTS.get(&pk) } {
-                        Some(t) => *t,
-                        None => return Ok(None),
-                    }
-                }
-            };
-            conntrack::create_hairpin(&pkt, cfg, target.addr, target.port, len)?
+            conntrack::create_hairpin(&pkt, cfg, t.addr, t.port, len)?
         }
     };
     let ep = match unsafe { ENDPOINTS.get(&new.daddr) } {

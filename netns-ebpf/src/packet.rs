@@ -11,12 +11,26 @@ use netns_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+/// Offsets of the fields the datapath touches, one definition each. Frame offsets:
+pub const ETH_PROTO_OFF: usize = 12;
+pub const IP_CSUM_OFF: usize = ETH_HLEN + IPH_CSUM;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + IPH_SADDR;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + IPH_DADDR;
+pub const ARP_SENDER_MAC_OFF: usize = ETH_HLEN + 8;
+pub const ARP_SENDER_IP_OFF: usize = ETH_HLEN + 14;
+/// Offsets inside an IPv4 header (also a quoted one, in an ICMP error):
+pub const IPH_CSUM: usize = 10;
+pub const IPH_SADDR: usize = 12;
+pub const IPH_DADDR: usize = 16;
+/// Offsets inside an L4 header: ports, TCP data offset + flags, ICMP checksum and
+/// identifier, and the start of the header an ICMP error quotes.
+pub const L4_SPORT: usize = 0;
+pub const L4_DPORT: usize = 2;
+pub const TCP_DOFF_FLAGS: usize = 12;
+pub const ICMP_CSUM: usize = 2;
+pub const ICMP_ID: usize = 4;
+pub const ICMP_QUOTE: usize = 8;
 
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETERPROB: u8 = 12;
@@ -59,7 +73,44 @@ pub struct Packet {
     pub first_fragment: bool,
     /// TCP flags, ICMP type.
     pub l4_flags: u8,
+    /// What identifies the flow beyond the addresses.
+    pub l4: L4,
 }
+
+/// How a packet's flow is told apart from others to the same peer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP and UDP: ports.
+    Ports,
+    /// ICMP queries (echo, timestamp, information, address mask): the identifier.
+    IcmpQuery,
+    /// ICMP that is neither a query nor an error (redirect, router advert...):
+    /// nothing to translate.
+    IcmpOther,
+    /// Any other protocol (GRE, ESP, SCTP...): the addresses alone, as netfilter's
+    /// generic protocol handler.
+    AddrOnly,
+}
+
+/// ICMP types that carry an identifier, requests and replies (RFC 792, 950).
+#[inline(always)]
+pub fn icmp_query(ty: u8) -> Option<bool> {
+    match ty {
+        8 | 13 | 15 | 17 => Some(true),
+        0 | 14 | 16 | 18 => Some(false),
+        _ => None,
+    }
+}
+
+pub const ICMP_REDIRECT: u8 = 5;
+pub const ICMP_ROUTER_ADVERT: u8 = 9;
+
+/// Shortest header that must be there before a packet is touched: a TCP header cut
+/// short is malformed (and would make the checksum helpers fail at the checksum's
+/// offset).
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const ICMP_HLEN: usize = 8;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -67,7 +118,7 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 pub enum Parsed {
-    /// Not IPv4, or an L4 protocol the datapath leaves alone.
+    /// Not IPv4.
     Other,
     Ipv4(Packet),
     /// An ICMP error (unreachable, time exceeded, parameter problem): it quotes the
@@ -83,7 +134,7 @@ pub fn eth(ctx: &TcContext) -> Result<EthHdr, Stat> {
 /// Parses Ethernet + IPv4 + the ports (or ICMP identifier) of TCP, UDP and ICMP.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
-    let proto: u16 = match ctx.load::<u16>(12) {
+    let proto: u16 = match ctx.load::<u16>(ETH_PROTO_OFF) {
         Ok(p) => u16::from_be(p),
         Err(_) => return Ok(Parsed::Other),
     };
@@ -98,6 +149,11 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
     let frag = u16::from_be(ip.frag_off);
     let offset = frag & 0x1fff;
     let more = frag & 0x2000 != 0;
+    let l4 = match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => L4::Ports,
+        IPPROTO_ICMP => L4::IcmpQuery,
+        _ => L4::AddrOnly,
+    };
     let mut pkt = Packet {
         tuple: Tuple {
             saddr: ip.saddr,
@@ -111,43 +167,65 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
         later_fragment: offset != 0,
         first_fragment: offset == 0 && more,
         l4_flags: 0,
+        l4,
     };
-    if pkt.later_fragment {
-        return match ip.proto {
-            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => Ok(Parsed::Ipv4(pkt)),
-            _ => Ok(Parsed::Other),
-        };
+    if pkt.later_fragment || l4 == L4::AddrOnly {
+        return Ok(Parsed::Ipv4(pkt));
     }
+    let len = ctx.len() as usize;
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let ports: [u16; 2] = ctx.load(pkt.l4_off).map_err(|_| Stat::DropMalformed)?;
+            let hlen = if ip.proto == IPPROTO_TCP {
+                TCP_HLEN
+            } else {
+                UDP_HLEN
+            };
+            if len < pkt.l4_off + hlen {
+                return Err(Stat::DropMalformed);
+            }
+            let ports: [u16; 2] = ctx
+                .load(pkt.l4_off + L4_SPORT)
+                .map_err(|_| Stat::DropMalformed)?;
             pkt.tuple.sport = ports[0];
             pkt.tuple.dport = ports[1];
             if ip.proto == IPPROTO_TCP {
-                pkt.l4_flags = ctx
-                    .load::<u8>(pkt.l4_off + 13)
+                let doff_flags: [u8; 2] = ctx
+                    .load(pkt.l4_off + TCP_DOFF_FLAGS)
                     .map_err(|_| Stat::DropMalformed)?;
+                let doff = (doff_flags[0] >> 4) as usize * 4;
+                if doff < TCP_HLEN || len < pkt.l4_off + doff {
+                    return Err(Stat::DropMalformed);
+                }
+                pkt.l4_flags = doff_flags[1];
             }
         }
-        IPPROTO_ICMP => {
+        _ => {
+            if len < pkt.l4_off + ICMP_HLEN {
+                return Err(Stat::DropMalformed);
+            }
             let ty: u8 = ctx.load(pkt.l4_off).map_err(|_| Stat::DropMalformed)?;
             pkt.l4_flags = ty;
-            match ty {
+            match icmp_query(ty) {
                 // The identifier acts as the port: source port of a request, destination
                 // port of a reply, so that a reply's tuple is the request's reversed.
-                ICMP_ECHO_REQUEST => {
-                    pkt.tuple.sport = ctx.load(pkt.l4_off + 4).map_err(|_| Stat::DropMalformed)?;
+                Some(true) => {
+                    pkt.tuple.sport = ctx
+                        .load(pkt.l4_off + ICMP_ID)
+                        .map_err(|_| Stat::DropMalformed)?;
                 }
-                ICMP_ECHO_REPLY => {
-                    pkt.tuple.dport = ctx.load(pkt.l4_off + 4).map_err(|_| Stat::DropMalformed)?;
+                Some(false) => {
+                    pkt.tuple.dport = ctx
+                        .load(pkt.l4_off + ICMP_ID)
+                        .map_err(|_| Stat::DropMalformed)?;
                 }
-                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
-                    return Ok(Parsed::IcmpError(pkt));
-                }
-                _ => return Ok(Parsed::Other),
+                None => match ty {
+                    ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
+                        return Ok(Parsed::IcmpError(pkt));
+                    }
+                    _ => pkt.l4 = L4::IcmpOther,
+                },
             }
         }
-        _ => return Ok(Parsed::Other),
     }
     Ok(Parsed::Ipv4(pkt))
 }
@@ -206,7 +284,9 @@ pub fn l4_csum_off(proto: u8) -> usize {
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
     let old = &pkt.tuple;
-    let has_l4 = !pkt.later_fragment;
+    // A later fragment has no L4 header; other protocols' headers are left alone (as
+    // netfilter's generic NAT does: their checksums, if any, do not cover the addresses).
+    let has_l4 = !pkt.later_fragment && pkt.l4 != L4::AddrOnly;
     let csum_off = pkt.l4_off + l4_csum_off(pkt.proto);
     let mangled0 = if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
@@ -239,7 +319,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
     }
     if pkt.proto == IPPROTO_ICMP {
         // Echo identifier: `sport` of a request, `dport` of a reply.
-        let (o, n) = if pkt.l4_flags == ICMP_ECHO_REQUEST {
+        let (o, n) = if icmp_query(pkt.l4_flags) == Some(true) {
             (old.sport, new.sport)
         } else {
             (old.dport, new.dport)
@@ -247,7 +327,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
         if o != n {
             ctx.l4_csum_replace(csum_off, o as u64, n as u64, 2)
                 .map_err(|_| Stat::DropCsumHelper)?;
-            ctx.store(pkt.l4_off + 4, &n, 0)
+            ctx.store(pkt.l4_off + ICMP_ID, &n, 0)
                 .map_err(|_| Stat::DropCsumHelper)?;
         }
         return Ok(());
@@ -255,13 +335,13 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
     if old.sport != new.sport {
         ctx.l4_csum_replace(csum_off, old.sport as u64, new.sport as u64, mangled0 | 2)
             .map_err(|_| Stat::DropCsumHelper)?;
-        ctx.store(pkt.l4_off, &new.sport, 0)
+        ctx.store(pkt.l4_off + L4_SPORT, &new.sport, 0)
             .map_err(|_| Stat::DropCsumHelper)?;
     }
     if old.dport != new.dport {
         ctx.l4_csum_replace(csum_off, old.dport as u64, new.dport as u64, mangled0 | 2)
             .map_err(|_| Stat::DropCsumHelper)?;
-        ctx.store(pkt.l4_off + 2, &new.dport, 0)
+        ctx.store(pkt.l4_off + L4_DPORT, &new.dport, 0)
             .map_err(|_| Stat::DropCsumHelper)?;
     }
     Ok(())

@@ -5,12 +5,18 @@
 //! ports reserved. Every hook first checks the netns cookie: sockets of any other
 //! namespace on the machine are left alone.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_netns_cookie, programs::SockAddrContext};
-use netns_common::{Config, IPPROTO_TCP, IPPROTO_UDP, PortKey, PortTarget, SockKey, Stat};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use netns_common::{
+    Config, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IFINDEX, PortTarget, SockKey, SockOrig, Stat,
+};
 
 use crate::{
-    maps::{PORTS, SOCK_REVNAT, config},
-    stats,
+    maps::{SOCK_REVNAT, config},
+    portfwd, stats,
 };
 
 /// The context pointer, re-read for every field access: the verifier rejects a store
@@ -45,26 +51,33 @@ fn is_loopback(addr_be: u32) -> bool {
     u32::from_be(addr_be) >> 24 == 127
 }
 
-/// The port forward a host process's destination hits, if any: loopback matches
-/// wildcard mappings and ones bound to 127.0.0.1; a host address matches wildcard
-/// mappings and ones bound to that address.
+/// The port forward a host process's destination hits, if any: a mapping on exactly
+/// that address (a loopback-only one only through loopback), or a wildcard one
+/// through loopback or the uplink's or gateway's address.
 #[inline(always)]
 fn lookup(cfg: &Config, addr: u32, port: u16, proto: u8) -> Option<PortTarget> {
-    let local = is_loopback(addr) || addr == cfg.uplink_addr || addr == cfg.gateway;
-    if !local {
-        return None;
-    }
-    let mut k = PortKey {
-        host_addr: addr,
-        host_port: port,
+    let t = portfwd::lookup(addr, port, proto)?;
+    let ok = match t.ifindex {
+        0 => is_loopback(addr) || addr == cfg.uplink_addr || addr == cfg.gateway,
+        LOOPBACK_IFINDEX => is_loopback(addr),
+        _ => true,
+    };
+    ok.then_some(t)
+}
+
+/// Key of a socket's translation: the socket itself and the container end, so that
+/// two sockets reaching one container port through two host addresses each get theirs.
+#[inline(always)]
+fn sock_key(ctx: &SockAddrContext, addr: u32, port: u16, proto: u8) -> SockKey {
+    // SAFETY: the context pointer is what the kernel handed us.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    SockKey {
+        cookie,
+        addr,
+        port,
         proto,
         _pad: 0,
-    };
-    if let Some(t) = unsafe { PORTS.get(&k) } {
-        return Some(*t);
     }
-    k.host_addr = 0;
-    unsafe { PORTS.get(&k) }.copied()
 }
 
 pub fn redirect_to_container(ctx: &SockAddrContext) -> i32 {
@@ -81,13 +94,8 @@ pub fn redirect_to_container(ctx: &SockAddrContext) -> i32 {
         let Some(t) = lookup(cfg, addr, port, proto) else {
             return ALLOW;
         };
-        let key = SockKey {
-            addr: t.addr,
-            port: t.port,
-            proto,
-            _pad: 0,
-        };
-        let orig = PortTarget {
+        let key = sock_key(ctx, t.addr, t.port, proto);
+        let orig = SockOrig {
             addr,
             port,
             _pad: [0; 2],
@@ -109,12 +117,7 @@ pub fn restore_host_addr(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: user_ip4/user_port are readable and writable for recvmsg4/getpeername4.
     unsafe {
-        let key = SockKey {
-            addr: (*sa(ctx)).user_ip4,
-            port: (*sa(ctx)).user_port as u16,
-            proto,
-            _pad: 0,
-        };
+        let key = sock_key(ctx, (*sa(ctx)).user_ip4, (*sa(ctx)).user_port as u16, proto);
         if let Some(orig) = SOCK_REVNAT.get(&key) {
             (*sa(ctx)).user_ip4 = orig.addr;
             (*sa(ctx)).user_port = orig.port as u32;
@@ -137,20 +140,9 @@ pub fn check_bind(ctx: &SockAddrContext) -> i32 {
     if port == 0 {
         return ALLOW;
     }
-    let mut k = PortKey {
-        host_addr: addr,
-        host_port: port,
-        proto,
-        _pad: 0,
-    };
-    let mut taken = unsafe { PORTS.get(&k) }.is_some();
-    if !taken {
-        // A wildcard mapping reserves the port on every address. (A wildcard bind next
-        // to a mapping on one address is allowed: it still gets the other addresses.)
-        k.host_addr = 0;
-        taken = unsafe { PORTS.get(&k) }.is_some();
-    }
-    if taken {
+    // A wildcard mapping reserves the port on every address. (A wildcard bind next to
+    // a mapping on one address is allowed: it still gets the other addresses.)
+    if portfwd::lookup(addr, port, proto).is_some() {
         stats::inc(Stat::SockBindDenied);
         return DENY;
     }

@@ -92,6 +92,20 @@ pub struct GlobalArgs {
     #[arg(long, env = "NETNS_GC_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub gc_interval: u32,
 
+    /// Sources allowed to reach container addresses directly from outside (routed
+    /// setups, other nodes' pods): CIDR[,CIDR...], may be repeated. Container flows to
+    /// them are not masqueraded. Without it, a packet from the uplink to a container
+    /// address is dropped unless it belongs to a flow or a port forward. Set each
+    /// time the datapath is loaded (hook, `netns load`) [default: none].
+    #[arg(
+        long,
+        env = "NETNS_ALLOW_INBOUND",
+        value_name = "CIDR[,CIDR...]",
+        value_parser = parse_cidr_list,
+        global = true
+    )]
+    pub allow_inbound: Vec<Vec<Cidr>>,
+
     /// Log at debug level (default: warnings only); logs go to stderr.
     #[arg(short, long, env = "NETNS_DEBUG", global = true)]
     pub debug: bool,
@@ -181,7 +195,8 @@ pub struct GcArgs {
     #[arg(long, conflicts_with = "interval")]
     pub json: bool,
     /// Set the conntrack timeouts (seconds) all collectors use, e.g.
-    /// `tcp_syn=120,tcp_established=432000,tcp_fin=120,tcp_close=10,udp=30,udp_stream=120,icmp=30`.
+    /// `tcp_syn=120,tcp_established=432000,tcp_fin=120,tcp_close=10,udp=30,udp_stream=120,icmp=30,generic=600`
+    /// (generic: protocols other than TCP, UDP and ICMP).
     #[arg(long)]
     pub timeouts: Option<String>,
 }
@@ -202,6 +217,19 @@ pub enum DatapathCommand {
         #[arg(long)]
         delete_bridge: bool,
     },
+}
+
+impl GlobalArgs {
+    /// `--allow-inbound`, every occurrence, without duplicates, in order.
+    pub fn inbound_cidrs(&self) -> Vec<Cidr> {
+        let mut out: Vec<Cidr> = Vec::new();
+        for c in self.allow_inbound.iter().flatten() {
+            if !out.contains(c) {
+                out.push(*c);
+            }
+        }
+        out
+    }
 }
 
 /// Errors of flag validation (shown by clap next to the offending flag).
@@ -229,6 +257,10 @@ pub enum ArgError {
     StateDirIsNetnsDir(PathBuf),
     #[error("state directory must be an absolute path")]
     StateDirRelative,
+    #[error("{0:?}: expected an IPv4 CIDR such as 10.0.0.0/8 (or an address)")]
+    InboundSyntax(String),
+    #[error("{0:?}: prefix length must be 0 to 32")]
+    InboundPrefix(String),
 }
 
 /// Linux interface name rules (IFNAMSIZ - 1 bytes; '/', ':' and whitespace break sysfs or aliases).
@@ -294,6 +326,67 @@ impl FromStr for Gateway {
 impl fmt::Display for Gateway {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// An IPv4 network `ADDR/PREFIX` (host bits cleared), or one address as `/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn mask(self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+}
+
+/// Host bits are cleared, as `ip route` does: the trie matches on the prefix only.
+pub fn parse_cidr(s: &str) -> Result<Cidr, ArgError> {
+    let t = s.trim();
+    let (a, p) = t.split_once('/').unwrap_or((t, "32"));
+    let addr: Ipv4Addr = a
+        .trim()
+        .parse()
+        .map_err(|_| ArgError::InboundSyntax(s.to_owned()))?;
+    let prefix_len: u8 = match p.trim().parse::<u8>() {
+        Ok(n) if n <= 32 => n,
+        Ok(_) => return Err(ArgError::InboundPrefix(s.to_owned())),
+        Err(_) if !p.trim().is_empty() && p.trim().bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(ArgError::InboundPrefix(s.to_owned()));
+        }
+        Err(_) => return Err(ArgError::InboundSyntax(s.to_owned())),
+    };
+    let mut c = Cidr {
+        network: addr,
+        prefix_len,
+    };
+    c.network = Ipv4Addr::from(u32::from(addr) & c.mask());
+    Ok(c)
+}
+
+/// CIDRs separated by commas or whitespace; an empty value (`NETNS_ALLOW_INBOUND=` in
+/// config.json) is an empty list.
+pub fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, ArgError> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(parse_cidr)
+        .collect()
+}
+
+impl FromStr for Cidr {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        parse_cidr(s)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
     }
 }
 
@@ -477,6 +570,48 @@ mod tests {
     }
 
     #[test]
+    fn allow_inbound_cidrs() {
+        let c = |s: &str| parse_cidr(s).unwrap().to_string();
+        assert_eq!(c("10.0.0.0/8"), "10.0.0.0/8");
+        assert_eq!(c(" 10.1.2.3/16 "), "10.1.0.0/16");
+        assert_eq!(c("192.0.2.7"), "192.0.2.7/32");
+        assert_eq!(c("0.0.0.0/0"), "0.0.0.0/0");
+        assert_eq!(c("1.2.3.4/0"), "0.0.0.0/0");
+        for (bad, want) in [
+            ("10.0.0.0/33", ArgError::InboundPrefix("10.0.0.0/33".into())),
+            (
+                "10.0.0.0/300",
+                ArgError::InboundPrefix("10.0.0.0/300".into()),
+            ),
+            ("10.0.0/8", ArgError::InboundSyntax("10.0.0/8".into())),
+            ("10.0.0.0/", ArgError::InboundSyntax("10.0.0.0/".into())),
+            ("10.0.0.0/x", ArgError::InboundSyntax("10.0.0.0/x".into())),
+            ("fd00::/8", ArgError::InboundSyntax("fd00::/8".into())),
+            ("", ArgError::InboundSyntax("".into())),
+        ] {
+            assert_eq!(parse_cidr(bad), Err(want), "{bad}");
+        }
+        assert!(parse(&[]).unwrap().global.inbound_cidrs().is_empty());
+        assert_eq!(parse_cidr_list(""), Ok(vec![]));
+        assert_eq!(parse_cidr_list(" , "), Ok(vec![]));
+        let g = parse(&[
+            "--allow-inbound",
+            "10.0.0.0/8,192.168.1.0/24",
+            "--allow-inbound",
+            "172.16.0.1/12 10.0.0.0/8",
+        ])
+        .unwrap()
+        .global;
+        let got: Vec<String> = g.inbound_cidrs().iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["10.0.0.0/8", "192.168.1.0/24", "172.16.0.0/12"]);
+        let e = parse(&["--allow-inbound", "10.0.0.0/8,nope"]).unwrap_err();
+        assert!(
+            e.to_string().contains("\"nope\": expected an IPv4 CIDR"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn state_dir_refuses_iproute2_dir() {
         for bad in [
             "/run/netns",
@@ -517,6 +652,7 @@ mod tests {
             "NETNS_STATE_DIR",
             "NETNS_BPFFS_DIR",
             "NETNS_NAT_PORTS",
+            "NETNS_ALLOW_INBOUND",
         ] {
             assert!(envs.iter().any(|x| x == e), "{e} missing");
         }

@@ -125,6 +125,8 @@ pub enum StepError {
     Annotation(#[from] portmap::SpecError),
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error(transparent)]
+    Reserve(#[from] crate::reserve::ReserveError),
     #[error("failure injected by {FAIL_AT_ENV}={0}")]
     Injected(Step),
 }
@@ -468,6 +470,7 @@ impl Prestart<'_> {
             prefix_len: gw.prefix_len,
             nat_ports: (g.nat_ports.min, g.nat_ports.max),
             ct_max: g.ct_max,
+            allow_inbound: g.inbound_cidrs(),
         };
         let dp = Datapath::ensure_loaded(&cfg).map_err(|e| (step, e.into()))?;
         dp.set_gc_interval(g.gc_interval)
@@ -476,7 +479,8 @@ impl Prestart<'_> {
             dp.attach_cgroup(&cg).map_err(|e| (step, e.into()))?;
         }
         // Host sockets must never pick a masquerade port as their ephemeral port.
-        sysctl::reserve_ports(g.nat_ports.min, g.nat_ports.max).map_err(|e| (step, e.into()))?;
+        crate::reserve::nat_range(Some(self.lock), g.nat_ports.min, g.nat_ports.max)
+            .map_err(|e| (step, e.into()))?;
         self.dp = Some(dp);
         self.check(step)?;
 

@@ -11,6 +11,7 @@ pub mod network;
 pub mod oci;
 pub mod portmap;
 pub mod reconcile;
+pub mod reserve;
 pub mod store;
 
 /// An error and its sources joined by ": ", skipping a source whose text the message

@@ -15,6 +15,9 @@ use netns_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, PortKey, PortTarget
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{Datapath, DatapathError, gc::partner_key};
+use crate::network::NetworkError;
+use crate::network::addrs::LocalAddrs;
+use crate::reserve::{self, ReserveError};
 use crate::store::Locked;
 
 /// The OCI annotation a container declares its port forwards in: specs separated by
@@ -184,7 +187,7 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    fn key(&self) -> PortKey {
+    pub fn key(&self) -> PortKey {
         PortKey {
             host_addr: self.host_ip.map_or(0, |a| u32::from(a).to_be()),
             host_port: self.host_port.to_be(),
@@ -193,12 +196,17 @@ impl Mapping {
         }
     }
 
-    fn target(&self) -> PortTarget {
-        PortTarget {
+    /// The datapath's value, with the interface the host IP is on (see [`LocalAddrs`]).
+    pub fn target(&self, addrs: &LocalAddrs) -> Result<PortTarget, PortMapError> {
+        let ifindex = addrs.ifindex(self.host_ip).ok_or(PortMapError::NotLocal(
+            self.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        ))?;
+        Ok(PortTarget {
             addr: u32::from(self.container_ip).to_be(),
             port: self.container_port.to_be(),
             _pad: [0; 2],
-        }
+            ifindex,
+        })
     }
 
     /// Same protocol and port on addresses that overlap (a wildcard overlaps all).
@@ -248,6 +256,12 @@ pub enum PortMapError {
     },
     #[error("no mapping of host port {0}")]
     NotMapped(String),
+    #[error("host IP {0} is not an address of this host")]
+    NotLocal(Ipv4Addr),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Reserve(#[from] ReserveError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error(transparent)]
@@ -263,7 +277,9 @@ fn save_table(lock: &Locked<'_>, t: &[Mapping]) -> Result<(), PortMapError> {
     Ok(lock.write(TABLE, &t)?)
 }
 
-/// Validates, installs and records a container's forwards, all or nothing.
+/// Validates, installs and records a container's forwards, all or nothing. The host
+/// ports are reserved ([`reserve`]) before the datapath forwards them, so the kernel
+/// can no longer hand one out as an ephemeral port once they are live.
 pub fn add(
     lock: &Locked<'_>,
     dp: &Datapath,
@@ -274,10 +290,25 @@ pub fn add(
     let mut table = load_table(lock)?;
     let new = expand(id, ip, specs);
     validate(&table, &new, true)?;
-    install(dp, &new)?;
+    let before = table.len();
     table.extend(new.iter().cloned());
+    reserve::sync(lock, &table)?;
+    let undo_reservation = |table: &mut Vec<Mapping>| {
+        table.truncate(before);
+        if let Err(e) = reserve::sync(lock, table) {
+            log::warn!(
+                "releasing the reservation of unmapped ports failed (retried at the next sync): {}",
+                crate::error_chain(&e)
+            );
+        }
+    };
+    if let Err(e) = install(dp, &new) {
+        undo_reservation(&mut table);
+        return Err(e);
+    }
     if let Err(e) = save_table(lock, &table) {
         let _ = uninstall(dp, &new);
+        undo_reservation(&mut table);
         return Err(e);
     }
     Ok(new)
@@ -298,7 +329,10 @@ pub fn remove(
         .collect();
     let mut table = load_table(lock)?;
     table.retain(|t| !gone.contains(&(t.proto, t.host_port, t.host_ip)));
-    save_table(lock, &table)
+    save_table(lock, &table)?;
+    // Released only now that nothing forwards them.
+    reserve::sync(lock, &table)?;
+    Ok(())
 }
 
 /// Removes every forward of a container; returns how many.
@@ -327,8 +361,8 @@ fn check_host_port_free(m: &Mapping) -> Result<(), PortMapError> {
     };
     match r {
         Ok(()) => Ok(()),
-        // EADDRNOTAVAIL: a host IP that is not (yet) local. Forwarding to it still works
-        // once the address exists, and there is nothing bound there now.
+        // EADDRNOTAVAIL: the address went away since it was checked to be local; then
+        // nothing is bound there, and installing the mapping reports it.
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
         Err(source) => Err(PortMapError::InUse {
             port: m.describe(),
@@ -376,11 +410,24 @@ pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<
         }
     }
     if check_host {
+        let addrs = local_addrs_for(new)?;
         for m in new {
+            m.target(&addrs)?;
             check_host_port_free(m)?;
         }
     }
     Ok(())
+}
+
+/// The host's addresses, read only when a mapping names a host IP outside 127/8.
+pub fn local_addrs_for(ms: &[Mapping]) -> Result<LocalAddrs, PortMapError> {
+    if ms
+        .iter()
+        .all(|m| m.host_ip.is_none_or(|ip| ip.is_loopback()))
+    {
+        return Ok(LocalAddrs::default());
+    }
+    Ok(LocalAddrs::read()?)
 }
 
 /// The host port (proto, port in network order) a conntrack entry's flow uses, if it
@@ -415,9 +462,14 @@ pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathE
 
 /// Writes mappings into the datapath; on failure removes what it wrote.
 pub fn install(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
+    let addrs = local_addrs_for(ms)?;
+    let targets: Vec<PortTarget> = ms
+        .iter()
+        .map(|m| m.target(&addrs))
+        .collect::<Result<_, _>>()?;
     let mut map = dp.ports()?;
-    for (i, m) in ms.iter().enumerate() {
-        if let Err(e) = map.insert(m.key(), m.target(), 0) {
+    for (i, (m, t)) in ms.iter().zip(targets).enumerate() {
+        if let Err(e) = map.insert(m.key(), t, 0) {
             for done in &ms[..i] {
                 let _ = map.remove(&done.key());
             }
@@ -601,6 +653,48 @@ mod tests {
         ));
         drop(l);
         validate(&[], &ms, true).unwrap();
+    }
+
+    #[test]
+    fn refuses_host_ips_that_are_not_local() {
+        // 192.0.2.0/24 is TEST-NET-1: never an address of a test machine.
+        let ms = expand(
+            "c",
+            Ipv4Addr::new(172, 19, 0, 2),
+            &[spec("192.0.2.77:8080:80")],
+        );
+        let e = validate(&[], &ms, true).unwrap_err();
+        assert!(
+            matches!(e, PortMapError::NotLocal(ip) if ip == Ipv4Addr::new(192, 0, 2, 77)),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "host IP 192.0.2.77 is not an address of this host"
+        );
+        // Without the host check (no netlink): accepted.
+        validate(&[], &ms, false).unwrap();
+    }
+
+    #[test]
+    fn targets_carry_the_host_ip_interface() {
+        let addrs = LocalAddrs::from_pairs([(5, Ipv4Addr::new(198, 51, 100, 3))]);
+        let ip = Ipv4Addr::new(172, 19, 0, 2);
+        let t = |s: &str| expand("c", ip, &[spec(s)])[0].target(&addrs);
+        let w = t("8080:80").unwrap();
+        assert_eq!(
+            (w.addr, w.port, w.ifindex),
+            (u32::from(ip).to_be(), 80u16.to_be(), 0)
+        );
+        assert_eq!(
+            t("127.0.0.1:8080:80").unwrap().ifindex,
+            netns_common::LOOPBACK_IFINDEX
+        );
+        assert_eq!(t("198.51.100.3:8080:80").unwrap().ifindex, 5);
+        assert!(matches!(
+            t("198.51.100.4:8080:80"),
+            Err(PortMapError::NotLocal(_))
+        ));
     }
 
     #[test]

@@ -8,25 +8,27 @@
 //! * [`Mode::DeadPids`] (start of every prestart): only leases whose pid no longer is the
 //!   container's (cheap /proc checks); nothing is done if every pid is alive.
 //! * [`Mode::Full`] (`netns gc`, each collector sweep): also incomplete leases and leases
-//!   whose veth is gone, then port forwards, endpoints, port links and host veths that
-//!   no lease owns.
+//!   whose veth is gone, then port forwards, endpoints, bridge-port entries, port links
+//!   and host veths that no lease owns; port-map entries that differ from the table
+//!   (missing, or a host IP that moved to another interface) are rewritten, and the
+//!   reservation of mapped ports follows the table.
 //!
 //! A container is gone when its pid does not exist, when the pid now belongs to a
 //! process with another start time (pid reuse), or when the pid lives in another
 //! network namespace than the one recorded at prestart.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use netns_common::{Endpoint, PortKey, maps};
+use netns_common::{BridgePort, Endpoint, PortKey, maps};
 use serde::Serialize;
 
 use crate::cli::GlobalArgs;
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{self, Datapath, DatapathError};
 use crate::ipam::{self, IpamError, Lease};
 use crate::network::{Netlink, NetlinkError, veth};
 use crate::portmap::{self, Mapping, PortMapError};
@@ -74,8 +76,18 @@ pub struct Report {
     /// Datapath port-map entries in no table (a hook killed between writing the map
     /// and the table).
     pub port_entries_removed: Vec<String>,
+    /// Datapath port-map entries rewritten from the table (`HOST -> TARGET (id)`).
+    pub port_entries_repaired: Vec<String>,
     /// Datapath endpoints of addresses without a lease.
     pub endpoints_removed: Vec<Ipv4Addr>,
+    /// Bridge-port entries (ifindex) of no endpoint.
+    pub bridge_ports_removed: Vec<u32>,
+    /// Bridge-port entries (ifindex) rewritten from their endpoint.
+    pub bridge_ports_repaired: Vec<u32>,
+    /// Host ports added to ip_local_reserved_ports (compact ranges), if any.
+    pub ports_reserved: Option<String>,
+    /// Host ports netns had reserved that no mapping uses any more, if any.
+    pub ports_released: Option<String>,
     pub veths_deleted: Vec<String>,
     /// Ifindexes whose pinned `port-<ifindex>` link was removed.
     pub port_links_removed: Vec<u32>,
@@ -88,7 +100,12 @@ impl Report {
         self.leases_released.is_empty()
             && self.port_maps_removed.is_empty()
             && self.port_entries_removed.is_empty()
+            && self.port_entries_repaired.is_empty()
             && self.endpoints_removed.is_empty()
+            && self.bridge_ports_removed.is_empty()
+            && self.bridge_ports_repaired.is_empty()
+            && self.ports_reserved.is_none()
+            && self.ports_released.is_none()
             && self.veths_deleted.is_empty()
             && self.port_links_removed.is_empty()
             && self.failures.is_empty()
@@ -109,8 +126,29 @@ impl Report {
         for m in &self.port_entries_removed {
             out.push(format!("removed datapath port entry {m}: in no port table"));
         }
+        for m in &self.port_entries_repaired {
+            out.push(format!("rewrote datapath port entry {m}: missing or stale"));
+        }
         for ip in &self.endpoints_removed {
             out.push(format!("removed datapath endpoint {ip}: no lease"));
+        }
+        for i in &self.bridge_ports_removed {
+            out.push(format!(
+                "removed bridge port entry of ifindex {i}: no endpoint"
+            ));
+        }
+        for i in &self.bridge_ports_repaired {
+            out.push(format!(
+                "rewrote bridge port entry of ifindex {i}: missing or not its endpoint's"
+            ));
+        }
+        if let Some(p) = &self.ports_reserved {
+            out.push(format!("reserved mapped host port(s) {p}"));
+        }
+        if let Some(p) = &self.ports_released {
+            out.push(format!(
+                "released reserved host port(s) {p}: no longer mapped"
+            ));
         }
         for v in &self.veths_deleted {
             out.push(format!("deleted host veth {v}: no lease"));
@@ -272,20 +310,50 @@ pub async fn run(
         }
     }
 
+    // The reservation follows what remains (also without a datapath: the table is
+    // what counts).
+    let table = portmap::load_table(lock)?;
+    match crate::reserve::sync(lock, &table) {
+        Ok(c) => {
+            report.ports_reserved = (!c.reserved.is_empty()).then(|| c.reserved.to_string());
+            report.ports_released = (!c.released.is_empty()).then(|| c.released.to_string());
+        }
+        Err(e) => report.failures.push(format!(
+            "reserving mapped host ports: {}",
+            crate::error_chain(&e)
+        )),
+    }
+
     if let Some(dp) = dp.as_mut() {
-        // 3. Port-map entries in no table that point at no leased address.
-        let table = portmap::load_table(lock)?;
-        let known: HashSet<PortKey> = table.iter().map(key_of).collect();
+        // 3. Port-map entries in no table that point at no leased address; entries of
+        // the table that are missing or stale.
+        let known: HashSet<PortKey> = table.iter().map(Mapping::key).collect();
         if let Err(e) = orphan_port_entries(dp, &known, &ips, &mut report) {
             report
                 .failures
                 .push(format!("port map entries: {}", crate::error_chain(&e)));
         }
-        // 4. Endpoints without a lease.
+        // Only mappings of leased containers (an orphan step 2 failed to remove stays out).
+        let live: Vec<Mapping> = table
+            .iter()
+            .filter(|m| ids.contains(m.container_id.as_str()))
+            .cloned()
+            .collect();
+        if let Err(e) = repair_port_entries(dp, &live, &mut report) {
+            report
+                .failures
+                .push(format!("port map entries: {}", crate::error_chain(&e)));
+        }
+        // 4. Endpoints without a lease, then bridge ports without an endpoint.
         if let Err(e) = orphan_endpoints(dp, &ips, &mut report) {
             report
                 .failures
                 .push(format!("endpoints: {}", crate::error_chain(&e)));
+        }
+        if let Err(e) = orphan_bridge_ports(dp, &mut report) {
+            report
+                .failures
+                .push(format!("bridge ports: {}", crate::error_chain(&e)));
         }
     }
 
@@ -385,13 +453,88 @@ fn describe(m: &Mapping) -> String {
     )
 }
 
-fn key_of(m: &Mapping) -> PortKey {
-    PortKey {
-        host_addr: m.host_ip.map_or(0, |a| u32::from(a).to_be()),
-        host_port: m.host_port.to_be(),
-        proto: m.proto.number(),
-        _pad: 0,
+/// Rewrites the datapath entry of every mapping whose entry is missing or differs from
+/// what the table gives now (the interface of its host IP included). A host IP that is
+/// no longer local is left alone: nothing can arrive for it.
+fn repair_port_entries(
+    dp: &Datapath,
+    table: &[Mapping],
+    report: &mut Report,
+) -> Result<(), PortMapError> {
+    if table.is_empty() {
+        return Ok(());
     }
+    let addrs = portmap::local_addrs_for(table)?;
+    let mut map = dp.ports()?;
+    for m in table {
+        let want = match m.target(&addrs) {
+            Ok(t) => t,
+            Err(PortMapError::NotLocal(ip)) => {
+                log::debug!(
+                    "port forward {}: {ip} is not local now; entry left as is",
+                    describe(m)
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match map.get(&m.key(), 0) {
+            Ok(have) if have == want => continue,
+            Ok(_) => {}
+            Err(e) if map_key_absent(&e) => {}
+            Err(e) => {
+                return Err(
+                    DatapathError::Bpf(format!("reading port entry {}: {e}", describe(m))).into(),
+                );
+            }
+        }
+        match map.insert(m.key(), want, 0) {
+            Ok(()) => report.port_entries_repaired.push(describe(m)),
+            Err(e) => report
+                .failures
+                .push(format!("rewriting port entry {}: {e}", describe(m))),
+        }
+    }
+    Ok(())
+}
+
+/// Removes bridge-port entries whose ifindex no endpoint has (the port would otherwise
+/// keep accepting that MAC and address), and rewrites those that differ from their
+/// endpoint (a port without its entry drops all of the container's frames).
+fn orphan_bridge_ports(dp: &Datapath, report: &mut Report) -> Result<(), DatapathError> {
+    let want: HashMap<u32, BridgePort> = dp
+        .endpoint_entries()?
+        .iter()
+        .map(|(addr, ep)| {
+            let ip = Ipv4Addr::from(u32::from_be(*addr));
+            (ep.ifindex, datapath::bridge_port(ip, ep))
+        })
+        .collect();
+    let have: HashMap<u32, BridgePort> = dp.bridge_port_entries()?.into_iter().collect();
+    for i in have.keys().filter(|i| !want.contains_key(i)) {
+        match dp.remove_bridge_port(*i) {
+            Ok(()) => report.bridge_ports_removed.push(*i),
+            Err(e) => report.failures.push(format!(
+                "removing bridge port entry of ifindex {i}: {}",
+                crate::error_chain(&e)
+            )),
+        }
+    }
+    for (i, p) in &want {
+        if have.get(i) == Some(p) {
+            continue;
+        }
+        match dp.set_bridge_port(*i, *p) {
+            Ok(()) => report.bridge_ports_repaired.push(*i),
+            Err(e) => report.failures.push(format!(
+                "rewriting bridge port entry of ifindex {i}: {}",
+                crate::error_chain(&e)
+            )),
+        }
+    }
+    report.bridge_ports_removed.sort_unstable();
+    report.bridge_ports_repaired.sort_unstable();
+    Ok(())
 }
 
 fn orphan_port_entries(

@@ -5,6 +5,7 @@
 //! interfaces, and traffic only flows between namespaces made here.
 
 pub mod ns;
+pub mod pkt;
 pub mod runc;
 pub mod topo;
 pub mod util;

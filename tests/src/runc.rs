@@ -186,6 +186,18 @@ impl<'t> Container<'t> {
         output(self.cmd("sh").arg("-c").arg(script))
     }
 
+    /// A background process (host shell `script`, exec'ed so that killing it kills the
+    /// server itself) inside the container's network namespace, killed on drop.
+    pub fn spawn(&self, script: &str) -> crate::util::ChildGuard {
+        crate::util::ChildGuard::spawn(
+            self.cmd("sh")
+                .arg("-c")
+                .arg(format!("exec {script}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+    }
+
     /// `runc exec` of a busybox command inside the container itself.
     pub fn exec(&self, args: &[&str]) -> Output {
         let root = self.topo.runc_root.display().to_string();
@@ -207,6 +219,18 @@ impl<'t> Container<'t> {
             .nth(1)
             .and_then(|a| a.split('/').next())
             .unwrap_or_else(|| panic!("no IPv4 on eth0: {out}"))
+            .to_owned()
+    }
+
+    /// The container's eth0 MAC address.
+    pub fn mac(&self) -> String {
+        let mut ip = self.cmd("ip");
+        ip.args(["-o", "link", "show", "dev", "eth0"]);
+        let out = String::from_utf8_lossy(&output(&mut ip).stdout).into_owned();
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC on eth0: {out}"))
             .to_owned()
     }
 

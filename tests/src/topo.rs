@@ -173,6 +173,19 @@ impl Topology {
             .expect("entries")
     }
 
+    /// `stats --json` parsed: counter name -> value.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.netns(&["stats", "--json"])).expect("stats --json is JSON")
+    }
+
+    /// One counter of `stats --json`; panics (naming it) if there is no such counter.
+    pub fn stat(&self, name: &str) -> u64 {
+        let s = self.stats();
+        s[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in netns stats: {s}"))
+    }
+
     /// `ls --json` parsed.
     pub fn containers(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.netns(&["ls", "--json"])).expect("ls --json is JSON")

@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Output;
 use std::time::Duration;
 
+use netns_common::LAYOUT_VERSION;
 use netns_tests::topo::{UPLINK_IP, WAN_IP};
 use netns_tests::util::{ChildGuard, kill_with_arg, pids_with_arg, sh, wait_for};
 use netns_tests::{Container, Topology};
@@ -122,7 +123,9 @@ fn check_reattaches_what_was_detached() {
     let t = Topology::new();
     let c = Container::start(&t);
     assert!(t.netns(&["datapath", "check"]).contains("ok"));
-    let link = t.bpffs_dir.join("v1/links/uplink-egress");
+    let link = t
+        .bpffs_dir
+        .join(format!("v{LAYOUT_VERSION}/links/uplink-egress"));
     sh(&format!("bpftool link detach pinned {}", link.display()));
     let st = t.netns(&["datapath", "status"]);
     assert!(st.contains("DETACHED"), "{st}");
@@ -148,7 +151,7 @@ fn unload_removes_programs_links_and_pins() {
         o.contains("unloaded") && o.contains("deleted bridge"),
         "{o}"
     );
-    assert!(!t.bpffs_dir.join("v1").exists());
+    assert!(!t.bpffs_dir.join(format!("v{LAYOUT_VERSION}")).exists());
     let tcx = sh("bpftool net show 2>/dev/null || true");
     assert!(!tcx.contains(&t.bpffs_dir.display().to_string()));
     assert!(!t.host.ip(&["-o", "link"]).contains("netns0"));
@@ -268,7 +271,7 @@ fn pins_and_state_are_root_only() {
             p.display()
         );
     }
-    let root = t.bpffs_dir.join("v1");
+    let root = t.bpffs_dir.join(format!("v{LAYOUT_VERSION}"));
     for dir in ["maps", "progs", "links"] {
         assert_eq!(mode(&root.join(dir)), 0o700, "{dir}");
         for e in std::fs::read_dir(root.join(dir)).unwrap() {

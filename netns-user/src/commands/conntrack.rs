@@ -36,7 +36,7 @@ impl From<Tuple> for Endpoints {
 /// One flow: what its first packet looked like, and what it became.
 #[derive(Debug, Serialize)]
 pub struct Flow {
-    pub proto: &'static str,
+    pub proto: String,
     pub kind: &'static str,
     pub original: Endpoints,
     pub translated: Endpoints,
@@ -51,13 +51,20 @@ pub struct Flow {
     pub orphan: bool,
 }
 
-fn proto_name(p: u8) -> &'static str {
+/// The protocol as `conntrack -L` names it; address-only flows of protocols without a
+/// name here show their number.
+fn proto_name(p: u8) -> String {
     match p {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
         IPPROTO_ICMP => "icmp",
-        _ => "other",
+        47 => "gre",
+        50 => "esp",
+        51 => "ah",
+        132 => "sctp",
+        n => return n.to_string(),
     }
+    .to_owned()
 }
 
 fn state_name(proto: u8, s: u8) -> &'static str {
@@ -113,7 +120,13 @@ pub fn flows(dp: &Datapath) -> Result<Vec<Flow>, CommandError> {
             orphan: partner.is_none(),
         });
     }
-    out.sort_by_key(|f| (f.proto, f.original.src, f.original.sport));
+    out.sort_by(|a, b| {
+        (&a.proto, a.original.src, a.original.sport).cmp(&(
+            &b.proto,
+            b.original.src,
+            b.original.sport,
+        ))
+    });
     Ok(out)
 }
 
@@ -149,4 +162,20 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names() {
+        assert_eq!(proto_name(IPPROTO_TCP), "tcp");
+        assert_eq!(proto_name(IPPROTO_ICMP), "icmp");
+        assert_eq!(proto_name(47), "gre");
+        assert_eq!(proto_name(50), "esp");
+        assert_eq!(proto_name(51), "ah");
+        assert_eq!(proto_name(132), "sctp");
+        assert_eq!(proto_name(103), "103");
+    }
 }

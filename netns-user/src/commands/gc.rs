@@ -37,6 +37,7 @@ pub fn parse_timeouts(s: &str, mut base: Timeouts) -> Result<Timeouts, CommandEr
             "udp" => &mut base.udp,
             "udp_stream" => &mut base.udp_stream,
             "icmp" => &mut base.icmp,
+            "generic" => &mut base.generic,
             "gc_interval" => &mut base.gc_interval,
             other => return Err(CommandError::Timeouts(format!("unknown timeout {other:?}"))),
         };
@@ -295,6 +296,8 @@ mod tests {
     fn timeouts_parse() {
         let t = parse_timeouts("tcp_established=5, udp=2", Timeouts::default()).unwrap();
         assert_eq!((t.tcp_established, t.udp, t.tcp_syn), (5, 2, 120));
+        let t = parse_timeouts("generic=60", Timeouts::default()).unwrap();
+        assert_eq!((t.generic, t.icmp), (60, 30));
         assert!(parse_timeouts("tcp=1", Timeouts::default()).is_err());
         assert!(parse_timeouts("udp=x", Timeouts::default()).is_err());
         assert!(parse_timeouts("udp", Timeouts::default()).is_err());

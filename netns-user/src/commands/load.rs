@@ -11,8 +11,8 @@ use crate::cli::GlobalArgs;
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::network::{self, Netlink, bridge, sysctl};
 
-/// The host side every datapath user needs: bridge (created if missing), uplink,
-/// forwarding and reserved NAT ports.
+/// The host side every datapath user needs: bridge (created if missing, its sysctls
+/// hardened), uplink, forwarding and reserved NAT ports.
 pub fn prepare_host(g: &GlobalArgs) -> Result<DatapathConfig, CommandError> {
     let rt = network::runtime()?;
     let (uplink, br) = rt.block_on(async {
@@ -23,7 +23,11 @@ pub fn prepare_host(g: &GlobalArgs) -> Result<DatapathConfig, CommandError> {
         Ok::<_, network::NetworkError>((uplink, br))
     })?;
     sysctl::enable_ip_forward()?;
-    sysctl::reserve_ports(g.nat_ports.min, g.nat_ports.max)?;
+    // Under the state lock when there is a state directory: the reservation record
+    // of mapped ports lives there.
+    let store = crate::store::Store::open_existing(&g.state_dir)?;
+    let lock = store.as_ref().map(crate::store::Store::lock).transpose()?;
+    crate::reserve::nat_range(lock.as_ref(), g.nat_ports.min, g.nat_ports.max)?;
     Ok(DatapathConfig {
         bpffs_dir: g.bpffs_dir.clone(),
         uplink_ifindex: uplink.index,
@@ -33,6 +37,7 @@ pub fn prepare_host(g: &GlobalArgs) -> Result<DatapathConfig, CommandError> {
         prefix_len: g.ip.prefix_len,
         nat_ports: (g.nat_ports.min, g.nat_ports.max),
         ct_max: g.ct_max,
+        allow_inbound: g.inbound_cidrs(),
     })
 }
 

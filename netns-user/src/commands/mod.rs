@@ -39,6 +39,8 @@ pub enum CommandError {
     Netlink(#[from] crate::network::NetlinkError),
     #[error(transparent)]
     Sysctl(#[from] crate::network::sysctl::SysctlError),
+    #[error(transparent)]
+    Reserve(#[from] crate::reserve::ReserveError),
     #[error("no container {0:?} (not an id or address of a container with a lease)")]
     UnknownContainer(String),
     #[error("--timeouts: {0}")]

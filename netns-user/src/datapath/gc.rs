@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use netns_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, Timeouts, ct_state, dir};
+use netns_common::{
+    CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Timeouts, ct_state, dir,
+};
 
 use super::{Datapath, DatapathError};
 
@@ -70,7 +72,9 @@ pub fn timeout(t: &Timeouts, proto: u8, state: u8, replied: bool) -> Duration {
         },
         IPPROTO_UDP if replied => t.udp_stream,
         IPPROTO_UDP => t.udp,
-        _ => t.icmp,
+        IPPROTO_ICMP => t.icmp,
+        // Masqueraded by address only (GRE, ESP, SCTP...).
+        _ => t.generic,
     };
     Duration::from_secs(u64::from(secs))
 }
@@ -112,4 +116,23 @@ pub fn sweep(dp: &Datapath, now_ns: u64) -> Result<GcReport, DatapathError> {
     }
     dp.delete_conntrack(&doomed)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_by_protocol() {
+        let t = Timeouts::default();
+        let secs = |proto, state, replied| timeout(&t, proto, state, replied).as_secs();
+        assert_eq!(secs(IPPROTO_TCP, ct_state::ESTABLISHED, true), 432_000);
+        assert_eq!(secs(IPPROTO_TCP, ct_state::NEW, false), 120);
+        assert_eq!(secs(IPPROTO_UDP, ct_state::NEW, false), 30);
+        assert_eq!(secs(IPPROTO_UDP, ct_state::NEW, true), 120);
+        assert_eq!(secs(IPPROTO_ICMP, ct_state::NEW, true), 30);
+        // GRE, ESP: nf_conntrack_generic_timeout.
+        assert_eq!(secs(47, ct_state::NEW, true), 600);
+        assert_eq!(secs(50, ct_state::ESTABLISHED, false), 600);
+    }
 }

@@ -4,14 +4,16 @@
 //! `<bpffs_dir>/v<LAYOUT_VERSION>/`; later callers (every hook, the CLI) open the pins.
 //! An flock on that directory serialises loading, so nothing is loaded twice.
 //!
-//! Pin layout:
+//! Pin layout (`vN` is the layout version; an older `vM` next to it is detached and
+//! removed when this version is ensured loaded, see [`old`]):
 //! ```text
-//! <bpffs_dir>/v1/maps/NETNS_*            maps (pinned by name by the loader)
-//! <bpffs_dir>/v1/progs/<program>         programs, so later hooks attach without loading
-//! <bpffs_dir>/v1/links/uplink-{egress,ingress}, links/port-<ifindex>   TCX links
+//! <bpffs_dir>/vN/maps/NETNS_*            maps (pinned by name by the loader)
+//! <bpffs_dir>/vN/progs/<program>         programs, so later hooks attach without loading
+//! <bpffs_dir>/vN/links/uplink-{egress,ingress}, links/port-<ifindex>   TCX links
 //! ```
 
 pub mod gc;
+mod old;
 mod pins;
 mod sys;
 
@@ -20,15 +22,18 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use netns_common::{
-    Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, Stat, Timeouts, maps,
-    progs,
+    BridgePort, Config, CtEntry, CtKey, Endpoint, LAYOUT_VERSION, PortKey, PortTarget, SockKey,
+    SockOrig, Stat, Timeouts, maps, progs,
 };
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::cli::Cidr;
 
 pub use pins::Pins;
 
@@ -86,6 +91,8 @@ pub struct DatapathConfig {
     pub nat_ports: (u16, u16),
     /// Size of the conntrack table when the datapath is first loaded (None: default).
     pub ct_max: Option<u32>,
+    /// `--allow-inbound`: what the inbound trie holds after [`Datapath::ensure_loaded`].
+    pub allow_inbound: Vec<Cidr>,
 }
 
 impl DatapathConfig {
@@ -174,6 +181,16 @@ impl Datapath {
         };
         dp.write_config(cfg)?;
         dp.ensure_uplink(cfg)?;
+        let (added, removed) = dp.sync_inbound(&cfg.allow_inbound)?;
+        for c in added {
+            log::info!("inbound allowed from {c}");
+        }
+        for c in removed {
+            log::info!("inbound no longer allowed from {c}");
+        }
+        // Only once this version is attached: a load that fails leaves the old one be.
+        // Still under the lock, so two hooks never remove the same old version.
+        old::remove_old_versions(&cfg.bpffs_dir)?;
         Ok(dp)
     }
 
@@ -341,17 +358,79 @@ impl Datapath {
             .map_err(bpf("endpoint map"))
     }
 
-    /// Registers a container address.
-    pub fn add_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
-        self.endpoints()?
-            .insert(u32::from(ip).to_be(), ep, 0)
-            .map_err(bpf(format!("registering endpoint {ip}")))
+    fn bridge_ports(&self) -> Result<HashMap<MapData, u32, BridgePort>, DatapathError> {
+        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::BRIDGE_PORTS)?))
+            .map_err(bpf("bridge port map"))
     }
 
-    /// Unregisters a container address and purges its conntrack entries (no error if absent).
+    /// Registers a container address, then opens its bridge port for frames from the
+    /// container's own MAC and address (the port program drops everything on a port
+    /// without an entry, so nothing passes before the endpoint exists).
+    pub fn add_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
+        let key = u32::from(ip).to_be();
+        let mut eps = self.endpoints()?;
+        eps.insert(key, ep, 0)
+            .map_err(bpf(format!("registering endpoint {ip}")))?;
+        if let Err(e) = self.set_bridge_port(ep.ifindex, bridge_port(ip, &ep)) {
+            let _ = eps.remove(&key);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writes the bridge-port entry of `ifindex`.
+    pub fn set_bridge_port(&self, ifindex: u32, port: BridgePort) -> Result<(), DatapathError> {
+        self.bridge_ports()?
+            .insert(ifindex, port, 0)
+            .map_err(bpf(format!("registering bridge port ifindex {ifindex}")))
+    }
+
+    /// All bridge-port entries (ifindex, entry).
+    pub fn bridge_port_entries(&self) -> Result<Vec<(u32, BridgePort)>, DatapathError> {
+        self.bridge_ports()?
+            .iter()
+            .filter(|r| !matches!(r, Err(e) if key_absent(e)))
+            .collect::<Result<_, _>>()
+            .map_err(bpf("reading bridge port map"))
+    }
+
+    /// Closes a bridge port (no error if absent).
+    pub fn remove_bridge_port(&self, ifindex: u32) -> Result<(), DatapathError> {
+        match self.bridge_ports()?.remove(&ifindex) {
+            Ok(()) => Ok(()),
+            Err(e) if key_absent(&e) => Ok(()),
+            Err(e) => Err(bpf(format!("removing bridge port ifindex {ifindex}"))(e)),
+        }
+    }
+
+    /// Registered endpoints (address in network order, entry).
+    pub fn endpoint_entries(&self) -> Result<Vec<(u32, Endpoint)>, DatapathError> {
+        self.endpoints()?
+            .iter()
+            .filter(|r| !matches!(r, Err(e) if key_absent(e)))
+            .collect::<Result<_, _>>()
+            .map_err(bpf("reading endpoint map"))
+    }
+
+    /// Unregisters a container address, closes its bridge port and purges its
+    /// conntrack entries (no error if absent).
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         let key = u32::from(ip).to_be();
         let mut eps = self.endpoints()?;
+        match eps.get(&key, 0) {
+            Ok(ep) => {
+                // Unless the ifindex already serves another container (reused ifindex).
+                let bp = self.bridge_ports()?;
+                match bp.get(&ep.ifindex, 0) {
+                    Ok(p) if p.addr == key => self.remove_bridge_port(ep.ifindex)?,
+                    Ok(_) => {}
+                    Err(e) if key_absent(&e) => {}
+                    Err(e) => return Err(bpf(format!("reading bridge port of {ip}"))(e)),
+                }
+            }
+            Err(e) if key_absent(&e) => {}
+            Err(e) => return Err(bpf(format!("reading endpoint {ip}"))(e)),
+        }
         match eps.remove(&key) {
             Ok(()) => {}
             Err(e) if key_absent(&e) => {}
@@ -419,6 +498,53 @@ impl Datapath {
         Ok(n)
     }
 
+    fn inbound(&self) -> Result<LpmTrie<MapData, u32, u8>, DatapathError> {
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(self.map_data(maps::INBOUND)?))
+            .map_err(bpf("inbound map"))
+    }
+
+    /// The `--allow-inbound` CIDRs in the trie.
+    pub fn inbound_entries(&self) -> Result<Vec<Cidr>, DatapathError> {
+        let m = self.inbound()?;
+        let mut out = Vec::new();
+        for k in m.keys() {
+            match k {
+                Ok(k) => out.push(Cidr {
+                    network: Ipv4Addr::from(u32::from_be(k.data())),
+                    prefix_len: k.prefix_len() as u8,
+                }),
+                Err(e) if key_absent(&e) => {}
+                Err(e) => return Err(bpf("reading inbound map")(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the inbound trie hold exactly `want`; returns (added, removed).
+    pub fn sync_inbound(&self, want: &[Cidr]) -> Result<(Vec<Cidr>, Vec<Cidr>), DatapathError> {
+        let have: std::collections::HashSet<Cidr> = self.inbound_entries()?.into_iter().collect();
+        let want: std::collections::HashSet<Cidr> = want.iter().copied().collect();
+        let mut m = self.inbound()?;
+        let key = |c: &Cidr| LpmKey::new(u32::from(c.prefix_len), u32::from(c.network).to_be());
+        let mut removed: Vec<Cidr> = have.difference(&want).copied().collect();
+        let mut added: Vec<Cidr> = want.difference(&have).copied().collect();
+        removed.sort_by_key(|c| (c.network, c.prefix_len));
+        added.sort_by_key(|c| (c.network, c.prefix_len));
+        // Removals first: a full trie must still take the new set.
+        for c in &removed {
+            match m.remove(&key(c)) {
+                Ok(()) => {}
+                Err(e) if key_absent(&e) => {}
+                Err(e) => return Err(bpf(format!("removing {c} from the inbound map"))(e)),
+            }
+        }
+        for c in &added {
+            m.insert(&key(c), 1, 0)
+                .map_err(bpf(format!("adding {c} to the inbound map")))?;
+        }
+        Ok((added, removed))
+    }
+
     /// Port-forward map.
     pub fn ports(&self) -> Result<HashMap<MapData, PortKey, PortTarget>, DatapathError> {
         HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::PORTS)?))
@@ -445,7 +571,11 @@ impl Datapath {
     pub fn ct_evictions(&self) -> Result<u64, DatapathError> {
         let s: std::collections::HashMap<Stat, u64> = self.stats()?.into_iter().collect();
         let inserted = 2 * s[&Stat::CtCreated] + s[&Stat::CtRebuilt];
-        let removed = s[&Stat::CtRetired] + s[&Stat::DropCtInsert] + s[&Stat::CtUserRemoved];
+        // A host reclaim deletes both halves of the container's pair.
+        let removed = s[&Stat::CtRetired]
+            + s[&Stat::DropCtInsert]
+            + s[&Stat::CtUserRemoved]
+            + 2 * s[&Stat::CtHostReclaimed];
         let live = self.conntrack_entries()?.len() as u64;
         Ok(inserted.saturating_sub(removed).saturating_sub(live))
     }
@@ -470,8 +600,11 @@ impl Datapath {
         for name in [
             maps::CONNTRACK,
             maps::ENDPOINTS,
+            maps::BRIDGE_PORTS,
             maps::PORTS,
+            maps::INBOUND,
             maps::FRAGS,
+            maps::SOCK_REVNAT,
             maps::CONFIG,
             maps::STATS,
         ] {
@@ -481,7 +614,17 @@ impl Datapath {
             let entries = match name {
                 n if n == maps::CONNTRACK => self.conntrack_entries()?.len(),
                 n if n == maps::ENDPOINTS => self.endpoints()?.keys().filter(Result::is_ok).count(),
+                n if n == maps::BRIDGE_PORTS => {
+                    self.bridge_ports()?.keys().filter(Result::is_ok).count()
+                }
                 n if n == maps::PORTS => self.ports()?.keys().filter(Result::is_ok).count(),
+                n if n == maps::INBOUND => self.inbound()?.keys().filter(Result::is_ok).count(),
+                n if n == maps::SOCK_REVNAT => {
+                    let m: HashMap<MapData, SockKey, SockOrig> =
+                        HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                            .map_err(bpf("socket reverse map"))?;
+                    m.keys().filter(Result::is_ok).count()
+                }
                 n if n == maps::FRAGS => {
                     let m: HashMap<MapData, netns_common::FragKey, netns_common::FragPorts> =
                         HashMap::try_from(aya::maps::Map::LruHashMap(data))
@@ -666,6 +809,15 @@ impl Datapath {
     pub fn unload(self) -> Result<(), DatapathError> {
         let root = self.pins.root().to_owned();
         fs::remove_dir_all(&root).map_err(io(format!("removing {}", root.display())))
+    }
+}
+
+/// The bridge-port entry of a container.
+pub fn bridge_port(ip: Ipv4Addr, ep: &Endpoint) -> BridgePort {
+    BridgePort {
+        addr: u32::from(ip).to_be(),
+        mac: ep.mac,
+        _pad: [0; 2],
     }
 }
 

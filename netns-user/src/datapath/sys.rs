@@ -1,5 +1,5 @@
-//! The two raw bpf(2) calls aya does not expose: reading which device a pinned TCX link
-//! is attached to (aya's `LinkInfo` hides the union).
+//! The raw bpf(2) calls aya does not expose: reading which device a pinned TCX link is
+//! attached to (aya's `LinkInfo` hides the union), updating and detaching a pinned link.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -113,6 +113,27 @@ pub fn link_update(link_pin: &Path, prog_pin: &Path) -> std::io::Result<()> {
             BPF_LINK_UPDATE,
             &attr as *const LinkUpdateAttr,
             size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// BPF_LINK_DETACH (Linux >= 5.9; TCX and cgroup links support it): detaches a
+/// pinned link from its hook even while some process still holds a descriptor of it.
+pub fn link_detach(link_pin: &Path) -> std::io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let link = obj_get(link_pin)?;
+    let attr: u32 = link.as_raw_fd() as u32;
+    // SAFETY: bpf_attr for BPF_LINK_DETACH is just the link fd; attr outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const u32,
+            size_of::<u32>(),
         )
     };
     if r < 0 {

@@ -2,12 +2,13 @@
 
 use rtnetlink::LinkBridge;
 
-use super::NetworkError;
 use super::netlink::{Link, Netlink};
+use super::{NetworkError, sysctl};
 use crate::cli::Gateway;
 
-/// Creates the bridge if it is missing, sets the gateway address and MTU and brings it
-/// up. Never rolled back: other containers share it.
+/// Creates the bridge if it is missing, hardens its sysctls (no RA, no redirect a
+/// container sends configures the host), sets the gateway address and MTU and brings
+/// it up. Never rolled back: other containers share it.
 pub async fn ensure(nl: &Netlink, name: &str, gw: Gateway, mtu: u32) -> Result<Link, NetworkError> {
     let link = match nl.link_by_name(name).await? {
         Some(l) if !l.is_bridge() => {
@@ -31,6 +32,10 @@ pub async fn ensure(nl: &Netlink, name: &str, gw: Gateway, mtu: u32) -> Result<L
                 .ok_or_else(|| NetworkError::Vanished(name.to_owned()))?
         }
     };
+    // Before the bridge goes up and before any container port joins it.
+    for f in sysctl::harden_bridge(name)? {
+        log::info!("set {} to 0", f.display());
+    }
     let mtu_change = (link.mtu != Some(mtu)).then_some(mtu);
     if !link.up || mtu_change.is_some() {
         nl.set_link(link.index, true, mtu_change, None).await?;

@@ -3,8 +3,10 @@
 //! Async functions take a [`Netlink`] handle and run on a tokio current-thread
 //! runtime ([`runtime`]); the `*_blocking` helpers wrap them for callers without one.
 
+pub mod addrs;
 pub mod bridge;
 pub mod netlink;
+pub mod portset;
 pub mod sysctl;
 pub mod veth;
 
@@ -59,6 +61,8 @@ pub enum NetworkError {
     NotFresh { pid: u32, names: String },
     #[error("starting the netlink runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Sysctl(#[from] sysctl::SysctlError),
 }
 
 /// A tokio current-thread runtime with the I/O driver netlink sockets need.

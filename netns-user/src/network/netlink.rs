@@ -119,6 +119,23 @@ pub fn format_mac(mac: [u8; 6]) -> String {
         .join(":")
 }
 
+/// The local IPv4 address of an address message, None for other families.
+fn ipv4_of(m: &AddressMessage) -> Option<Ipv4Addr> {
+    if m.header.family != AddressFamily::Inet {
+        return None;
+    }
+    // IFA_LOCAL is the local address; IFA_ADDRESS is the peer on point-to-point links.
+    let local = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+        _ => None,
+    });
+    let addr = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+        _ => None,
+    });
+    local.or(addr)
+}
+
 /// A route-netlink handle bound to one network namespace.
 pub struct Netlink {
     handle: Handle,
@@ -261,19 +278,24 @@ impl Netlink {
             .map_err(req(format!("listing addresses of interface index {index}")))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == index)
-            .filter_map(|m| {
-                // IFA_LOCAL is the local address; IFA_ADDRESS is the peer on point-to-point links.
-                let local = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
-                    _ => None,
-                });
-                let addr = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
-                    _ => None,
-                });
-                local.or(addr).map(|a| (a, m.header.prefix_len))
-            })
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| ipv4_of(m).map(|a| (a, m.header.prefix_len)))
+            .collect())
+    }
+
+    /// Every IPv4 address of the namespace with the ifindex of its link.
+    pub async fn all_ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Addr)>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing this namespace's addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| ipv4_of(m).map(|a| (m.header.index, a)))
             .collect())
     }
 

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::portset::PortSet;
+
 pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 #[derive(Debug, thiserror::Error)]
@@ -22,18 +24,16 @@ pub fn enable_ip_forward() -> Result<bool, SysctlError> {
 
 pub const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
-/// Adds `min-max` to ip_local_reserved_ports (keeping what is there) so the host never
-/// picks a masquerade port as an ephemeral port. Ok(true) if it changed anything.
-pub fn reserve_ports(min: u16, max: u16) -> Result<bool, SysctlError> {
-    reserve_in(Path::new(RESERVED_PORTS), min, max)
-}
-
-fn reserve_in(path: &Path, min: u16, max: u16) -> Result<bool, SysctlError> {
+/// Adds `min-max` to an ip_local_reserved_ports file (keeping what is there) so the
+/// host never picks a masquerade port as an ephemeral port. Ok(true) if it changed
+/// anything. Callers go through [`crate::reserve::nat_range`], which keeps the record
+/// of mapped ports consistent.
+pub(crate) fn reserve_in(path: &Path, min: u16, max: u16) -> Result<bool, SysctlError> {
     let err = |what| {
         let path = path.to_owned();
         move |source| SysctlError { what, path, source }
     };
-    let cur = std::fs::read_to_string(path).map_err(err("reading"))?;
+    let cur = read_sysctl(path).map_err(err("reading"))?;
     let covered = cur.trim().split(',').filter(|r| !r.is_empty()).any(|r| {
         let (a, b) = r.split_once('-').unwrap_or((r, r));
         matches!((a.trim().parse::<u16>(), b.trim().parse::<u16>()), (Ok(a), Ok(b)) if a <= min && max <= b)
@@ -50,16 +50,91 @@ fn reserve_in(path: &Path, min: u16, max: u16) -> Result<bool, SysctlError> {
     Ok(true)
 }
 
-fn ensure_one(path: &Path) -> Result<bool, SysctlError> {
+/// Room for the longest ip_local_reserved_ports text (every other port: ~190 KB).
+const READ_MAX: usize = 256 * 1024;
+
+/// A sysctl's text in ONE read(2): the kernel formats it into the first read's buffer
+/// and returns EOF to any read at a non-zero offset, so `read_to_string` (whose first
+/// read of a size-0 file is a 32-byte probe) would silently truncate a long list.
+fn read_sysctl(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; READ_MAX];
+    let n = f.read(&mut buf)?;
+    if n == buf.len() {
+        return Err(std::io::Error::other("longer than expected"));
+    }
+    buf.truncate(n);
+    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// The port set in a file of the ip_local_reserved_ports format.
+pub fn read_port_set(path: &Path) -> Result<PortSet, SysctlError> {
     let err = |what| {
         let path = path.to_owned();
         move |source| SysctlError { what, path, source }
     };
-    let cur = std::fs::read_to_string(path).map_err(err("reading"))?;
-    if cur.trim() == "1" {
+    let cur = read_sysctl(path).map_err(err("reading"))?;
+    cur.parse()
+        .map_err(|e| err("parsing")(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
+/// Replaces the whole set. The kernel reads at most a page per write(2) and ORs each
+/// continuation into the set, so one `write_all` of a long list is one update.
+pub fn write_port_set(path: &Path, set: &PortSet) -> Result<(), SysctlError> {
+    std::fs::write(path, format!("{set}\n")).map_err(|source| SysctlError {
+        what: "writing",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Per-interface sysctls of the bridge: nothing a container sends may configure the
+/// host. An RA would give the bridge an address and a default route via the
+/// container; a redirect would reroute the host's traffic through it.
+const BRIDGE_IPV6: [&str; 3] = ["accept_ra", "autoconf", "accept_redirects"];
+const BRIDGE_IPV4: [&str; 2] = ["accept_redirects", "secure_redirects"];
+
+/// Sets the bridge's sysctls to 0 ([`BRIDGE_IPV6`] is skipped when IPv6 is disabled:
+/// its directory is absent). Returns the files it changed.
+pub fn harden_bridge(bridge: &str) -> Result<Vec<PathBuf>, SysctlError> {
+    harden_bridge_in(Path::new(NET_ROOT), bridge)
+}
+
+pub const NET_ROOT: &str = "/proc/sys/net";
+
+fn harden_bridge_in(net: &Path, bridge: &str) -> Result<Vec<PathBuf>, SysctlError> {
+    let mut changed = Vec::new();
+    let v6 = net.join("ipv6/conf").join(bridge);
+    let v4 = net.join("ipv4/conf").join(bridge);
+    let v6_files = if v6.is_dir() { &BRIDGE_IPV6[..] } else { &[] };
+    let files = v6_files
+        .iter()
+        .map(|f| v6.join(f))
+        .chain(BRIDGE_IPV4.iter().map(|f| v4.join(f)));
+    for f in files {
+        if ensure_value(&f, "0")? {
+            changed.push(f);
+        }
+    }
+    Ok(changed)
+}
+
+fn ensure_one(path: &Path) -> Result<bool, SysctlError> {
+    ensure_value(path, "1")
+}
+
+/// Writes `value` unless the file already holds it; Ok(true) if it wrote.
+fn ensure_value(path: &Path, value: &'static str) -> Result<bool, SysctlError> {
+    let err = |what| {
+        let path = path.to_owned();
+        move |source| SysctlError { what, path, source }
+    };
+    let cur = read_sysctl(path).map_err(err("reading"))?;
+    if cur.trim() == value {
         return Ok(false);
     }
-    std::fs::write(path, b"1\n").map_err(err("writing 1 to"))?;
+    std::fs::write(path, format!("{value}\n")).map_err(err("writing"))?;
     Ok(true)
 }
 
@@ -94,5 +169,48 @@ mod tests {
         assert!(!ensure_one(&f).unwrap());
         let e = ensure_one(&tmp.path().join("missing")).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn hardens_bridge_sysctls() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = tmp.path();
+        let v4 = net.join("ipv4/conf/br0");
+        std::fs::create_dir_all(&v4).unwrap();
+        std::fs::write(v4.join("accept_redirects"), "1\n").unwrap();
+        std::fs::write(v4.join("secure_redirects"), "0\n").unwrap();
+        // IPv6 disabled: no ipv6/conf/br0, skipped.
+        assert_eq!(
+            harden_bridge_in(net, "br0").unwrap(),
+            [v4.join("accept_redirects")]
+        );
+        let v6 = net.join("ipv6/conf/br0");
+        std::fs::create_dir_all(&v6).unwrap();
+        for f in BRIDGE_IPV6 {
+            std::fs::write(v6.join(f), "1\n").unwrap();
+        }
+        assert_eq!(harden_bridge_in(net, "br0").unwrap().len(), 3);
+        for f in BRIDGE_IPV6 {
+            assert_eq!(std::fs::read_to_string(v6.join(f)).unwrap(), "0\n");
+        }
+        assert!(harden_bridge_in(net, "br0").unwrap().is_empty());
+        // A missing file names itself.
+        std::fs::remove_file(v4.join("secure_redirects")).unwrap();
+        let e = harden_bridge_in(net, "br0").unwrap_err().to_string();
+        assert!(e.contains("ipv4/conf/br0/secure_redirects"), "{e}");
+    }
+
+    #[test]
+    fn port_set_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("reserved");
+        std::fs::write(&f, "22,8000-8002\n").unwrap();
+        let mut s = read_port_set(&f).unwrap();
+        s.insert(8003);
+        write_port_set(&f, &s).unwrap();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "22,8000-8003\n");
+        std::fs::write(&f, "junk\n").unwrap();
+        let e = read_port_set(&f).unwrap_err().to_string();
+        assert!(e.starts_with("parsing ") && e.contains("reserved"), "{e}");
     }
 }
