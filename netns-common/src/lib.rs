@@ -49,6 +49,36 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// The one mapping of IP protocol numbers to names (`netns conntrack ls`, port specs).
+pub const fn proto_name(proto: u8) -> Option<&'static str> {
+    Some(match proto {
+        IPPROTO_ICMP => "icmp",
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        47 => "gre",
+        50 => "esp",
+        51 => "ah",
+        132 => "sctp",
+        _ => return None,
+    })
+}
+
+/// The protocol number of a name [`proto_name`] gives.
+pub fn proto_number(name: &str) -> Option<u8> {
+    (0..=u8::MAX).find(|p| proto_name(*p).is_some_and(|n| n.eq_ignore_ascii_case(name)))
+}
+
+/// The mount point of the first cgroup2 filesystem in a `/proc/self/mountinfo` text
+/// (shared by the loader and the tests, which make private cgroups below it).
+pub fn cgroup2_mount(mountinfo: &str) -> Option<&str> {
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let fstype = post.split_whitespace().next()?;
+        let mount = pre.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then_some(mount)
+    })
+}
+
 /// Where in the datapath a conntrack key was seen.
 pub mod dir {
     /// Leaving through the uplink (TC egress): the entry rewrites the source.
@@ -158,10 +188,11 @@ pub struct Config {
     pub _pad: [u8; 2],
     /// Cookie of the network namespace netns manages: socket hooks act only there.
     pub netns_cookie: u64,
-    /// Conntrack timeouts, read by the garbage collector (seconds).
+    /// Conntrack timeouts (seconds), read by the garbage collector. User-space-only
+    /// settings (the collector's interval) do not live here.
     pub timeouts: Timeouts,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 80);
 
 /// Conntrack timeouts in seconds, by state; defaults are Linux conntrack's.
 #[repr(C)]
@@ -178,14 +209,11 @@ pub struct Timeouts {
     pub udp: u32,
     pub udp_stream: u32,
     pub icmp: u32,
-    /// How often the collector sweeps.
-    pub gc_interval: u32,
     /// Protocols without ports (GRE, ESP, SCTP...), masqueraded by address only
     /// (nf_conntrack_generic_timeout).
     pub generic: u32,
-    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Timeouts>() == 40);
+const _: () = assert!(core::mem::size_of::<Timeouts>() == 32);
 
 impl Default for Timeouts {
     fn default() -> Self {
@@ -197,9 +225,7 @@ impl Default for Timeouts {
             udp: 30,
             udp_stream: 120,
             icmp: 30,
-            gc_interval: 30,
             generic: 600,
-            _pad: 0,
         }
     }
 }
@@ -568,4 +594,29 @@ mod pod {
     unsafe impl aya::Pod for BridgePort {}
     unsafe impl aya::Pod for InboundKey {}
     unsafe impl aya::Pod for Timeouts {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names_round_trip() {
+        assert_eq!(proto_name(IPPROTO_TCP), Some("tcp"));
+        assert_eq!(proto_name(47), Some("gre"));
+        assert_eq!(proto_name(200), None);
+        for p in [IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, 47, 50, 51, 132] {
+            assert_eq!(proto_number(proto_name(p).unwrap()), Some(p));
+        }
+        assert_eq!(proto_number("UDP"), Some(IPPROTO_UDP));
+        assert_eq!(proto_number("quic"), None);
+    }
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let mi = "35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro\n\
+                  36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(mi), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(cgroup2_mount("1 2 0:3 / / rw - ext4 /dev/vda rw\n"), None);
+    }
 }

@@ -36,12 +36,7 @@ pub fn resolve(flag: &str) -> Result<Option<PathBuf>, CgroupError> {
 
 /// The mount point of the first cgroup2 filesystem in a mountinfo text.
 fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let fstype = post.split_whitespace().next()?;
-        let mount = pre.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(mount))
-    })
+    netns_common::cgroup2_mount(mountinfo).map(PathBuf::from)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::Gateway;
+use crate::config::Gateway;
 use crate::store::{Locked, StoreError};
 
 pub const LEASES_FILE: &str = "leases.json";
@@ -347,16 +347,19 @@ mod tests {
     const PROCS: usize = 8;
     const PER_PROC: usize = 25;
 
-    /// Child half of the multi-process test: does nothing unless re-executed by it.
-    #[test]
-    fn concurrent_child() {
-        let (Ok(dir), Ok(idx)) = (std::env::var(CHILD_DIR), std::env::var(CHILD_IDX)) else {
-            return;
-        };
-        let store = Store::open(std::path::Path::new(&dir)).unwrap();
+    /// One child process's part: PER_PROC allocations, one lock each so that the
+    /// processes interleave, the addresses written to `got-<idx>`.
+    fn allocate_as_child(dir: &str, idx: &str) {
+        // All start together: the parent creates `go` once every child is running.
+        let go = std::path::Path::new(dir).join("go");
+        let t0 = std::time::Instant::now();
+        while !go.exists() {
+            assert!(t0.elapsed().as_secs() < 20, "no go from the parent");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let store = Store::open(std::path::Path::new(dir)).unwrap();
         let mut got = Vec::new();
         for i in 0..PER_PROC {
-            // One lock per allocation so processes interleave.
             let l = store.lock().unwrap();
             let (lease, new) = allocate(
                 &l,
@@ -371,31 +374,44 @@ mod tests {
         std::fs::write(format!("{dir}/got-{idx}"), got.join("\n")).unwrap();
     }
 
+    /// PROCS processes allocate from one state directory at once. The test re-runs its
+    /// own binary, filtered to itself, with CHILD_DIR/CHILD_IDX set: in that role it is
+    /// the child (no test here passes without doing its work).
     #[test]
     fn concurrent_processes_never_share_an_address() {
-        if std::env::var_os(CHILD_DIR).is_some() {
+        if let (Ok(dir), Ok(idx)) = (std::env::var(CHILD_DIR), std::env::var(CHILD_IDX)) {
+            allocate_as_child(&dir, &idx);
             return;
         }
+        // libtest's name for this test: the module path without the crate.
+        let me = format!(
+            "{}::concurrent_processes_never_share_an_address",
+            module_path!().split_once("::").map_or("", |(_, m)| m)
+        );
         let tmp = tempfile::tempdir().unwrap();
         let exe = std::env::current_exe().unwrap();
         let children: Vec<_> = (0..PROCS)
             .map(|idx| {
                 std::process::Command::new(&exe)
-                    .args([
-                        "--exact",
-                        "ipam::tests::concurrent_child",
-                        "--test-threads=1",
-                        "--quiet",
-                    ])
+                    .args(["--exact", &me, "--test-threads=1"])
                     .env(CHILD_DIR, tmp.path())
                     .env(CHILD_IDX, idx.to_string())
-                    .stdout(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
                     .spawn()
                     .unwrap()
             })
             .collect();
-        for mut c in children {
-            assert!(c.wait().unwrap().success());
+        std::fs::write(tmp.path().join("go"), "").unwrap();
+        for (idx, c) in children.into_iter().enumerate() {
+            let o = c.wait_with_output().unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success() && out.contains("1 passed"),
+                "child {idx} ({me}) did not run and pass: {}\n{out}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         let mut all = Vec::new();
         for idx in 0..PROCS {

@@ -13,16 +13,11 @@ fn main() -> ExitCode {
         })
         .target(env_logger::Target::Stderr)
         .init();
-    match run(cli) {
+    match netns::commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("netns: {}", netns::error_chain(e.as_ref()));
-            ExitCode::FAILURE
+            eprintln!("netns: {}", netns::error_chain(&e));
+            ExitCode::from(e.exit_code())
         }
     }
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    netns::commands::run(cli)?;
-    Ok(())
 }

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::network::portset::{PortSet, PortSetError};
 use crate::network::sysctl::{self, RESERVED_PORTS, SysctlError};
-use crate::portmap::Mapping;
 use crate::store::{Locked, StoreError};
 
 /// The ownership record in the state directory.
@@ -62,15 +61,11 @@ impl Change {
     }
 }
 
-/// The host ports of a port table.
-pub fn desired(table: &[Mapping]) -> PortSet {
-    table.iter().map(|m| m.host_port).collect()
-}
-
-/// Makes the reservation follow `table`: reserves its host ports, releases those netns
-/// reserved that no mapping uses any more.
-pub fn sync(lock: &Locked<'_>, table: &[Mapping]) -> Result<Change, ReserveError> {
-    sync_in(lock, Path::new(RESERVED_PORTS), &desired(table))
+/// Makes the reservation follow the mapped host ports `mapped` (see
+/// `portmap::host_ports`): reserves them, releases those netns reserved that are no
+/// longer mapped.
+pub fn sync(lock: &Locked<'_>, mapped: &PortSet) -> Result<Change, ReserveError> {
+    sync_in(lock, Path::new(RESERVED_PORTS), mapped)
 }
 
 pub(crate) fn sync_in(

@@ -3,7 +3,12 @@
 //! binary. Everything is created with unique names and removed in `Drop`, also when a
 //! test fails, so tests run in parallel and again. Nothing touches the root namespace's
 //! interfaces, and traffic only flows between namespaces made here.
+//!
+//! The builders return errors ([`Topology::build`], [`NamedNetns::create`]) so that
+//! xtask's demo and benchmark share them; the tests use the panicking wrappers
+//! ([`Topology::new`], [`NamedNetns::new`]).
 
+pub mod bpf;
 pub mod ns;
 pub mod pkt;
 pub mod runc;

@@ -1,27 +1,47 @@
 //! Network namespaces: named ones (`ip netns add`) removed on drop, and a guard that
 //! moves the current thread into a namespace and back (as aya's integration tests do).
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsFd as _;
 use std::process::Command;
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::util::run;
+use crate::util::try_run;
+
+/// Makes the `Command` for a program: every command a [`NamedNetns`] runs (`ip`,
+/// `nsenter`) starts from it. The tests use [`plain`]; xtask's benchmark passes one that
+/// also gives each child a parent-death signal and a process group of its own.
+pub type Spawner = fn(&OsStr) -> Command;
+
+/// `Command::new`.
+pub fn plain(program: &OsStr) -> Command {
+    Command::new(program)
+}
 
 /// `ip netns add NAME`, with `lo` up; deleted on drop.
 pub struct NamedNetns {
     pub name: String,
+    spawner: Spawner,
 }
 
 impl NamedNetns {
+    /// Creates the namespace (panics if that fails).
     pub fn new(name: &str) -> NamedNetns {
-        run(Command::new("ip").args(["netns", "add", name]));
+        Self::create(name, plain).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Creates the namespace; its commands are made by `spawner`. On error nothing is
+    /// left behind.
+    pub fn create(name: &str, spawner: Spawner) -> anyhow::Result<NamedNetns> {
+        try_run(spawner(OsStr::new("ip")).args(["netns", "add", name]))?;
         let ns = NamedNetns {
             name: name.to_owned(),
+            spawner,
         };
-        run(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]));
-        ns
+        ns.try_ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
     }
 
     pub fn path(&self) -> String {
@@ -30,8 +50,8 @@ impl NamedNetns {
 
     /// `nsenter --net=<this> PROGRAM ...` (nsenter, not `ip netns exec`, which remounts
     /// /sys and so hides /sys/fs/bpf and the cgroup mounts runc needs).
-    pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("nsenter");
+    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = (self.spawner)(OsStr::new("nsenter"));
         c.arg(format!("--net={}", self.path())).arg(program);
         c
     }
@@ -46,15 +66,31 @@ impl NamedNetns {
         crate::util::wait_ss(&[&format!("--net={}", self.path())], ss_args);
     }
 
-    /// `ip -n <this> ARGS`, must succeed.
+    /// `ip -n <this> ARGS`, must succeed; returns stdout.
+    pub fn try_ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        try_run(
+            (self.spawner)(OsStr::new("ip"))
+                .arg("-n")
+                .arg(&self.name)
+                .args(args),
+        )
+    }
+
+    /// `ip -n <this> ARGS`, must succeed (panics otherwise).
     pub fn ip(&self, args: &[&str]) -> String {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        self.try_ip(args).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// `sysctl -qw KEY=VALUE` in this namespace.
+    pub fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
+        try_run(self.cmd("sysctl").args(["-qw", kv]))?;
+        Ok(())
     }
 }
 
 impl Drop for NamedNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
+        let _ = (self.spawner)(OsStr::new("ip"))
             .args(["netns", "del", &self.name])
             .output();
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use crate::topo::Topology;
-use crate::util::{netns_bin, output, run, unique};
+use crate::util::{output, run, unique};
 
 const APPLETS: &[&str] = &[
     "sh",
@@ -36,17 +36,22 @@ impl Bundle {
         annotations: &BTreeMap<String, String>,
         hook_env: &[(&str, &str)],
     ) -> Bundle {
+        let hook = Self::netns_hook(topo, hook_env);
+        let hooks = serde_json::json!({ "prestart": [hook.clone()], "poststop": [hook] });
+        Self::with_hooks(topo, id, annotations, hooks)
+    }
+
+    /// One OCI hook entry running `netns` with the topology's flags plus `hook_env`.
+    pub fn netns_hook(topo: &Topology, hook_env: &[(&str, &str)]) -> serde_json::Value {
         let mut args = vec!["netns".to_owned()];
         args.extend(topo.flags());
         let env: Vec<String> = hook_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let hook = serde_json::json!({
-            "path": netns_bin(),
+        serde_json::json!({
+            "path": topo.bin(),
             "args": args,
             "env": env,
             "timeout": 60,
-        });
-        let hooks = serde_json::json!({ "prestart": [hook.clone()], "poststop": [hook] });
-        Self::with_hooks(topo, id, annotations, hooks)
+        })
     }
 
     /// Builds a bundle with these OCI `hooks` (any program: the harness's self-test
@@ -179,6 +184,16 @@ impl<'t> Container<'t> {
     /// Waits until something listens on `proto` ("tcp"/"udp") `port` in the container.
     pub fn wait_listen(&self, proto: &str, port: u16) {
         crate::util::wait_listen(&["-t", &self.pid.to_string(), "-n"], proto, port);
+    }
+
+    /// Waits until `ss ARGS` (with -H) lists a socket in the container's namespace.
+    pub fn wait_ss(&self, ss_args: &[&str]) {
+        crate::util::wait_ss(&["-t", &self.pid.to_string(), "-n"], ss_args);
+    }
+
+    /// The host end of the container's veth (`netnsv0-<pid>`).
+    pub fn host_veth(&self) -> String {
+        format!("netnsv0-{}", self.pid)
     }
 
     /// `sh -c script` (host shell) inside the container's network namespace.

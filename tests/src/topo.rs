@@ -10,10 +10,15 @@
 //! hooks through config.json, so any number of topologies run at once.
 
 use std::fs;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::ns::NamedNetns;
+use anyhow::Context as _;
+use netns_common::LAYOUT_VERSION;
+
+use crate::bpf;
+use crate::ns::{NamedNetns, Spawner, plain};
 use crate::util::{ChildGuard, kill_with_arg, netns_bin, output, run, unique};
 
 pub const UPLINK: &str = "up0";
@@ -23,24 +28,73 @@ pub const GATEWAY: &str = "172.19.0.1";
 
 const BPFFS: &str = "/sys/fs/bpf";
 
-fn cgroup2_root() -> PathBuf {
-    let mi = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    for l in mi.lines() {
-        if let Some((pre, post)) = l.split_once(" - ")
-            && post.split_whitespace().next() == Some("cgroup2")
-            && let Some(m) = pre.split_whitespace().nth(4)
-        {
-            return PathBuf::from(m);
-        }
-    }
-    panic!("no cgroup2 mount: the socket-level tests need one");
+/// Where the cgroup2 hierarchy is mounted.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mi = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    netns_common::cgroup2_mount(&mi)
+        .map(PathBuf::from)
+        .context("no cgroup2 mount: the socket-level programs need one")
 }
 
-fn ensure_bpffs() {
+/// Mounts bpffs on /sys/fs/bpf unless it is there.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
     let is_bpffs =
         nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == 0xcafe_4a11);
     if !is_bpffs {
-        run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]));
+        crate::util::try_run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    }
+    Ok(())
+}
+
+/// The two namespaces every topology has: `<prefix>h`, the "host", and `<prefix>w`,
+/// the "wan", joined by the uplink veth (`up0` 198.51.100.2/24 in the host, `wan0`
+/// 198.51.100.1/24 in wan), with the host's default route via wan. On error nothing is
+/// left behind.
+pub fn host_and_wan(prefix: &str, spawner: Spawner) -> anyhow::Result<(NamedNetns, NamedNetns)> {
+    let host = NamedNetns::create(&format!("{prefix}h"), spawner)?;
+    let wan = NamedNetns::create(&format!("{prefix}w"), spawner)?;
+    host.try_ip(&[
+        "link", "add", UPLINK, "type", "veth", "peer", "name", "wan0", "netns", &wan.name,
+    ])?;
+    host.try_ip(&["addr", "add", &format!("{UPLINK_IP}/24"), "dev", UPLINK])?;
+    host.try_ip(&["link", "set", UPLINK, "up"])?;
+    wan.try_ip(&["addr", "add", &format!("{WAN_IP}/24"), "dev", "wan0"])?;
+    wan.try_ip(&["link", "set", "wan0", "up"])?;
+    host.try_ip(&["route", "add", "default", "via", WAN_IP])?;
+    Ok((host, wan))
+}
+
+/// What a [`Topology`] is made of: names, directories and flags.
+pub struct Config {
+    /// Namespace prefix: the host is `<tag>h`, wan `<tag>w` (a far one `<tag>f`).
+    pub tag: String,
+    /// Scratch directory (created; removed on drop): state dir and runc root live in it.
+    pub tmp: PathBuf,
+    /// The `--bpffs-dir` (removed on drop).
+    pub bpffs_dir: PathBuf,
+    /// The `--cgroup` (created; removed on drop).
+    pub cgroup: PathBuf,
+    /// Extra global flags for every netns call (hooks included).
+    pub extra: Vec<String>,
+    /// How the namespaces make their commands.
+    pub spawner: Spawner,
+    /// The `netns` binary (None: [`netns_bin`], looked up when first needed).
+    pub bin: Option<PathBuf>,
+}
+
+impl Config {
+    /// A test's: unique names under `netns-test-<tag>` everywhere.
+    pub fn test(extra: &[&str]) -> anyhow::Result<Config> {
+        let tag = unique("nt");
+        Ok(Config {
+            tmp: std::env::temp_dir().join(format!("netns-test-{tag}")),
+            bpffs_dir: PathBuf::from(BPFFS).join(format!("netns-test-{tag}")),
+            cgroup: cgroup2_root()?.join(format!("netns-test-{tag}")),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            spawner: plain,
+            bin: None,
+            tag,
+        })
     }
 }
 
@@ -56,6 +110,7 @@ pub struct Topology {
     pub tag: String,
     /// Extra global flags for every netns call (hooks included).
     pub extra: Vec<String>,
+    bin: Option<PathBuf>,
 }
 
 impl Default for Topology {
@@ -65,50 +120,38 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// A test topology (panics if it cannot be built).
     pub fn new() -> Topology {
         Self::with_flags(&[])
     }
 
-    /// A topology whose netns calls (hooks included) all get `extra` flags.
+    /// A test topology whose netns calls (hooks included) all get `extra` flags.
     pub fn with_flags(extra: &[&str]) -> Topology {
-        ensure_bpffs();
-        let tag = unique("nt");
-        let tmp = std::env::temp_dir().join(format!("netns-test-{tag}"));
-        fs::create_dir_all(&tmp).expect("tmp dir");
-        let host = NamedNetns::new(&format!("{tag}h"));
-        let wan = NamedNetns::new(&format!("{tag}w"));
+        Config::test(extra)
+            .and_then(Topology::build)
+            .unwrap_or_else(|e| panic!("building the test topology: {e:#}"))
+    }
+
+    /// Builds the topology `cfg` describes; on error whatever was made is removed.
+    pub fn build(cfg: Config) -> anyhow::Result<Topology> {
+        ensure_bpffs()?;
+        let (host, wan) = host_and_wan(&cfg.tag, cfg.spawner)?;
         let t = Topology {
-            runc_root: tmp.join("runc"),
-            state_dir: tmp.join("state"),
-            bpffs_dir: PathBuf::from(BPFFS).join(format!("netns-test-{tag}")),
-            cgroup: cgroup2_root().join(format!("netns-test-{tag}")),
+            runc_root: cfg.tmp.join("runc"),
+            state_dir: cfg.tmp.join("state"),
+            bpffs_dir: cfg.bpffs_dir,
+            cgroup: cfg.cgroup,
             host,
             wan,
-            tmp,
-            tag,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            tmp: cfg.tmp,
+            tag: cfg.tag,
+            extra: cfg.extra,
+            bin: cfg.bin,
         };
-        fs::create_dir_all(&t.cgroup).expect("test cgroup");
-        t.host.ip(&[
-            "link",
-            "add",
-            UPLINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "wan0",
-            "netns",
-            &t.wan.name,
-        ]);
-        t.host
-            .ip(&["addr", "add", &format!("{UPLINK_IP}/24"), "dev", UPLINK]);
-        t.host.ip(&["link", "set", UPLINK, "up"]);
-        t.wan
-            .ip(&["addr", "add", &format!("{WAN_IP}/24"), "dev", "wan0"]);
-        t.wan.ip(&["link", "set", "wan0", "up"]);
-        t.host.ip(&["route", "add", "default", "via", WAN_IP]);
-        t
+        fs::create_dir_all(&t.tmp).with_context(|| format!("creating {}", t.tmp.display()))?;
+        fs::create_dir_all(&t.cgroup)
+            .with_context(|| format!("creating cgroup {}", t.cgroup.display()))?;
+        Ok(t)
     }
 
     /// The global flags every `netns` call of this topology takes (hooks included).
@@ -128,9 +171,14 @@ impl Topology {
         .collect()
     }
 
+    /// The `netns` binary this topology runs.
+    pub fn bin(&self) -> PathBuf {
+        self.bin.clone().unwrap_or_else(netns_bin)
+    }
+
     /// `netns <flags> ARGS` in the host namespace.
     pub fn netns_cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.host.cmd(netns_bin().to_str().expect("utf-8 path"));
+        let mut c = self.host.cmd(self.bin());
         c.args(self.flags()).args(args);
         c
     }
@@ -158,19 +206,44 @@ impl Topology {
         child.wait_with_output().expect("wait netns")
     }
 
-    /// How many entries the pinned map `name` holds (`datapath status --json`).
+    /// The datapath's pin directory, `<bpffs-dir>/v<layout>`.
+    pub fn pins(&self) -> PathBuf {
+        self.bpffs_dir.join(format!("v{LAYOUT_VERSION}"))
+    }
+
+    /// The pin of map `name` (e.g. `NETNS_EPS`).
+    pub fn map_pin(&self, name: &str) -> PathBuf {
+        self.pins().join("maps").join(name)
+    }
+
+    /// Every entry of the pinned map `name`, as the kernel holds it (bpftool).
+    pub fn map_dump(&self, name: &str) -> Vec<bpf::Entry> {
+        bpf::map_dump(&self.host, &self.map_pin(name)).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// How many entries the pinned map `name` holds (bpftool, not the product).
     pub fn map_entries(&self, name: &str) -> u64 {
-        let st: serde_json::Value =
-            serde_json::from_str(&self.netns(&["datapath", "status", "--json"]))
-                .expect("datapath status --json is JSON");
-        st["maps"]
-            .as_array()
-            .expect("maps array")
+        self.map_dump(name).len() as u64
+    }
+
+    /// The container addresses the datapath has endpoints for: the keys of the pinned
+    /// endpoint map (IPv4 in network order), sorted.
+    pub fn endpoints(&self) -> Vec<Ipv4Addr> {
+        let mut v: Vec<Ipv4Addr> = self
+            .map_dump(netns_common::maps::ENDPOINTS)
             .iter()
-            .find(|m| m["name"] == name)
-            .unwrap_or_else(|| panic!("no map {name} in datapath status"))["entries"]
-            .as_u64()
-            .expect("entries")
+            .map(|e| {
+                let k: [u8; 4] = e.key.as_slice().try_into().expect("4-byte endpoint key");
+                Ipv4Addr::from(k)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The TCX programs on interface `ifname` of the host namespace (BPF_PROG_QUERY).
+    pub fn tcx(&self, ifname: &str) -> bpf::Tcx {
+        bpf::tcx(&self.host, ifname).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// `stats --json` parsed: counter name -> value.

@@ -41,17 +41,25 @@ pub fn output(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
 }
 
-/// Runs a command that must succeed; returns stdout.
-pub fn run(cmd: &mut Command) -> String {
-    let out = output(cmd);
-    assert!(
+/// Runs a command that must succeed; returns stdout, or an error naming the command
+/// with its status and both outputs.
+pub fn try_run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("spawning {cmd:?}: {e}"))?;
+    anyhow::ensure!(
         out.status.success(),
         "{cmd:?} failed with {}:\nstdout: {}\nstderr: {}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command that must succeed; returns stdout (panics otherwise).
+pub fn run(cmd: &mut Command) -> String {
+    try_run(cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `sh -c script`, must succeed.
@@ -73,8 +81,40 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// A child process killed (and reaped) on drop.
+/// A child process killed, with everything it started (a shell's pipeline), and reaped
+/// on drop, also when a test fails: nothing is left holding a port or a pipe.
 pub struct ChildGuard(pub std::process::Child);
+
+/// The pids of `pid`'s descendants (from /proc), children before grandchildren.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            // Field 4 of stat, after the parenthesised command name.
+            let ppid = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                });
+            if let Some(pp) = ppid {
+                parent_of.push((p, pp));
+            }
+        }
+    }
+    let mut out = vec![];
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for (c, _) in parent_of.iter().filter(|(_, pp)| *pp == p) {
+            out.push(*c);
+            frontier.push(*c);
+        }
+    }
+    out
+}
 
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> ChildGuard {
@@ -84,12 +124,32 @@ impl ChildGuard {
         )
     }
 
+    /// SIGKILL to the child and its descendants (stopped first, so none forks or is
+    /// reparented away while we look).
+    fn kill_tree(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let me = self.0.id();
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = kill(Pid::from_raw(me as i32), Signal::SIGSTOP);
+        let tree = descendants(me);
+        for p in &tree {
+            let _ = kill(Pid::from_raw(*p as i32), Signal::SIGSTOP);
+        }
+        for p in descendants(me).iter().chain(&tree) {
+            let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
+        }
+        let _ = self.0.kill();
+    }
+
     /// Waits for the process to exit by itself (bounded), returning its output.
     pub fn wait_output(mut self, timeout: Duration) -> Output {
         let start = Instant::now();
         while self.0.try_wait().expect("try_wait").is_none() {
             if start.elapsed() > timeout {
-                let _ = self.0.kill();
+                self.kill_tree();
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -101,7 +161,7 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        self.kill_tree();
         let _ = self.0.wait();
     }
 }

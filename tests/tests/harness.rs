@@ -255,3 +255,74 @@ fn kill_with_arg_kills_exactly_the_processes_with_that_argument() {
         "bystander untouched"
     );
 }
+
+#[test]
+fn a_failed_topology_build_says_why_and_leaves_nothing() {
+    let cfg = netns_tests::topo::Config::test(&[]).unwrap();
+    // Its wan namespace's name is taken: the build fails after making the host.
+    let squatter = NamedNetns::new(&format!("{}w", cfg.tag));
+    let (tag, tmp, cgroup) = (cfg.tag.clone(), cfg.tmp.clone(), cfg.cgroup.clone());
+    let err = match Topology::build(cfg) {
+        Ok(_) => panic!("building over an existing namespace must fail"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("netns") && err.contains(&format!("{tag}w")),
+        "{err}"
+    );
+    let list = netns_list();
+    assert!(
+        !list.contains(&format!("{tag}h")),
+        "host namespace left: {list}"
+    );
+    assert!(
+        list.contains(&squatter.name),
+        "the other namespace is untouched"
+    );
+    assert!(!tmp.exists() && !cgroup.exists());
+}
+
+#[test]
+fn the_bpftool_helpers_read_what_the_kernel_holds() {
+    use netns_tests::bpf;
+    netns_tests::topo::ensure_bpffs().unwrap();
+    let ns = NamedNetns::new(&unique("nt"));
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(Path::new("/sys/fs/bpf").join(format!("netns-test-{}", unique("m"))));
+    fs::create_dir_all(&dir.0).unwrap();
+    let pin = dir.0.join("m");
+    let p = pin.to_str().unwrap();
+    run(ns.cmd("bpftool").args([
+        "map", "create", p, "type", "hash", "key", "4", "value", "4", "entries", "8", "name",
+        "nt_test",
+    ]));
+    assert_eq!(bpf::map_entries(&ns, &pin).unwrap(), 0);
+    for i in 1..=3u8 {
+        let (k, v) = (i.to_string(), (i * 2).to_string());
+        run(ns.cmd("bpftool").args([
+            "map", "update", "pinned", p, "key", &k, "0", "0", "0", "value", "0", "0", "0", &v,
+        ]));
+    }
+    let mut got = bpf::map_dump(&ns, &pin).unwrap();
+    got.sort_by(|a, b| a.key.cmp(&b.key));
+    let want: Vec<bpf::Entry> = (1..=3u8)
+        .map(|i| bpf::Entry {
+            key: vec![i, 0, 0, 0],
+            value: vec![0, 0, 0, i * 2],
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        bpf::map_dump(&ns, &dir.0.join("none")).is_err(),
+        "no such pin"
+    );
+    // Nothing is attached to a fresh namespace's lo.
+    let x = bpf::tcx(&ns, "lo").unwrap();
+    assert!(x.ingress.is_empty() && x.egress.is_empty(), "{x:?}");
+    assert_eq!(bpf::obj_name("netns_uplink_ingress"), "netns_uplink_in");
+}

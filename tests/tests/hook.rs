@@ -2,8 +2,10 @@
 //! masquerade, teardown. All in private namespaces.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use netns_common::maps;
 use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
 use netns_tests::util::{ChildGuard, UDP_WHO, run, sh, tcp_ask, tcp_who_server, udp_ask, wait_for};
 use netns_tests::{Container, Topology};
@@ -166,6 +168,18 @@ fn containers_reach_each_other_over_the_bridge_untranslated() {
     assert_eq!(got.trim(), format!("peer={}", a.ip()));
 }
 
+/// Conntrack entries (kernel's map, bpftool) with `ip` in the key's or the
+/// translation's source or destination (`CtKey` and `CtEntry` both start with a
+/// `Tuple`: saddr, daddr in network order).
+fn ct_entries_of(t: &Topology, ip: Ipv4Addr) -> Vec<netns_tests::bpf::Entry> {
+    let ip = ip.octets();
+    let has = |b: &[u8]| b.len() >= 8 && (b[0..4] == ip || b[4..8] == ip);
+    t.map_dump(maps::CONNTRACK)
+        .into_iter()
+        .filter(|e| has(&e.key) || has(&e.value))
+        .collect()
+}
+
 #[test]
 fn poststop_removes_veth_lease_and_map_entries() {
     let t = Topology::new();
@@ -179,7 +193,18 @@ fn poststop_removes_veth_lease_and_map_entries() {
             .status
             .success()
     );
-    assert_eq!(t.map_entries("NETNS_EPS"), 2);
+    let (keep_ip, c_ip): (Ipv4Addr, Ipv4Addr) = (keep.ip().parse().unwrap(), ip.parse().unwrap());
+    let mut both = vec![keep_ip, c_ip];
+    both.sort();
+    assert_eq!(
+        t.endpoints(),
+        both,
+        "control: both containers have endpoints"
+    );
+    assert!(
+        !ct_entries_of(&t, c_ip).is_empty(),
+        "control: its ping left conntrack entries"
+    );
     let out = c.delete();
     assert!(
         out.status.success(),
@@ -190,10 +215,18 @@ fn poststop_removes_veth_lease_and_map_entries() {
     let links = t.host.ip(&["-o", "link"]);
     assert!(!links.contains(&format!("netnsv0-{pid}")), "{links}");
     assert!(!t.containers().iter().any(|c| c["id"] == id.as_str()));
-    assert_eq!(t.map_entries("NETNS_EPS"), 1);
+    assert_eq!(t.endpoints(), vec![keep_ip]);
     assert!(!t.netns(&["port", "ls"]).contains("18080"));
-    let ct = t.netns(&["conntrack", "ls", "--json"]);
-    assert!(!ct.contains(&format!("\"{ip}\"")), "{ct}");
+    assert_eq!(
+        t.map_entries(maps::PORTS),
+        0,
+        "its port forward's entry is gone"
+    );
+    let left = ct_entries_of(&t, c_ip);
+    assert!(
+        left.is_empty(),
+        "conntrack entries of {c_ip} left: {left:?}"
+    );
     // Poststop again is harmless.
     let again = t.netns_stdin(
         &[],
@@ -247,7 +280,7 @@ fn failed_hook_rolls_back_everything() {
     let keep = Container::start(&t);
     let mut ann = BTreeMap::new();
     ann.insert("netns.ports".to_owned(), "18081:80/tcp".to_owned());
-    let eps = || t.map_entries("NETNS_EPS");
+    let keep_ip: Ipv4Addr = keep.ip().parse().unwrap();
     let root = t.runc_root.display().to_string();
     let links_before = t.host.ip(&["-o", "link"]);
     // Every step of the prestart hook (netns-user's hook::Step names).
@@ -283,7 +316,16 @@ fn failed_hook_rolls_back_everything() {
             !t.netns(&["port", "ls"]).contains("18081"),
             "port map left after {step}"
         );
-        assert_eq!(eps(), 1, "endpoint left in the datapath after {step}");
+        assert_eq!(
+            t.endpoints(),
+            vec![keep_ip],
+            "endpoint left in the datapath after {step}"
+        );
+        assert_eq!(
+            t.map_entries(maps::PORTS),
+            0,
+            "port forward entry left in the datapath after {step}"
+        );
         let listed = run(std::process::Command::new("runc").args(["--root", &root, "list", "-q"]));
         assert_eq!(
             listed.trim(),
@@ -311,7 +353,10 @@ fn bad_state_json_gives_a_clear_error_and_leaves_nothing() {
     let t = Topology::new();
     let cases = [
         ("{not json", "JSON"),
-        (r#"{"ociVersion":"1.0.2","id":"x","status":"creating""#, ""),
+        (
+            r#"{"ociVersion":"1.0.2","id":"x","status":"creating""#,
+            "truncated",
+        ),
         (
             r#"{"ociVersion":"1.0.2","id":"x","status":"creating","bundle":"/"}"#,
             "pid",

@@ -3,13 +3,16 @@
 //! file modes.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Output;
 use std::time::Duration;
 
-use netns_common::LAYOUT_VERSION;
-use netns_tests::topo::{UPLINK_IP, WAN_IP};
-use netns_tests::util::{ChildGuard, kill_with_arg, pids_with_arg, sh, wait_for};
+use netns_common::{LAYOUT_VERSION, maps, progs};
+use netns_tests::bpf;
+use netns_tests::runc::Bundle;
+use netns_tests::topo::{UPLINK, UPLINK_IP, WAN_IP};
+use netns_tests::util::{ChildGuard, kill_with_arg, pids_with_arg, sh, unique, wait_for};
 use netns_tests::{Container, Topology};
 
 fn out(o: &Output) -> String {
@@ -18,6 +21,52 @@ fn out(o: &Output) -> String {
 
 fn stats(t: &Topology) -> serde_json::Value {
     serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap()
+}
+
+/// Kills the topology's collector (`netns gc --daemon`) and waits until it is gone, so
+/// nothing but the test itself changes the datapath or the state directory.
+fn stop_collector(t: &Topology) {
+    let state_dir = t.state_dir.display().to_string();
+    kill_with_arg(&state_dir);
+    let left = wait_for(Duration::from_secs(5), || {
+        pids_with_arg(&state_dir).is_empty().then_some(())
+    });
+    assert!(
+        left.is_some(),
+        "netns processes still running: {:?}",
+        pids_with_arg(&state_dir)
+    );
+}
+
+/// The ids of the programs pinned under the datapath's `progs/` (bpftool), by name.
+fn pinned_progs(t: &Topology) -> Vec<(String, u32)> {
+    let mut v: Vec<(String, u32)> = std::fs::read_dir(t.pins().join("progs"))
+        .expect("progs pin directory")
+        .map(|e| {
+            let e = e.unwrap();
+            let id = bpf::pinned_prog_id(&t.host, &e.path()).unwrap_or_else(|e| panic!("{e:#}"));
+            (e.file_name().to_string_lossy().into_owned(), id)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn prog_id(pinned: &[(String, u32)], name: &str) -> u32 {
+    pinned
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no pinned program {name}: {pinned:?}"))
+        .1
+}
+
+/// The ids of the TCX programs attached to `ifname` (ingress, egress), kernel's view.
+fn tcx_ids(t: &Topology, ifname: &str) -> (Vec<u32>, Vec<u32>) {
+    let x = t.tcx(ifname);
+    (
+        x.ingress.iter().map(|a| a.id).collect(),
+        x.egress.iter().map(|a| a.id).collect(),
+    )
 }
 
 /// A slow TCP stream (1000 bytes every 20 ms for `secs`), counted by a sink that
@@ -34,41 +83,32 @@ fn the_datapath_outlives_every_process() {
     let t = Topology::new();
     let c = Container::start(&t);
     // No netns process left (the collector is the only long-lived one: stop it too).
-    let state_dir = t.state_dir.display().to_string();
-    kill_with_arg(&state_dir);
-    let left = wait_for(Duration::from_secs(5), || {
-        pids_with_arg(&state_dir).is_empty().then_some(())
-    });
-    assert!(
-        left.is_some(),
-        "netns processes still running: {:?}",
-        pids_with_arg(&state_dir)
-    );
+    stop_collector(&t);
     assert!(
         c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
             .status
             .success(),
         "flows keep flowing"
     );
-    let st: serde_json::Value =
-        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+    // The kernel's view: the uplink's and the container port's TCX programs are still
+    // attached, and the conntrack map holds the ping's two directions.
+    let up = t.tcx(UPLINK);
     assert_eq!(
-        st["links"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|l| l["attach"] != "cgroup")
-            .count(),
-        3,
-        "{st}"
+        (up.ingress_names(), up.egress_names()),
+        (
+            vec![bpf::obj_name(progs::UPLINK_INGRESS)],
+            vec![bpf::obj_name(progs::UPLINK_EGRESS)]
+        ),
+        "{up:?}"
     );
-    assert!(
-        st["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "NETNS_CT" && m["entries"].as_u64().unwrap() >= 2)
+    let port = t.tcx(&c.host_veth());
+    assert_eq!(
+        port.ingress_names(),
+        vec![bpf::obj_name(progs::PORT_INGRESS)],
+        "{port:?}"
     );
+    let ct = t.map_entries(maps::CONNTRACK);
+    assert!(ct >= 2, "{ct} conntrack entries");
 }
 
 #[test]
@@ -95,16 +135,41 @@ fn reload_keeps_established_snat_and_port_forward_flows() {
     c.wait_listen("tcp", 7300);
     let snat = ChildGuard::spawn(c.cmd("sh").arg("-c").arg(slow_stream(3, WAN_IP, 7301)));
     let dnat = t.wan_spawn(&format!("sh -c '{}'", slow_stream(3, UPLINK_IP, 8700)));
-    std::thread::sleep(Duration::from_millis(800));
-    let before: serde_json::Value =
-        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
+    // Both flows are established (their server sockets say so) before the reload.
+    t.wan
+        .wait_ss(&["-Htn", "state", "established", "sport = :7301"]);
+    c.wait_ss(&["-Htn", "state", "established", "sport = :7300"]);
+    let before = pinned_progs(&t);
+    let (ing, eg) = tcx_ids(&t, UPLINK);
+    let (port, _) = tcx_ids(&t, &c.host_veth());
+    assert_eq!(
+        (ing, eg, port),
+        (
+            vec![prog_id(&before, progs::UPLINK_INGRESS)],
+            vec![prog_id(&before, progs::UPLINK_EGRESS)],
+            vec![prog_id(&before, progs::PORT_INGRESS)]
+        ),
+        "control: the pinned programs are the attached ones"
+    );
     let reload = t.netns(&["datapath", "reload"]);
     assert!(reload.contains("maps kept"), "{reload}");
-    let after: serde_json::Value =
-        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).unwrap();
-    assert_ne!(
-        before["programs"], after["programs"],
-        "programs were replaced"
+    // The kernel's view: every program was replaced, and the interfaces run the new ones.
+    let after = pinned_progs(&t);
+    for ((name, old), (_, new)) in before.iter().zip(&after) {
+        assert_ne!(old, new, "{name} was not replaced: {before:?} -> {after:?}");
+    }
+    assert_eq!(
+        tcx_ids(&t, UPLINK),
+        (
+            vec![prog_id(&after, progs::UPLINK_INGRESS)],
+            vec![prog_id(&after, progs::UPLINK_EGRESS)]
+        ),
+        "up0 runs the new programs, one per direction"
+    );
+    assert_eq!(
+        tcx_ids(&t, &c.host_veth()).0,
+        vec![prog_id(&after, progs::PORT_INGRESS)],
+        "the bridge port runs the new program"
     );
     assert!(
         snat.wait_output(Duration::from_secs(10)).status.success(),
@@ -126,12 +191,30 @@ fn check_reattaches_what_was_detached() {
     let link = t
         .bpffs_dir
         .join(format!("v{LAYOUT_VERSION}/links/uplink-egress"));
+    assert_eq!(
+        t.tcx(UPLINK).egress_names(),
+        vec![bpf::obj_name(progs::UPLINK_EGRESS)],
+        "control"
+    );
     sh(&format!("bpftool link detach pinned {}", link.display()));
+    assert!(
+        t.tcx(UPLINK).egress.is_empty(),
+        "detached in the kernel's view"
+    );
     let st = t.netns(&["datapath", "status"]);
     assert!(st.contains("DETACHED"), "{st}");
     let rep = t.netns(&["datapath", "check"]);
     assert!(rep.contains("repaired: netns_uplink_egress"), "{rep}");
     assert!(!t.netns(&["datapath", "status"]).contains("DETACHED"));
+    let up = t.tcx(UPLINK);
+    assert_eq!(
+        (up.ingress_names(), up.egress_names()),
+        (
+            vec![bpf::obj_name(progs::UPLINK_INGRESS)],
+            vec![bpf::obj_name(progs::UPLINK_EGRESS)]
+        ),
+        "re-attached in the kernel's view, once"
+    );
     assert!(
         c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
             .status
@@ -146,17 +229,89 @@ fn unload_removes_programs_links_and_pins() {
     let t = Topology::new();
     let c = Container::start(&t);
     drop(c);
+    // What the kernel holds before: the pinned programs and links, and what is attached
+    // to up0 and to the topology's cgroup.
+    let prog_ids: Vec<u32> = pinned_progs(&t).into_iter().map(|(_, id)| id).collect();
+    let link_ids: Vec<u32> = std::fs::read_dir(t.pins().join("links"))
+        .expect("links pin directory")
+        .map(|e| {
+            bpf::pinned_link(&t.host, &e.unwrap().path())
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .id
+        })
+        .collect();
+    assert!(!prog_ids.is_empty(), "control: programs pinned");
+    // At least up0's two (and the cgroup's; the bridge port's went with the container).
+    assert!(link_ids.len() >= 2, "control: {link_ids:?}");
+    let up = t.tcx(UPLINK);
+    assert!(
+        up.ingress.len() == 1 && up.egress.len() == 1,
+        "control: {up:?}"
+    );
+    let cg = bpf::cgroup_hooks(&t.host, &t.cgroup).unwrap();
+    assert!(cg.values().all(|p| p.len() == 1), "control: {cg:?}");
+
     let o = t.netns(&["datapath", "unload", "--delete-bridge"]);
     assert!(
         o.contains("unloaded") && o.contains("deleted bridge"),
         "{o}"
     );
-    assert!(!t.bpffs_dir.join(format!("v{LAYOUT_VERSION}")).exists());
-    let tcx = sh("bpftool net show 2>/dev/null || true");
-    assert!(!tcx.contains(&t.bpffs_dir.display().to_string()));
+    let left: Vec<_> = walk(&t.bpffs_dir);
+    assert!(left.is_empty(), "pins left under the bpffs dir: {left:?}");
+    let up = t.tcx(UPLINK);
+    assert!(
+        up.ingress.is_empty() && up.egress.is_empty(),
+        "TCX programs left on up0: {up:?}"
+    );
+    let cg = bpf::cgroup_hooks(&t.host, &t.cgroup).unwrap();
+    assert!(
+        cg.values().all(Vec::is_empty),
+        "socket programs left on the cgroup: {cg:?}"
+    );
+    // Nothing holds them any more, so the kernel frees links and programs (at once for
+    // the links; a program goes once the last descriptor closes).
+    let alive = || -> (Vec<u32>, Vec<u32>) {
+        (
+            link_ids
+                .iter()
+                .copied()
+                .filter(|i| bpf::link_exists(&t.host, *i))
+                .collect(),
+            prog_ids
+                .iter()
+                .copied()
+                .filter(|i| bpf::prog_exists(&t.host, *i))
+                .collect(),
+        )
+    };
+    let freed = wait_for(Duration::from_secs(10), || {
+        let (l, p) = alive();
+        (l.is_empty() && p.is_empty()).then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "links and programs still alive: {:?}",
+        alive()
+    );
     assert!(!t.host.ip(&["-o", "link"]).contains("netns0"));
     let o = t.netns_cmd(&["stats"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not loaded"));
+}
+
+/// Every file below `dir` (none if it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -279,40 +434,83 @@ fn pins_and_state_are_root_only() {
             assert_eq!(mode(&p), 0o600, "{}", p.display());
         }
     }
-    let _ = wait_for(Duration::from_millis(1), || Some(()));
+}
+
+/// Host veths (bridge ports) in the topology's host namespace.
+fn host_veths(t: &Topology) -> usize {
+    t.host
+        .ip(&["-o", "link"])
+        .lines()
+        .filter(|l| l.contains("netnsv0-"))
+        .count()
 }
 
 #[test]
 fn a_killed_hook_leaves_nothing_gc_cannot_reconcile() {
     let t = Topology::new();
     let keep = Container::start(&t);
+    // Only the test's own `netns gc` may reconcile.
+    stop_collector(&t);
     for step in ["veth", "attach-port", "add-endpoint", "port-map"] {
         let mut ann = BTreeMap::new();
         ann.insert("netns.ports".to_owned(), "9600:80/tcp".to_owned());
-        let r = Container::start_with(&t, &ann, &[("NETNS_KILL_AT", step)]);
+        // Prestart only: runc would run poststop after the failed start and tear down
+        // what the killed hook made; this is the case where nothing did (runc itself
+        // killed too, a crash), so gc must find and remove it.
+        let id = unique("c");
+        let hook = Bundle::netns_hook(&t, &[("NETNS_KILL_AT", step)]);
+        let bundle = Bundle::with_hooks(&t, &id, &ann, serde_json::json!({ "prestart": [hook] }));
+        let r = Container::start_bundle(&t, id.clone(), &bundle);
         assert!(
             r.is_err(),
             "a hook killed at {step} fails the container start"
         );
+        // Control: the killed hook left its lease behind, and what it had put in the
+        // datapath (the kill comes after the step named). Its veth goes with the
+        // container's namespace, whenever the kernel gets round to it.
+        let leases = t.containers();
+        let ip: Ipv4Addr = leases
+            .iter()
+            .find(|l| l["id"] == id.as_str())
+            .and_then(|l| l["ip"].as_str())
+            .unwrap_or_else(|| panic!("no lease left by {id} after {step}: {leases:?}"))
+            .parse()
+            .unwrap();
+        let keep_ip: Ipv4Addr = keep.ip().parse().unwrap();
+        if matches!(step, "add-endpoint" | "port-map") {
+            let mut want = vec![keep_ip, ip];
+            want.sort();
+            assert_eq!(t.endpoints(), want, "control after {step}");
+        }
+        if step == "port-map" {
+            assert_eq!(t.map_entries(maps::PORTS), 1, "control after {step}");
+        }
         let report = t.netns(&["gc"]);
         assert!(
-            report.contains("reconciled") || report.contains("nothing to reconcile"),
-            "{report}"
+            report
+                .lines()
+                .any(|l| l.starts_with("reconciled: ") && l.contains(&id)),
+            "gc reconciles what the hook killed at {step} left ({id}, {ip}): {report}"
         );
         // Only the healthy container is left: one lease, one veth, one endpoint.
         assert_eq!(t.containers().len(), 1, "after {step}: {report}");
-        let veths = t
-            .host
-            .ip(&["-o", "link"])
-            .lines()
-            .filter(|l| l.contains("netnsv0-"))
-            .count();
-        assert_eq!(veths, 1, "after {step}: {report}");
+        let veths = wait_for(Duration::from_secs(10), || {
+            (host_veths(&t) == 1).then_some(())
+        });
+        assert!(
+            veths.is_some(),
+            "after {step}: {report}\n{}",
+            t.host.ip(&["-o", "link"])
+        );
         assert!(
             !t.netns(&["port", "ls"]).contains("9600"),
             "port map left after {step}"
         );
-        assert_eq!(t.map_entries("NETNS_EPS"), 1, "after {step}");
+        assert_eq!(t.endpoints(), vec![keep_ip], "after {step}");
+        assert_eq!(t.map_entries(maps::PORTS), 0, "after {step}");
+        // And a second gc finds nothing more.
+        let again = t.netns(&["gc"]);
+        assert!(again.contains("nothing to reconcile"), "{again}");
     }
     // The next container gets an address and works.
     let next = Container::start(&t);
@@ -328,29 +526,83 @@ fn a_killed_hook_leaves_nothing_gc_cannot_reconcile() {
     );
 }
 
+/// `netns <topology flags> ARGS` with no capabilities at all (setpriv), `stdin` on
+/// standard input.
+fn without_caps(t: &Topology, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write as _;
+    let mut cmd = t.host.cmd("setpriv");
+    cmd.args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(netns_tests::netns_bin())
+        .args(t.flags())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn the_cli_refuses_without_capabilities() {
     let t = Topology::new();
-    let _c = Container::start(&t);
-    for args in [&["stats"][..], &["port", "ls"], &["datapath", "status"]] {
-        let mut cmd = t.host.cmd("setpriv");
-        cmd.args(["--inh-caps=-all", "--bounding-set=-all", "--"])
-            .arg(netns_tests::netns_bin())
-            .args(t.flags())
-            .args(args);
-        let o = cmd.output().unwrap();
+    let c = Container::start(&t);
+    let ports_before = t.netns(&["port", "ls", "--json"]);
+    for args in [
+        &["stats"][..],
+        &["port", "ls"],
+        &["port", "add", &c.id, "9700:80/tcp"],
+        &["conntrack", "ls"],
+        &["gc"],
+        &["load"],
+        &["datapath", "status"],
+        &["datapath", "unload"],
+    ] {
+        let o = without_caps(&t, args, "");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             !o.status.success(),
             "{args:?} without capabilities must fail"
         );
-        assert!(err.contains("CAP_NET_ADMIN"), "{args:?}: {err}");
+        assert!(
+            err.contains("needs CAP_NET_ADMIN") && err.contains("effective capabilities"),
+            "{args:?} is refused by the capability check: {err}"
+        );
     }
-    // Reading the lease list needs none.
-    let mut cmd = t.host.cmd("setpriv");
-    cmd.args(["--inh-caps=-all", "--bounding-set=-all", "--"])
-        .arg(netns_tests::netns_bin())
-        .args(t.flags())
-        .arg("version");
-    assert!(cmd.output().unwrap().status.success());
+    // The hook too, before it makes anything: a prestart for a fresh container.
+    let o = without_caps(
+        &t,
+        &[],
+        &format!(
+            r#"{{"ociVersion":"1.0.2","id":"nocaps","status":"creating","pid":{},"bundle":"/"}}"#,
+            c.pid
+        ),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "prestart without capabilities must fail"
+    );
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    // Nothing changed: still one lease, the datapath loaded, the port table the same.
+    assert_eq!(t.containers().len(), 1);
+    assert!(t.pins().is_dir());
+    assert_eq!(t.netns(&["port", "ls", "--json"]), ports_before);
+    // Reading the lease list needs none: `ls` works and lists the container.
+    let o = without_caps(&t, &["ls", "--json"], "");
+    assert!(
+        o.status.success(),
+        "ls without capabilities: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ls: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        ls.len() == 1 && ls[0]["id"] == c.id.as_str(),
+        "ls lists the container: {ls:?}"
+    );
 }

@@ -2,7 +2,7 @@
 //! expiry, a full table, ICMP errors, fragments (also out of order), and the CLI.
 
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netns_tests::topo::{UPLINK_IP, WAN_IP};
 use netns_tests::util::{ChildGuard, wait_for};
@@ -81,7 +81,8 @@ fn same_source_port_from_two_containers_both_flows_work() {
             .arg(tcp_client(40000, WAN_IP, 7100))
             .stdout(std::process::Stdio::piped()),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    // A's flow exists first (its socket is connected), so A keeps its source port.
+    a.wait_ss(&["-Htn", "state", "established", "dport = :7100"]);
     let ob = out(&b.sh(&tcp_client(40000, WAN_IP, 7100)));
     let oa = out(&ca.wait_output(Duration::from_secs(8)));
     let port = |s: &str| -> u16 {
@@ -94,15 +95,10 @@ fn same_source_port_from_two_containers_both_flows_work() {
         p.parse().unwrap()
     };
     let (pa, pb) = (port(&oa), port(&ob));
-    assert_ne!(pa, pb, "two flows cannot share a translated port");
+    assert_eq!(pa, 40000, "the first keeps its port (B got {pb})");
     assert!(
-        pa == 40000 || pb == 40000,
-        "the first keeps its port: {pa} {pb}"
-    );
-    let other = if pa == 40000 { pb } else { pa };
-    assert!(
-        (61000..=65535).contains(&other),
-        "the second gets one from --nat-ports: {other}"
+        (61000..=65535).contains(&pb),
+        "the second gets one from --nat-ports: {pb}"
     );
 }
 
@@ -150,6 +146,15 @@ fn state_of(t: &Topology, dport: u16) -> Option<String> {
         .map(|f| f["state"].as_str().unwrap().to_owned())
 }
 
+/// One `netns gc` sweep; how many flows it expired (from its report).
+fn gc_expired(t: &Topology) -> u64 {
+    let r: serde_json::Value =
+        serde_json::from_str(&t.netns(&["gc", "--json"])).expect("gc --json is JSON");
+    r["conntrack"]["expired"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no conntrack.expired in {r}"))
+}
+
 #[test]
 fn tcp_states_and_expiry_with_short_timeouts() {
     let t = Topology::new();
@@ -162,10 +167,24 @@ fn tcp_states_and_expiry_with_short_timeouts() {
     let _echo = wan_server(&t, UDP_ECHO, 7103);
     let _hold = t.wan_spawn("socat TCP-LISTEN:7109,reuseaddr,fork SYSTEM:'echo hi; sleep 60'");
     t.wan.wait_listen("tcp", 7109);
-    // Established and idle: a connection held open by both ends.
+    // Established and idle: a connection held open by both ends. Its last packet is
+    // the container's ACK of "hi": once the client has read it (the marker file), the
+    // flow is idle, and its idle time is at least the time since then.
+    let got_hi = t.path("got-hi");
     let held = ChildGuard::spawn(c.cmd("sh").arg("-c").arg(py(&format!(
-        "import socket,time\ns=socket.create_connection((\"{WAN_IP}\",7109))\ns.recv(100)\ntime.sleep(30)"
+        "import socket,time\ns=socket.create_connection((\"{WAN_IP}\",7109))\ns.recv(100)\n\
+         open(\"{}\",\"w\").close()\ntime.sleep(30)",
+        got_hi.display()
     ))));
+    let est = wait_for(Duration::from_secs(5), || {
+        (got_hi.exists() && state_of(&t, 7109).as_deref() == Some("established")).then_some(())
+    });
+    assert!(
+        est.is_some(),
+        "a held connection is established: {:?}",
+        flows(&t)
+    );
+    let idle_since = Instant::now();
     // Closed: the server answers and closes at once.
     let _quick = t.wan_spawn("socat TCP-LISTEN:7110,reuseaddr,fork SYSTEM:'echo bye'");
     t.wan.wait_listen("tcp", 7110);
@@ -174,14 +193,6 @@ fn tcp_states_and_expiry_with_short_timeouts() {
     c.sh(&format!(
         "echo x | timeout 2 socat -t 1 - UDP:{WAN_IP}:7103"
     ));
-    let est = wait_for(Duration::from_secs(3), || {
-        (state_of(&t, 7109).as_deref() == Some("established")).then_some(())
-    });
-    assert!(
-        est.is_some(),
-        "a held connection is established: {:?}",
-        flows(&t)
-    );
     let fl = flows(&t);
     assert!(
         fl.iter()
@@ -193,29 +204,47 @@ fn tcp_states_and_expiry_with_short_timeouts() {
             .any(|f| f["original"]["dport"] == 7103 && f["proto"] == "udp"),
         "{fl:?}"
     );
-    std::thread::sleep(Duration::from_millis(3200));
-    let report = t.netns(&["gc"]);
-    assert!(report.contains("flows expired"), "{report}");
-    let fl = flows(&t);
+    // Sweep (no fixed sleep) until the 2 s flows are gone and the established one has
+    // been idle well past 2 s: it must survive every one of those sweeps. `netns gc`
+    // sweeps with the current time, so expiry needs the wall clock to pass.
+    let mut expired = 0;
+    let short_gone = wait_for(Duration::from_secs(10), || {
+        expired += gc_expired(&t);
+        let fl = flows(&t);
+        assert!(
+            fl.iter()
+                .any(|f| f["original"]["dport"] == 7109 && f["state"] == "established"),
+            "the established flow (6 s) expired after {:?} idle: {fl:?}",
+            idle_since.elapsed()
+        );
+        (!fl.iter().any(|f| f["original"]["dport"] == 7103)
+            && !fl.iter().any(|f| f["state"] == "fin_wait")
+            && idle_since.elapsed() >= Duration::from_secs(3))
+        .then_some(())
+    });
     assert!(
-        !fl.iter().any(|f| f["original"]["dport"] == 7103),
-        "udp expired: {fl:?}"
+        short_gone.is_some(),
+        "udp and closed flows expire (2 s): {:?}",
+        flows(&t)
     );
+    assert!(expired >= 2, "gc counted the expiries: {expired}");
+    // And the idle established one (6 s) after them.
+    let all_gone = wait_for(Duration::from_secs(15), || {
+        gc_expired(&t);
+        flows(&t).is_empty().then_some(())
+    });
     assert!(
-        !fl.iter().any(|f| f["state"] == "fin_wait"),
-        "closed flow expired: {fl:?}"
-    );
-    assert!(
-        fl.iter().any(|f| f["state"] == "established"),
-        "established survives: {fl:?}"
-    );
-    std::thread::sleep(Duration::from_millis(4000));
-    t.netns(&["gc"]);
-    assert!(
-        flows(&t).is_empty(),
+        all_gone.is_some(),
         "idle established flow expired too: {:?}",
         flows(&t)
     );
+    assert!(
+        idle_since.elapsed() >= Duration::from_secs(5),
+        "not before its 6 s: {:?}",
+        idle_since.elapsed()
+    );
+    // The kernel's map agrees: nothing left in conntrack.
+    assert_eq!(t.map_entries(netns_common::maps::CONNTRACK), 0);
     drop(held);
 }
 

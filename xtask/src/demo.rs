@@ -10,33 +10,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure};
-use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
+use netns_tests::topo::{Config, GATEWAY, UPLINK_IP, WAN_IP};
 use netns_tests::util::{ChildGuard, tcp_who_server};
 use netns_tests::{Container, Topology};
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-unsafe extern "C" {
-    fn signal(signum: i32, handler: usize) -> usize;
-}
-
-extern "C" fn on_signal(_: i32) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    // SIGHUP, SIGINT, SIGTERM. The handler only stores to an atomic: async-signal-safe.
-    for s in [1, 2, 15] {
-        // SAFETY: installing a handler that only touches an atomic.
-        unsafe { signal(s, on_signal as *const () as usize) };
-    }
-}
-
 fn check() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if crate::signals::interrupted() {
         bail!("interrupted: tearing everything down");
     }
     Ok(())
@@ -71,10 +52,8 @@ fn runc_err(o: Output) -> anyhow::Error {
 }
 
 pub fn run(bin: &Path) -> anyhow::Result<()> {
-    // SAFETY: single-threaded at this point; the harness reads NETNS_BIN.
-    unsafe { std::env::set_var("NETNS_BIN", bin) };
-    install_signal_handlers();
-    let result = demo();
+    crate::signals::install()?;
+    let result = demo(bin);
     match &result {
         Ok(()) => {
             println!("\n\x1b[1;32mdemo ok\x1b[0m: containers, namespaces, pins and state removed")
@@ -86,11 +65,13 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     result
 }
 
-fn demo() -> anyhow::Result<()> {
+fn demo(bin: &Path) -> anyhow::Result<()> {
     step(
         "private topology: host namespace with uplink up0 198.51.100.2/24 -> wan namespace 198.51.100.1/24",
     )?;
-    let t = Topology::new();
+    let mut cfg = Config::test(&[])?;
+    cfg.bin = Some(bin.to_owned());
+    let t = Topology::build(cfg)?;
     println!(
         "host netns {}, wan netns {}\nstate dir {}\nbpffs pins {}",
         t.host.name,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod signals;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -81,7 +82,16 @@ pub fn binary(release: bool) -> PathBuf {
 }
 
 fn build(release: bool) -> anyhow::Result<PathBuf> {
+    build_with(release, &[])
+}
+
+/// The feature the integration tests need: NETNS_FAIL_AT / NETNS_KILL_AT, which the
+/// release binary does not have.
+const TEST_FEATURES: &str = "netns-user/fault-injection";
+
+fn build_with(release: bool, extra: &[&str]) -> anyhow::Result<PathBuf> {
     let mut args = vec!["build", "-p", "netns-user", "--bins"];
+    args.extend_from_slice(extra);
     if release {
         args.push("--release");
     }
@@ -91,10 +101,12 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 
 /// Runs `cargo test`, echoing its output, and closes with one summary line over all
 /// test binaries (the last binary cargo runs is often an empty doc-test one).
-fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
+fn test_with_summary(args: &[&str], netns_bin: &Path) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        // The integration tests run this binary.
+        .env("NETNS_BIN", netns_bin)
         .current_dir(root())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -156,14 +168,7 @@ fn preflight() -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
-    let euid = std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Uid:")
-                .and_then(|r| r.split_whitespace().nth(1))
-                .map(str::to_owned)
-        });
-    if euid.as_deref() != Some("0") {
+    if !nix::unistd::geteuid().is_root() {
         bail!("the tests create network namespaces, veths and runc containers: run them as root");
     }
     Ok(())
@@ -214,10 +219,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { args } => {
             preflight()?;
-            // One build: the integration tests run this binary (target/debug/netns).
-            let bin = build(false)?;
-            // SAFETY: single-threaded; the tests find the binary through NETNS_BIN.
-            unsafe { std::env::set_var("NETNS_BIN", &bin) };
+            // One build: the integration tests run this binary (target/debug/netns),
+            // built with fault injection; the unit tests get the same features, so
+            // cargo test does not rebuild it differently.
+            let bin = build_with(false, &["--features", TEST_FEATURES])?;
             // --no-fail-fast: one failing test binary must not hide the others' results.
             let mut a = vec![
                 "test",
@@ -227,9 +232,11 @@ fn main() -> anyhow::Result<()> {
                 "--exclude",
                 "xtask",
                 "--no-fail-fast",
+                "--features",
+                TEST_FEATURES,
             ];
             a.extend(args.iter().map(String::as_str));
-            test_with_summary(&a)?;
+            test_with_summary(&a, &bin)?;
         }
         Cmd::Demo => {
             preflight()?;

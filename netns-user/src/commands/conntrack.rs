@@ -5,14 +5,12 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 
-use netns_common::{
-    CtEntry, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Tuple, ct_kind, ct_state, dir,
-};
+use netns_common::IPPROTO_TCP;
 use serde::Serialize;
 
 use super::CommandError;
 use crate::cli::{ConntrackCommand, GlobalArgs};
-use crate::datapath::{Datapath, gc};
+use crate::datapath::{ConntrackEntry, ConntrackKey, CtState, Datapath, Dir, FlowKind, Tuple, gc};
 
 #[derive(Debug, Serialize)]
 pub struct Endpoints {
@@ -25,10 +23,10 @@ pub struct Endpoints {
 impl From<Tuple> for Endpoints {
     fn from(t: Tuple) -> Self {
         Endpoints {
-            src: Ipv4Addr::from(u32::from_be(t.saddr)),
-            sport: u16::from_be(t.sport),
-            dst: Ipv4Addr::from(u32::from_be(t.daddr)),
-            dport: u16::from_be(t.dport),
+            src: *t.src.ip(),
+            sport: t.src.port(),
+            dst: *t.dst.ip(),
+            dport: t.dst.port(),
         }
     }
 }
@@ -54,59 +52,50 @@ pub struct Flow {
 /// The protocol as `conntrack -L` names it; address-only flows of protocols without a
 /// name here show their number.
 fn proto_name(p: u8) -> String {
-    match p {
-        IPPROTO_TCP => "tcp",
-        IPPROTO_UDP => "udp",
-        IPPROTO_ICMP => "icmp",
-        47 => "gre",
-        50 => "esp",
-        51 => "ah",
-        132 => "sctp",
-        n => return n.to_string(),
-    }
-    .to_owned()
+    netns_common::proto_name(p).map_or_else(|| p.to_string(), str::to_owned)
 }
 
-fn state_name(proto: u8, s: u8) -> &'static str {
+fn state_name(proto: u8, s: CtState) -> &'static str {
     if proto != IPPROTO_TCP {
-        return if s == ct_state::NEW { "new" } else { "active" };
+        return if s == CtState::New { "new" } else { "active" };
     }
     match s {
-        ct_state::ESTABLISHED => "established",
-        ct_state::FIN_WAIT => "fin_wait",
-        ct_state::CLOSE => "close",
-        _ => "syn_sent",
+        CtState::Established => "established",
+        CtState::FinWait => "fin_wait",
+        CtState::Close => "close",
+        CtState::New => "syn_sent",
     }
 }
 
 /// Is this half the one the flow's first packet created?
-fn is_original(k: &CtKey, v: &CtEntry, gateway: u32) -> bool {
-    match v.kind {
-        ct_kind::SNAT => k.dir == dir::UPLINK_EGRESS,
-        ct_kind::DNAT => k.dir == dir::UPLINK_INGRESS,
+fn is_original(e: &ConntrackEntry, gateway: Ipv4Addr) -> bool {
+    match e.kind {
+        FlowKind::Snat => e.key.dir == Dir::UplinkEgress,
+        FlowKind::Dnat => e.key.dir == Dir::UplinkIngress,
         // Hairpin: the original half rewrites the source to the gateway.
-        _ => v.xlat.saddr == gateway && k.tuple.saddr != gateway,
+        FlowKind::Hairpin => *e.xlat.src.ip() == gateway && *e.key.tuple.src.ip() != gateway,
     }
 }
 
 pub fn flows(dp: &Datapath) -> Result<Vec<Flow>, CommandError> {
     let cfg = dp.config()?;
     let entries = dp.conntrack_entries()?;
-    let map: HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
+    let map: HashMap<ConntrackKey, &ConntrackEntry> = entries.iter().map(|e| (e.key, e)).collect();
     let now = gc::monotonic_ns();
     let mut out = Vec::new();
-    for (k, v) in &entries {
-        let partner = map.get(&gc::partner_key(k, v));
-        if !is_original(k, v, cfg.gateway) && partner.is_some() {
+    for v in &entries {
+        let k = &v.key;
+        let partner = map.get(&v.partner_key()).copied();
+        if !is_original(v, cfg.gateway) && partner.is_some() {
             continue;
         }
         let last = partner.map_or(v.last_seen_ns, |p| p.last_seen_ns.max(v.last_seen_ns));
         out.push(Flow {
             proto: proto_name(k.proto),
             kind: match v.kind {
-                ct_kind::SNAT => "snat",
-                ct_kind::DNAT => "dnat",
-                _ => "hairpin",
+                FlowKind::Snat => "snat",
+                FlowKind::Dnat => "dnat",
+                FlowKind::Hairpin => "hairpin",
             },
             original: k.tuple.into(),
             translated: v.xlat.into(),
@@ -157,7 +146,7 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
             }
         }
         ConntrackCommand::Flush => {
-            let n = dp.purge_conntrack(|_, _| true)?;
+            let n = dp.purge_conntrack(|_| true)?;
             writeln!(out, "deleted {n} conntrack entries").map_err(CommandError::Output)?;
         }
     }
@@ -171,7 +160,7 @@ mod tests {
     #[test]
     fn protocol_names() {
         assert_eq!(proto_name(IPPROTO_TCP), "tcp");
-        assert_eq!(proto_name(IPPROTO_ICMP), "icmp");
+        assert_eq!(proto_name(netns_common::IPPROTO_ICMP), "icmp");
         assert_eq!(proto_name(47), "gre");
         assert_eq!(proto_name(50), "esp");
         assert_eq!(proto_name(51), "ah");

@@ -2,82 +2,61 @@
 
 use std::io::Write as _;
 
-use serde::Serialize;
-
 use super::CommandError;
 use crate::cgroup;
 use crate::cli::{DatapathCommand, GlobalArgs};
-use crate::datapath::{Datapath, LinkStatus, MapStatus};
+use crate::datapath::{Datapath, DatapathError, Status};
 use crate::network::{self, Netlink};
 
-#[derive(Serialize)]
-struct Status {
-    pins: String,
-    layout_version: u32,
-    programs: Vec<String>,
-    links: Vec<LinkStatus>,
-    maps: Vec<MapStatus>,
+/// `netns datapath status` as text.
+fn write_status(out: &mut impl std::io::Write, st: &Status) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "pinned under {} (layout v{})",
+        st.pins.display(),
+        st.layout_version
+    )?;
+    writeln!(out, "programs:")?;
+    for p in &st.programs {
+        match (p.id, &p.prog_type) {
+            (Some(id), Some(t)) => writeln!(
+                out,
+                "  {:<22} id {id:<6} {t:<16} {}",
+                p.name,
+                p.pin.display()
+            )?,
+            _ => writeln!(out, "  {:<22} MISSING {}", p.name, p.pin.display())?,
+        }
+    }
+    writeln!(out, "links:")?;
+    for l in &st.links {
+        writeln!(out, "  {l}")?;
+    }
+    writeln!(out, "maps:")?;
+    for m in &st.maps {
+        writeln!(
+            out,
+            "  {:<14} {:>8} / {:<8} {}",
+            m.name,
+            m.entries,
+            m.max_entries,
+            m.pin.display()
+        )?;
+    }
+    Ok(())
 }
 
 pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
     let out = &mut std::io::stdout().lock();
     match cmd {
         DatapathCommand::Status { json } => {
-            let dp = Datapath::open_required(&g.bpffs_dir)?;
-            let st = Status {
-                pins: dp.pins().root().display().to_string(),
-                layout_version: netns_common::LAYOUT_VERSION,
-                programs: dp.program_status()?,
-                links: dp.link_status()?,
-                maps: dp.map_status()?,
-            };
+            let st = Datapath::open_required(&g.bpffs_dir)?.status()?;
             if *json {
                 serde_json::to_writer_pretty(&mut *out, &st)
                     .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
             } else {
-                let w = |out: &mut std::io::StdoutLock<'_>, s: String| {
-                    writeln!(out, "{s}").map_err(CommandError::Output)
-                };
-                w(
-                    out,
-                    format!("pinned under {} (layout v{})", st.pins, st.layout_version),
-                )?;
-                w(out, "programs:".into())?;
-                for p in &st.programs {
-                    w(out, format!("  {p}"))?;
-                }
-                w(out, "links:".into())?;
-                for l in &st.links {
-                    let state = if l.attach == "cgroup" || l.ifindex != 0 {
-                        "attached"
-                    } else {
-                        "DETACHED"
-                    };
-                    w(
-                        out,
-                        format!(
-                            "  {:<22} {:<12} ifindex {:<4} {state:<9} {}",
-                            l.program,
-                            l.attach,
-                            l.ifindex,
-                            l.pin.display()
-                        ),
-                    )?;
-                }
-                w(out, "maps:".into())?;
-                for m in &st.maps {
-                    w(
-                        out,
-                        format!(
-                            "  {:<14} {:>8} / {:<8} {}",
-                            m.name,
-                            m.entries,
-                            m.max_entries,
-                            m.pin.display()
-                        ),
-                    )?;
-                }
+                write_status(out, &st).map_err(CommandError::Output)?;
             }
         }
         DatapathCommand::Reload => {
@@ -94,12 +73,21 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
             let dp = Datapath::open_required(&g.bpffs_dir)?;
             let cfg = super::load::prepare_host(g)?;
             let cg = cgroup::resolve(&g.cgroup)?;
-            let repaired = dp.check(&cfg, cg.as_deref())?;
-            if repaired.is_empty() {
+            let report = dp.check(&cfg, cg.as_deref())?;
+            if report.repaired.is_empty() && report.failed.is_empty() {
                 writeln!(out, "ok: every program is attached").map_err(CommandError::Output)?;
             }
-            for r in repaired {
+            for r in &report.repaired {
                 writeln!(out, "repaired: {r}").map_err(CommandError::Output)?;
+            }
+            for f in &report.failed {
+                writeln!(out, "FAILED: {}: {}", f.what, f.error).map_err(CommandError::Output)?;
+            }
+            if !report.failed.is_empty() {
+                return Err(DatapathError::CheckIncomplete {
+                    failed: report.failed.len(),
+                }
+                .into());
             }
         }
         DatapathCommand::Unload { delete_bridge } => {

@@ -18,5 +18,5 @@ pub fn run(g: &GlobalArgs) -> Result<(), CommandError> {
         Phase::Poststop => ("the poststop hook", Need::DATAPATH),
     };
     crate::caps::require(what, need)?;
-    Ok(crate::hook::run(g, &st)?)
+    Ok(crate::hook::run(&g.net_config(), &st)?)
 }

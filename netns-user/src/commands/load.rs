@@ -6,47 +6,48 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use super::CommandError;
-use crate::cgroup;
 use crate::cli::GlobalArgs;
-use crate::datapath::{Datapath, DatapathConfig};
-use crate::network::{self, Netlink, bridge, sysctl};
+use crate::collector;
+use crate::config::NetConfig;
+use crate::datapath::Datapath;
+use crate::host;
+use crate::network::{self, Netlink};
 
-/// The host side every datapath user needs: bridge (created if missing, its sysctls
-/// hardened), uplink, forwarding and reserved NAT ports.
-pub fn prepare_host(g: &GlobalArgs) -> Result<DatapathConfig, CommandError> {
+/// The host side and the datapath, as every datapath user needs them: bridge (created
+/// if missing), uplink, forwarding, the datapath with its socket programs, reserved NAT
+/// ports.
+pub fn prepare(cfg: &NetConfig) -> Result<Datapath, CommandError> {
     let rt = network::runtime()?;
-    let (uplink, br) = rt.block_on(async {
+    let host = rt.block_on(async {
         let nl = Netlink::current()?;
-        let uplink = network::uplink(&nl, g.uplink.as_deref()).await?;
-        let mtu = g.mtu.or(uplink.mtu).unwrap_or(network::DEFAULT_MTU);
-        let br = bridge::ensure(&nl, &g.bridge, g.ip, mtu).await?;
-        Ok::<_, network::NetworkError>((uplink, br))
+        Ok::<_, CommandError>(host::prepare(cfg, &nl).await?)
     })?;
-    sysctl::enable_ip_forward()?;
     // Under the state lock when there is a state directory: the reservation record
     // of mapped ports lives there.
-    let store = crate::store::Store::open_existing(&g.state_dir)?;
+    let store = crate::store::Store::open_existing(&cfg.state_dir)?;
     let lock = store.as_ref().map(crate::store::Store::lock).transpose()?;
-    crate::reserve::nat_range(lock.as_ref(), g.nat_ports.min, g.nat_ports.max)?;
-    Ok(DatapathConfig {
-        bpffs_dir: g.bpffs_dir.clone(),
-        uplink_ifindex: uplink.index,
-        uplink_addr: uplink.addr,
-        bridge_ifindex: br.index,
-        gateway: g.ip.addr,
-        prefix_len: g.ip.prefix_len,
-        nat_ports: (g.nat_ports.min, g.nat_ports.max),
-        ct_max: g.ct_max,
-        allow_inbound: g.inbound_cidrs(),
-    })
+    Ok(host::load_datapath(
+        cfg,
+        &host.uplink,
+        &host.bridge,
+        lock.as_ref(),
+    )?)
+}
+
+/// TEMPORARY during the refactor: the datapath config for `datapath check`.
+pub fn prepare_host(g: &GlobalArgs) -> Result<crate::datapath::DatapathConfig, CommandError> {
+    let cfg = g.net_config();
+    let rt = network::runtime()?;
+    let h = rt.block_on(async {
+        let nl = Netlink::current()?;
+        Ok::<_, CommandError>(host::prepare(&cfg, &nl).await?)
+    })?;
+    Ok(host::datapath_config(&cfg, &h.uplink, &h.bridge))
 }
 
 pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
-    let cfg = prepare_host(g)?;
-    let dp = Datapath::ensure_loaded(&cfg)?;
-    if let Some(cg) = cgroup::resolve(&g.cgroup)? {
-        dp.attach_cgroup(&cg)?;
-    }
+    let cfg = g.net_config();
+    let dp = prepare(&cfg)?;
     {
         let out = &mut std::io::stdout().lock();
         writeln!(out, "datapath loaded under {}", dp.pins().root().display())
@@ -57,7 +58,7 @@ pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
                 "  {:<22} {:<12} ifindex {:<4} {}",
                 l.program,
                 l.attach,
-                l.ifindex,
+                l.ifindex.map_or_else(|| "-".to_owned(), |i| i.to_string()),
                 l.pin.display()
             )
             .map_err(CommandError::Output)?;
@@ -79,5 +80,8 @@ pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
         "following the datapath log; collecting conntrack every {} s",
         g.gc_interval
     );
-    super::gc::collect(g, Duration::from_secs(u64::from(g.gc_interval)))
+    Ok(collector::collect(
+        &cfg,
+        Duration::from_secs(u64::from(g.gc_interval)),
+    )?)
 }

@@ -48,6 +48,10 @@ pub enum CommandError {
     #[error("starting the collector")]
     Daemon(#[source] std::io::Error),
     #[error(transparent)]
+    Collector(#[from] crate::collector::CollectorError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error(transparent)]
     Caps(#[from] crate::caps::CapError),
     #[error(transparent)]
     Reconcile(#[from] crate::reconcile::ReconcileError),
@@ -55,6 +59,60 @@ pub enum CommandError {
         "reconcile left {0} item(s) it could not clean (see above); they are retried next time"
     )]
     ReconcileIncomplete(usize),
+}
+
+/// Exit codes (README "Exit codes"): what a script or a runtime can act on.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// Failed; nothing half-done was left (a failed hook rolled back).
+    pub const FAILURE: u8 = 1;
+    /// Bad command line or input (clap uses 2 for its own usage errors too).
+    pub const USAGE: u8 = 2;
+    /// The datapath is not loaded under --bpffs-dir.
+    pub const NOT_LOADED: u8 = 3;
+    /// Partly done: some items could not be cleaned or repaired (listed on stderr);
+    /// running the command again retries them.
+    pub const PARTIAL: u8 = 4;
+}
+
+impl CommandError {
+    /// The exit code for this error (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CommandError::Spec(_)
+            | CommandError::UnknownContainer(_)
+            | CommandError::Timeouts(_)
+            | CommandError::Oci(_) => return exit::USAGE,
+            CommandError::ReconcileIncomplete(_) => return exit::PARTIAL,
+            CommandError::Hook(crate::hook::HookError::Poststop { .. }) => return exit::PARTIAL,
+            _ => {}
+        }
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = src {
+            match e.downcast_ref() {
+                Some(crate::datapath::DatapathError::NotLoaded(_)) => return exit::NOT_LOADED,
+                Some(crate::datapath::DatapathError::CheckIncomplete { .. }) => {
+                    return exit::PARTIAL;
+                }
+                _ => {}
+            }
+            // A refused port forward is bad input too.
+            use crate::portmap::PortMapError as P;
+            if let Some(
+                P::Collision { .. }
+                | P::Duplicate(_)
+                | P::InUse { .. }
+                | P::NotMapped(_)
+                | P::NotLocal(_),
+            ) = e.downcast_ref()
+            {
+                return exit::USAGE;
+            }
+            src = e.source();
+        }
+        exit::FAILURE
+    }
 }
 
 /// Runs the parsed command line; no command means `hook`.

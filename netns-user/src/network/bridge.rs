@@ -4,7 +4,7 @@ use rtnetlink::LinkBridge;
 
 use super::netlink::{Link, Netlink};
 use super::{NetworkError, sysctl};
-use crate::cli::Gateway;
+use crate::config::Gateway;
 
 /// Creates the bridge if it is missing, hardens its sysctls (no RA, no redirect a
 /// container sends configures the host), sets the gateway address and MTU and brings

@@ -119,6 +119,41 @@ pub fn format_mac(mac: [u8; 6]) -> String {
         .join(":")
 }
 
+/// Parses `aa:bb:cc:dd:ee:ff` (as [`format_mac`] writes it).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).ok().filter(|_| b.len() == 2))
+        .collect::<Option<_>>()?;
+    bytes.try_into().ok()
+}
+
+/// The MAC address of link `index` in the caller's network namespace, None if there is
+/// no such link or it has no Ethernet address. Synchronous: the query runs on a thread
+/// of its own with its own runtime (as [`super::addrs::LocalAddrs::read`] does), so
+/// callers inside the hook's runtime and plain synchronous callers alike can use it.
+pub fn link_mac(index: u32) -> Result<Option<[u8; 6]>, NetlinkError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .map_err(|source| NetlinkError::Request {
+                    what: format!("starting a runtime to look up interface index {index}"),
+                    source,
+                })?;
+            rt.block_on(async {
+                Ok(Netlink::current()?
+                    .link_by_index(index)
+                    .await?
+                    .and_then(|l| l.mac))
+            })
+        })
+        .join()
+        .expect("link lookup thread panicked")
+    })
+}
+
 /// The local IPv4 address of an address message, None for other families.
 fn ipv4_of(m: &AddressMessage) -> Option<Ipv4Addr> {
     if m.header.family != AddressFamily::Inet {
@@ -379,6 +414,26 @@ impl Netlink {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
             Err(e) => Err(req(format!("adding default route via {gw}"))(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_round_trip() {
+        let mac = [2, 0, 10, 255, 0, 1];
+        assert_eq!(parse_mac(&format_mac(mac)), Some(mac));
+        for bad in [
+            "",
+            "02:00:0a:ff:00",
+            "02:00:0a:ff:00:01:02",
+            "2:00:0a:ff:00:01",
+            "zz:00:0a:ff:00:01",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
 }

@@ -155,7 +155,7 @@ fn cleanup_stale() {
         }
         let _ = fs::remove_dir_all(topo::bpffs_dir(&tag));
         let state = e.path().join("e").join("state");
-        for p in sys::pids_mentioning(&state.display().to_string()) {
+        for p in netns_tests::util::pids_with_arg(&state.display().to_string()) {
             sys::terminate_pid(p);
         }
         if let Some(cg) = topo::cgroup_dir(&tag) {
@@ -192,7 +192,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     o.rounds = o.rounds.max(1);
     o.one_by_one = o.one_by_one.clamp(10, 5000);
     preflight()?;
-    sys::install_signal_handlers();
+    crate::signals::install()?;
     let bin = match &o.bin {
         Some(b) => b.clone(),
         None => {
@@ -244,14 +244,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 const KEEP_MARKER: &str = "<!-- Everything below this line is hand-written and kept when `cargo xtask bench` rewrites the file. -->";
 
 fn preflight() -> anyhow::Result<()> {
-    let uid = fs::read_to_string("/proc/self/status")?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Uid:")
-                .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
-        })
-        .unwrap_or_default();
-    if uid != "0" {
+    if !nix::unistd::getuid().is_root() {
         bail!("the benchmark needs root (network namespaces, bpffs)");
     }
     let mut missing = Vec::new();
@@ -507,8 +500,7 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
             }
         } else if netns_port_count(b).unwrap_or(0) > 1000 {
             let _ =
-                b.t.netns()?
-                    .run(&["port", "rm", "a", "10000-19998:10000-19998/tcp"]);
+                b.t.netns_run(&["port", "rm", "a", "10000-19998:10000-19998/tcp"]);
         }
         if o.wants("start") {
             let n = (o.starts / 5).max(3);
@@ -531,7 +523,7 @@ fn first_line(e: &anyhow::Error) -> String {
 }
 
 fn start_servers(mut t: Topo, self_exe: &Path) -> anyhow::Result<Bed> {
-    let mut c = t.wan.cmd("iperf3");
+    let mut c = t.wan().cmd("iperf3");
     c.args(["-s", "-B", WAN_IP, "-p", &WAN_IPERF.to_string()]);
     t.spawn_server(&mut c, "wan-iperf3")?;
     let mut c = t.ctrs[0].cmd(self_exe);
@@ -549,7 +541,7 @@ fn udp_server(b: &Bed, inbound: bool, nonblocked: bool) -> anyhow::Result<Bg> {
     let (mut c, ip, port) = if inbound {
         (b.t.ctrs[0].cmd("sockperf"), b.ctr_ip().to_owned(), CTR_UDP)
     } else {
-        (b.t.wan.cmd("sockperf"), WAN_IP.to_owned(), WAN_UDP)
+        (b.t.wan().cmd("sockperf"), WAN_IP.to_owned(), WAN_UDP)
     };
     c.args(["server", "-i", &ip, "-p", &port.to_string()]);
     if nonblocked {
@@ -603,7 +595,7 @@ fn smoke(b: &mut Bed, self_exe: &Path) -> anyhow::Result<()> {
     parse_sockperf_pp(&run_to(&mut c, Duration::from_secs(10))?.stdout)
         .context("container → wan UDP")?;
     let (ip, port) = b.inbound(FWD_UDP, CTR_UDP);
-    let mut c = b.t.wan.cmd("sockperf");
+    let mut c = b.t.wan().cmd("sockperf");
     c.args([
         "ping-pong",
         "-i",
@@ -618,7 +610,7 @@ fn smoke(b: &mut Bed, self_exe: &Path) -> anyhow::Result<()> {
     parse_sockperf_pp(&run_to(&mut c, Duration::from_secs(10))?.stdout)
         .context("wan → container UDP (port forward)")?;
     let (ip, port) = b.inbound(FWD_TCP, CTR_TCP);
-    let mut c = b.t.wan.cmd(self_exe);
+    let mut c = b.t.wan().cmd(self_exe);
     c.args([
         "bench",
         "__conn-client",
@@ -673,7 +665,7 @@ fn sockperf_client(
     d: u64,
 ) -> std::process::Command {
     let mut c = if inbound {
-        b.t.wan.cmd("sockperf")
+        b.t.wan().cmd("sockperf")
     } else {
         b.t.ctrs[0].cmd("sockperf")
     };
@@ -797,7 +789,7 @@ fn iperf(b: &mut Bed, reverse: bool, d: u64) -> anyhow::Result<f64> {
 
 fn conn_rate(b: &mut Bed, self_exe: &Path, d: u64, threads: usize) -> anyhow::Result<f64> {
     let (ip, port) = b.inbound(FWD_TCP, CTR_TCP);
-    let mut c = b.t.wan.cmd(self_exe);
+    let mut c = b.t.wan().cmd(self_exe);
     c.args([
         "bench",
         "__conn-client",
@@ -839,7 +831,7 @@ fn nat_restore(ctr_ip: &str, extra: usize, base: bool) -> String {
 }
 
 fn iptables_restore(b: &Bed, input: &str) -> anyhow::Result<Duration> {
-    let mut c = b.t.host.cmd("iptables-restore");
+    let mut c = b.t.host().cmd("iptables-restore");
     c.args(["--noflush", "-w"]);
     let out = run_raw(&mut c, Some(input.as_bytes()), Duration::from_secs(120))?;
     if !out.ok() {
@@ -850,7 +842,7 @@ fn iptables_restore(b: &Bed, input: &str) -> anyhow::Result<Duration> {
 
 fn nat_rule_count(b: &Bed) -> anyhow::Result<usize> {
     let s = sh_run(
-        b.t.host
+        b.t.host()
             .cmd("iptables")
             .args(["-w", "-t", "nat", "-S", "PREROUTING"]),
     )?;
@@ -858,29 +850,23 @@ fn nat_rule_count(b: &Bed) -> anyhow::Result<usize> {
 }
 
 fn netns_port_count(b: &Bed) -> anyhow::Result<usize> {
-    let v: serde_json::Value = serde_json::from_str(&b.t.netns()?.run(&["port", "ls", "--json"])?)?;
+    let v: serde_json::Value = serde_json::from_str(&b.t.netns_run(&["port", "ls", "--json"])?)?;
     Ok(v.as_array().map_or(0, Vec::len))
 }
 
-/// Entries in the datapath's conntrack map (`netns datapath status --json`).
+/// Entries in the datapath's conntrack map, as the kernel holds it (bpftool on the pin).
 fn conntrack_entries(b: &Bed) -> anyhow::Result<u64> {
-    let v: serde_json::Value =
-        serde_json::from_str(&b.t.netns()?.run(&["datapath", "status", "--json"])?)?;
-    v["maps"]
-        .as_array()
-        .and_then(|ms| {
-            ms.iter().find(|m| {
-                m["name"]
-                    .as_str()
-                    .is_some_and(|n| n == "NETNS_CT" || n.eq_ignore_ascii_case("conntrack"))
-            })
-        })
-        .and_then(|m| m["entries"].as_u64())
-        .context("no conntrack map in `netns datapath status --json`")
+    let t = b.t.netns()?;
+    netns_tests::bpf::map_entries(&t.host, &t.map_pin(netns_common::maps::CONNTRACK))
 }
 
 fn timed(b: &Bed, args: &[String]) -> anyhow::Result<Duration> {
-    let out = run_raw(&mut b.t.netns()?.cmd(args), None, Duration::from_secs(120))?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_raw(
+        &mut b.t.netns()?.netns_cmd(&args),
+        None,
+        Duration::from_secs(120),
+    )?;
     if !out.ok() {
         bail!(
             "netns {}: {:?} {}",
@@ -1010,7 +996,7 @@ fn install(o: &Opts, beds: &mut [Bed], res: &mut Results) -> anyhow::Result<()> 
             .collect()
     };
     let run_script = |s: String| -> anyhow::Result<Duration> {
-        let mut c = b.t.host.cmd("sh");
+        let mut c = b.t.host().cmd("sh");
         let out = run_raw(&mut c, Some(s.as_bytes()), Duration::from_secs(600))?;
         if !out.ok() {
             bail!("iptables calls failed: {}", out.stderr.trim());
@@ -1065,8 +1051,7 @@ fn install_10k(b: &mut Bed) -> anyhow::Result<()> {
             Ok(())
         }
         Kind::Ebpf => {
-            b.t.netns()?
-                .run(&["port", "add", "a", "10000-19998:10000-19998/tcp"])?;
+            b.t.netns_run(&["port", "add", "a", "10000-19998:10000-19998/tcp"])?;
             let n = netns_port_count(b)?;
             if n != 10001 {
                 bail!("netns port ls shows {n} mappings, expected 10,001 (10,000 TCP + 1 UDP)");
@@ -1096,9 +1081,8 @@ fn starts(
             let r = (|| -> anyhow::Result<()> {
                 let id = format!("s{i}{}", if when.is_empty() { "" } else { "x" });
                 let sl: Bg = b.t.spawn_sleeper(&id)?;
-                let n = b.t.netns()?;
-                pre.push(n.hook(&id, sl.pid(), "creating", &b.t.tmp)?.as_secs_f64());
-                post.push(n.hook(&id, sl.pid(), "stopped", &b.t.tmp)?.as_secs_f64());
+                pre.push(b.t.hook(&id, sl.pid(), "creating")?.as_secs_f64());
+                post.push(b.t.hook(&id, sl.pid(), "stopped")?.as_secs_f64());
                 Ok(())
             })();
             if let Err(e) = r {
@@ -1188,11 +1172,9 @@ fn starts(
 /// through a BPF_ENABLE_STATS fd for the measurement only) during 64-byte UDP load in
 /// each direction. (`bpftool prog profile` is not built into Debian's bpftool.)
 fn profile(b: &mut Bed, d: u64) -> anyhow::Result<Vec<String>> {
-    let Some(n) = &b.t.netns else {
-        bail!("no eBPF topology")
-    };
+    let bpffs_dir = b.t.netns()?.bpffs_dir.clone();
     // Programs pinned under our own bpffs directory only.
-    let pinned = sh_run(sys::cmd("find").arg(&n.bpffs_dir).args(["-type", "f"]))?;
+    let pinned = sh_run(sys::cmd("find").arg(&bpffs_dir).args(["-type", "f"]))?;
     let mut progs = vec![];
     for p in pinned.lines() {
         if let Ok(s) = sh_run(sys::cmd("bpftool").args(["-j", "prog", "show", "pinned", p]))
@@ -1274,7 +1256,13 @@ fn document(o: &Opts, bin: &Path, res: &Results, elapsed: Duration, load: &str) 
         s,
         "Generated by `cargo xtask bench` (issue 6); do not edit above the marker at the end.\n"
     );
-    let _ = writeln!(s, "- date: {}", sh("date -u '+%Y-%m-%d %H:%M UTC'"));
+    let _ = writeln!(
+        s,
+        "- date: {}",
+        jiff::Timestamp::now()
+            .round(jiff::Unit::Second)
+            .unwrap_or_else(|_| jiff::Timestamp::now())
+    );
     let _ = writeln!(s, "- kernel: {}", sh("uname -r"));
     let _ = writeln!(s, "- CPU: {cpu}, {} online", sh("nproc"));
     let _ = writeln!(

@@ -1,69 +1,40 @@
-//! Processes and namespaces for the benchmark: every child dies with us (PDEATHSIG) and
-//! runs in its own process group (a Ctrl-C reaches only xtask, which then stops at the
-//! next step and cleans up); every command has a timeout; named namespaces are deleted
-//! on drop.
+//! Processes for the benchmark: every child dies with us (PDEATHSIG) and runs in its
+//! own process group (a Ctrl-C reaches only xtask, which then stops at the next step
+//! and cleans up); every command has a timeout. The namespaces are the harness's
+//! (`netns_tests::NamedNetns`), making their commands with [`spawner`].
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Read as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-// Plain libc calls (xtask has no libc/nix dependency of its own).
-unsafe extern "C" {
-    fn signal(signum: i32, handler: usize) -> usize;
-    fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
-    fn kill(pid: i32, sig: i32) -> i32;
-    fn syscall(num: i64, ...) -> i64;
-}
-const SIGHUP: i32 = 1;
-const SIGINT: i32 = 2;
-const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
-const PR_SET_PDEATHSIG: i32 = 1;
-
-extern "C" fn on_signal(_: i32) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT/SIGTERM/SIGHUP set a flag that `check()` turns into an error, so the
-/// benchmark unwinds through its guards (which delete everything it made).
-pub fn install_signal_handlers() {
-    for s in [SIGINT, SIGTERM, SIGHUP] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { signal(s, on_signal as *const () as usize) };
-    }
-}
-
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-pub fn check() -> anyhow::Result<()> {
-    if interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
-}
+pub use crate::signals::{check, interrupted};
 
 /// A command whose process dies when xtask does and that ignores the terminal's Ctrl-C.
-pub fn cmd(program: impl AsRef<std::ffi::OsStr>) -> Command {
+pub fn cmd(program: impl AsRef<OsStr>) -> Command {
     let mut c = Command::new(program);
     c.process_group(0);
-    // SAFETY: prctl is async-signal-safe.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe.
     unsafe {
         c.pre_exec(|| {
-            prctl(PR_SET_PDEATHSIG, SIGKILL as u64, 0, 0, 0);
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             Ok(())
         });
     }
     c
+}
+
+/// [`cmd`] as the harness's [`netns_tests::ns::Spawner`]: the benchmark's namespaces
+/// make every command this way.
+pub fn spawner(program: &OsStr) -> Command {
+    cmd(program)
 }
 
 /// `nsenter --net=PATH PROGRAM` (nsenter, not `ip netns exec`: that remounts /sys).
@@ -233,93 +204,23 @@ impl Drop for Bg {
 }
 
 /// Sends SIGTERM, then SIGKILL after a second, to a process we started indirectly
-/// (e.g. the collector the hook spawns), found by its id.
-pub fn terminate_pid(pid: i32) {
-    // SAFETY: plain syscalls on a pid we identified as ours.
-    unsafe {
-        if kill(pid, SIGTERM) != 0 {
-            return;
-        }
+/// (e.g. the collector the hook spawns), found by its command line.
+pub fn terminate_pid(pid: u32) {
+    let pid = Pid::from_raw(pid as i32);
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return;
     }
     for _ in 0..20 {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !pid_alive(pid.as_raw() as u32) {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    unsafe {
-        kill(pid, SIGKILL);
-    }
-}
-
-/// Processes whose command line mentions `needle` (our unique state dir), except us.
-pub fn pids_mentioning(needle: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut v = Vec::new();
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            if let Ok(cl) = fs::read(e.path().join("cmdline"))
-                && String::from_utf8_lossy(&cl).contains(needle)
-            {
-                v.push(pid);
-            }
-        }
-    }
-    v
+    let _ = kill(pid, Signal::SIGKILL);
 }
 
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// A named network namespace (`ip netns add`), `lo` up, deleted on drop.
-pub struct Ns {
-    pub name: String,
-}
-
-impl Ns {
-    pub fn new(name: &str) -> anyhow::Result<Ns> {
-        run(cmd("ip").args(["netns", "add", name]))?;
-        let ns = Ns {
-            name: name.to_owned(),
-        };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        in_ns(&self.path(), program)
-    }
-
-    /// `ip -n NAME ARGS`, must succeed.
-    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
-        run(cmd("ip").arg("-n").arg(&self.name).args(args))
-    }
-
-    pub fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
-        run(self.cmd("sysctl").args(["-qw", kv]))?;
-        Ok(())
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = cmd("ip")
-            .args(["netns", "del", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// Median of a sample (None if empty).
@@ -343,26 +244,5 @@ pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
 /// BPF_ENABLE_STATS: run_time_ns/run_cnt of every BPF program are counted while the
 /// returned fd is open (closing it, also by exiting, switches counting off again).
 pub fn enable_bpf_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    #[cfg(target_arch = "x86_64")]
-    const SYS_BPF: i64 = 321;
-    #[cfg(target_arch = "aarch64")]
-    const SYS_BPF: i64 = 280;
-    const BPF_ENABLE_STATS: i64 = 32;
-    const BPF_STATS_RUN_TIME: u32 = 0;
-    let attr: [u32; 2] = [BPF_STATS_RUN_TIME, 0];
-    // SAFETY: bpf(2) reads `size` bytes of `attr`.
-    let fd = unsafe {
-        syscall(
-            SYS_BPF,
-            BPF_ENABLE_STATS,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    if fd < 0 {
-        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd owned by us.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")
 }

@@ -5,10 +5,13 @@
 //!                            br0 172.19.0.1/16 [host] up0 198.51.100.2/24 ==veth== wan0 198.51.100.1/24 [wan]
 //!  [ctr b 172.19.0.3]--veth--+
 //! ```
+//! The host, wan and uplink are the test harness's (`netns_tests::topo::host_and_wan`);
+//! on top of them:
 //! no NAT: routed, wan has a route to 172.19.0.0/16 via 198.51.100.2 (the ceiling);
 //! iptables: MASQUERADE + DNAT rules in the host namespace;
-//! eBPF: the product's own topology, made by the real `netns` hook for two
-//! `unshare -n sleep` "containers".
+//! eBPF: the integration tests' own `Topology` (state dir, pins, cgroup, the netns
+//! flags), the network made by the real `netns` hook for two `unshare -n sleep`
+//! "containers".
 //! Everything is named `nb<pid>…` and removed on drop.
 
 use std::fs;
@@ -17,15 +20,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use netns_tests::NamedNetns;
+use netns_tests::topo::{self as harness, Topology};
 
-use super::sys::{self, Bg, Ns, in_ns, run, run_raw, run_to};
+use super::sys::{self, Bg, in_ns, run, run_raw, run_to};
 
-pub const WAN_IP: &str = "198.51.100.1";
-pub const UPLINK_IP: &str = "198.51.100.2";
-pub const GW: &str = "172.19.0.1";
+pub use netns_tests::topo::{UPLINK_IP, WAN_IP};
+pub const GW: &str = netns_tests::topo::GATEWAY;
 pub const SUBNET: &str = "172.19.0.0/16";
 pub const BRIDGE: &str = "br0";
-pub const UPLINK: &str = "up0";
 /// Host port forwarded (TCP) to container a's CTR_TCP, and (UDP) FWD_UDP to CTR_UDP.
 pub const FWD_TCP: u16 = 8080;
 pub const CTR_TCP: u16 = 5001;
@@ -65,7 +68,7 @@ pub struct Container {
     pub ip: String,
     /// /run/netns/NAME or /proc/PID/ns/net.
     pub ns_path: String,
-    _ns: Option<Ns>,
+    _ns: Option<NamedNetns>,
     sleeper: Option<Bg>,
 }
 
@@ -75,102 +78,24 @@ impl Container {
     }
 }
 
-/// What the eBPF topology needs to call `netns`.
-pub struct NetnsCli {
-    pub bin: PathBuf,
-    pub state_dir: PathBuf,
-    pub bpffs_dir: PathBuf,
-    pub cgroup: PathBuf,
-    pub host_path: String,
-}
-
-impl NetnsCli {
-    pub fn flags(&self) -> Vec<String> {
-        vec![
-            "--bridge".into(),
-            BRIDGE.into(),
-            "--ip".into(),
-            format!("{GW}/16"),
-            "--uplink".into(),
-            UPLINK.into(),
-            "--state-dir".into(),
-            self.state_dir.display().to_string(),
-            "--bpffs-dir".into(),
-            self.bpffs_dir.display().to_string(),
-            "--cgroup".into(),
-            self.cgroup.display().to_string(),
-        ]
-    }
-
-    /// `nsenter --net=HOST netns FLAGS ARGS`.
-    pub fn cmd<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
-        let mut c = in_ns(&self.host_path, &self.bin);
-        c.args(self.flags()).args(args);
-        c
-    }
-
-    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> anyhow::Result<String> {
-        run(&mut self.cmd(args))
-    }
-
-    fn state_json(id: &str, pid: u32, status: &str, bundle: &Path) -> String {
-        serde_json::json!({"ociVersion": "1.0.2", "id": id, "status": status, "pid": pid, "bundle": bundle})
-            .to_string()
-    }
-
-    /// Runs the hook (prestart with "creating", poststop with "stopped"); returns its wall time.
-    pub fn hook(
-        &self,
-        id: &str,
-        pid: u32,
-        status: &str,
-        bundle: &Path,
-    ) -> anyhow::Result<Duration> {
-        let json = Self::state_json(id, pid, status, bundle);
-        let no_args: [&str; 0] = [];
-        let out = run_raw(
-            &mut self.cmd(&no_args),
-            Some(json.as_bytes()),
-            Duration::from_secs(60),
-        )?;
-        if !out.ok() {
-            bail!(
-                "netns hook ({status}) for {id}: {:?}\n{}{}",
-                out.status,
-                out.stdout,
-                out.stderr
-            );
-        }
-        Ok(out.elapsed)
-    }
+/// The namespaces of a topology: made by hand (no NAT, iptables), or the harness's
+/// `Topology` that `netns` runs in (eBPF).
+enum Net {
+    Manual { host: NamedNetns, wan: NamedNetns },
+    Netns(Box<Topology>),
 }
 
 pub struct Topo {
     pub kind: Kind,
-    pub host: Ns,
-    pub wan: Ns,
-    pub ctrs: Vec<Container>,
-    pub netns: Option<NetnsCli>,
     /// Long-lived servers; killed first on drop.
     pub servers: Vec<Bg>,
+    pub ctrs: Vec<Container>,
+    net: Net,
     pub tmp: PathBuf,
 }
 
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mi = fs::read_to_string("/proc/self/mountinfo")?;
-    for l in mi.lines() {
-        if let Some((pre, post)) = l.split_once(" - ")
-            && post.split_whitespace().next() == Some("cgroup2")
-            && let Some(m) = pre.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(m));
-        }
-    }
-    bail!("no cgroup2 mount")
-}
-
 pub fn cgroup_dir(tag: &str) -> Option<PathBuf> {
-    cgroup2_root()
+    harness::cgroup2_root()
         .ok()
         .map(|r| r.join(format!("netns-bench-{tag}")))
 }
@@ -179,22 +104,10 @@ pub fn bpffs_dir(tag: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf").join(format!("netns-bench-{tag}"))
 }
 
-fn ensure_bpffs() -> anyhow::Result<()> {
-    let mounts = fs::read_to_string("/proc/self/mounts")?;
-    if !mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let _ = f.next();
-        f.next() == Some("/sys/fs/bpf") && f.next() == Some("bpf")
-    }) {
-        run(sys::cmd("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
-    }
-    Ok(())
-}
-
 /// An `unshare -n sleep` process started in `host`: a container's own network
 /// namespace (`/proc/PID/ns/net`), ready once the process has become `sleep`
 /// (nsenter and unshare exec in place, so the pid stays the same).
-fn spawn_sleeper(host: &Ns, tmp: &Path, id: &str) -> anyhow::Result<Bg> {
+fn spawn_sleeper(host: &NamedNetns, tmp: &Path, id: &str) -> anyhow::Result<Bg> {
     let mut sl = Bg::spawn(
         host.cmd("unshare").args(["-n", "sleep", "3600"]),
         &tmp.join(format!("sleep-{id}.log")),
@@ -214,68 +127,109 @@ fn spawn_sleeper(host: &Ns, tmp: &Path, id: &str) -> anyhow::Result<Bg> {
     Ok(sl)
 }
 
+/// The OCI state JSON the hook reads on stdin.
+fn state_json(id: &str, pid: u32, status: &str, bundle: &Path) -> String {
+    serde_json::json!({"ociVersion": "1.0.2", "id": id, "status": status, "pid": pid, "bundle": bundle})
+        .to_string()
+}
+
 impl Topo {
-    /// Host + wan + uplink, common to the three.
-    fn base(kind: Kind, tag: &str, tmp: &Path) -> anyhow::Result<Topo> {
-        let p = format!("{tag}{}", kind.letter());
-        let host = Ns::new(&format!("{p}h"))?;
-        let wan = Ns::new(&format!("{p}w"))?;
+    pub fn host(&self) -> &NamedNetns {
+        match &self.net {
+            Net::Manual { host, .. } => host,
+            Net::Netns(t) => &t.host,
+        }
+    }
+
+    pub fn wan(&self) -> &NamedNetns {
+        match &self.net {
+            Net::Manual { wan, .. } => wan,
+            Net::Netns(t) => &t.wan,
+        }
+    }
+
+    /// The harness topology `netns` runs in (eBPF only).
+    pub fn netns(&self) -> anyhow::Result<&Topology> {
+        match &self.net {
+            Net::Netns(t) => Ok(t),
+            Net::Manual { .. } => bail!("not the eBPF topology"),
+        }
+    }
+
+    /// `netns <flags> ARGS` in the host namespace; must succeed within 30 s.
+    pub fn netns_run(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(&mut self.netns()?.netns_cmd(args))
+    }
+
+    /// Runs the hook (prestart with "creating", poststop with "stopped"); returns its
+    /// wall time.
+    pub fn hook(&self, id: &str, pid: u32, status: &str) -> anyhow::Result<Duration> {
+        let json = state_json(id, pid, status, &self.tmp);
+        let out = run_raw(
+            &mut self.netns()?.netns_cmd(&[]),
+            Some(json.as_bytes()),
+            Duration::from_secs(60),
+        )?;
+        if !out.ok() {
+            bail!(
+                "netns hook ({status}) for {id}: {:?}\n{}{}",
+                out.status,
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(out.elapsed)
+    }
+
+    /// Host + wan + uplink (the harness's), common to the three, with the sysctls the
+    /// benchmark needs.
+    fn setup(kind: Kind, net: Net, tmp: PathBuf) -> anyhow::Result<Topo> {
+        fs::create_dir_all(&tmp)?;
         let t = Topo {
             kind,
-            host,
-            wan,
-            ctrs: Vec::new(),
-            netns: None,
             servers: Vec::new(),
-            tmp: tmp.join(kind.letter().to_string()),
+            ctrs: Vec::new(),
+            net,
+            tmp,
         };
-        fs::create_dir_all(&t.tmp)?;
-        t.host.ip(&[
-            "link",
-            "add",
-            UPLINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "wan0",
-            "netns",
-            &t.wan.name,
-        ])?;
-        t.host
-            .ip(&["addr", "add", &format!("{UPLINK_IP}/24"), "dev", UPLINK])?;
-        t.host.ip(&["link", "set", UPLINK, "up"])?;
-        t.wan
-            .ip(&["addr", "add", &format!("{WAN_IP}/24"), "dev", "wan0"])?;
-        t.wan.ip(&["link", "set", "wan0", "up"])?;
-        t.host.ip(&["route", "add", "default", "via", WAN_IP])?;
-        t.host.sysctl("net.ipv4.ip_forward=1")?;
+        t.host().sysctl("net.ipv4.ip_forward=1")?;
         // The connection-rate client opens many short connections from wan.
-        t.wan.sysctl("net.ipv4.ip_local_port_range=1024 60999")?;
-        t.wan.sysctl("net.ipv4.tcp_tw_reuse=1")?;
+        t.wan().sysctl("net.ipv4.ip_local_port_range=1024 60999")?;
+        t.wan().sysctl("net.ipv4.tcp_tw_reuse=1")?;
+        Ok(t)
+    }
+
+    fn manual(kind: Kind, tag: &str, tmp: &Path) -> anyhow::Result<Topo> {
+        let prefix = format!("{tag}{}", kind.letter());
+        let (host, wan) = harness::host_and_wan(&prefix, sys::spawner)?;
+        let mut t = Topo::setup(
+            kind,
+            Net::Manual { host, wan },
+            tmp.join(kind.letter().to_string()),
+        )?;
+        t.manual_containers(&prefix)?;
         Ok(t)
     }
 
     /// Bridge and two containers made by hand (no NAT, iptables).
-    fn manual_containers(&mut self, tag: &str) -> anyhow::Result<()> {
-        let p = format!("{tag}{}", self.kind.letter());
-        self.host.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-        self.host
-            .ip(&["addr", "add", &format!("{GW}/16"), "dev", BRIDGE])?;
-        self.host.ip(&["link", "set", BRIDGE, "up"])?;
+    fn manual_containers(&mut self, prefix: &str) -> anyhow::Result<()> {
+        let host = self.host();
+        host.try_ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        host.try_ip(&["addr", "add", &format!("{GW}/16"), "dev", BRIDGE])?;
+        host.try_ip(&["link", "set", BRIDGE, "up"])?;
+        let mut ctrs = Vec::new();
         for (i, id) in ["a", "b"].iter().enumerate() {
-            let ns = Ns::new(&format!("{p}{id}"))?;
+            let ns = NamedNetns::create(&format!("{prefix}{id}"), sys::spawner)?;
             let ip = format!("172.19.0.{}", i + 2);
             let hv = format!("veth{id}");
-            self.host.ip(&[
+            host.try_ip(&[
                 "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
             ])?;
-            self.host
-                .ip(&["link", "set", &hv, "master", BRIDGE, "up"])?;
-            ns.ip(&["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", "default", "via", GW])?;
-            self.ctrs.push(Container {
+            host.try_ip(&["link", "set", &hv, "master", BRIDGE, "up"])?;
+            ns.try_ip(&["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+            ns.try_ip(&["link", "set", "eth0", "up"])?;
+            ns.try_ip(&["route", "add", "default", "via", GW])?;
+            ctrs.push(Container {
                 id: id.to_string(),
                 ip,
                 ns_path: ns.path(),
@@ -283,19 +237,19 @@ impl Topo {
                 sleeper: None,
             });
         }
+        self.ctrs = ctrs;
         Ok(())
     }
 
     pub fn no_nat(tag: &str, tmp: &Path) -> anyhow::Result<Topo> {
-        let mut t = Topo::base(Kind::NoNat, tag, tmp)?;
-        t.manual_containers(tag)?;
-        t.wan.ip(&["route", "add", SUBNET, "via", UPLINK_IP])?;
+        let t = Topo::manual(Kind::NoNat, tag, tmp)?;
+        t.wan()
+            .try_ip(&["route", "add", SUBNET, "via", UPLINK_IP])?;
         Ok(t)
     }
 
     pub fn iptables(tag: &str, tmp: &Path) -> anyhow::Result<Topo> {
-        let mut t = Topo::base(Kind::Iptables, tag, tmp)?;
-        t.manual_containers(tag)?;
+        let t = Topo::manual(Kind::Iptables, tag, tmp)?;
         let ip = t.ctrs[0].ip.clone();
         t.ipt(&[
             "-t",
@@ -330,21 +284,29 @@ impl Topo {
     }
 
     pub fn ipt(&self, args: &[&str]) -> anyhow::Result<String> {
-        run(self.host.cmd("iptables").arg("-w").args(args))
+        run(self.host().cmd("iptables").arg("-w").args(args))
     }
 
     pub fn ebpf(tag: &str, tmp: &Path, bin: &Path) -> anyhow::Result<Topo> {
-        ensure_bpffs()?;
-        let mut t = Topo::base(Kind::Ebpf, tag, tmp)?;
-        let cgroup = cgroup_dir(tag).context("the eBPF topology needs a cgroup2 mount")?;
-        fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
-        t.netns = Some(NetnsCli {
-            bin: bin.to_owned(),
-            state_dir: t.tmp.join("state"),
+        let kind = Kind::Ebpf;
+        let cfg = harness::Config {
+            tag: format!("{tag}{}", kind.letter()),
+            // Its state dir, tmp/e/state, is how `cleanup_stale` finds a killed run's
+            // collector.
+            tmp: tmp.join(kind.letter().to_string()),
             bpffs_dir: bpffs_dir(tag),
-            cgroup,
-            host_path: t.host.path(),
-        });
+            cgroup: cgroup_dir(tag).context("the eBPF topology needs a cgroup2 mount")?,
+            extra: vec![
+                "--bridge".into(),
+                BRIDGE.into(),
+                "--ip".into(),
+                format!("{GW}/16"),
+            ],
+            spawner: sys::spawner,
+            bin: Some(bin.to_owned()),
+        };
+        let tmp = cfg.tmp.clone();
+        let mut t = Topo::setup(kind, Net::Netns(Box::new(Topology::build(cfg)?)), tmp)?;
         for id in ["a", "b"] {
             let c = t.start_container(id)?;
             t.ctrs.push(c);
@@ -353,7 +315,7 @@ impl Topo {
         if ip != "172.19.0.2" {
             eprintln!("note: the eBPF hook gave container a {ip}");
         }
-        t.netns()?.run(&[
+        t.netns_run(&[
             "port",
             "add",
             "a",
@@ -363,22 +325,17 @@ impl Topo {
         Ok(t)
     }
 
-    pub fn netns(&self) -> anyhow::Result<&NetnsCli> {
-        self.netns.as_ref().context("not the eBPF topology")
-    }
-
     /// An `unshare -n sleep` process in the host namespace: a container's network namespace.
     pub fn spawn_sleeper(&self, id: &str) -> anyhow::Result<Bg> {
-        spawn_sleeper(&self.host, &self.tmp, id)
+        spawn_sleeper(self.host(), &self.tmp, id)
     }
 
     /// Prestart hook for a fresh sleeper; returns the container with its leased address.
     fn start_container(&self, id: &str) -> anyhow::Result<Container> {
         let sl = self.spawn_sleeper(id)?;
-        let n = self.netns()?;
-        n.hook(id, sl.pid(), "creating", &self.tmp)?;
+        self.hook(id, sl.pid(), "creating")?;
         let ls: serde_json::Value =
-            serde_json::from_str(&n.run(&["ls", "--json"])?).context("netns ls --json")?;
+            serde_json::from_str(&self.netns_run(&["ls", "--json"])?).context("netns ls --json")?;
         let ip = ls
             .as_array()
             .and_then(|a| a.iter().find(|c| c["id"] == id))
@@ -412,35 +369,38 @@ impl Topo {
 impl Drop for Topo {
     fn drop(&mut self) {
         self.servers.clear();
-        if let Some(n) = &self.netns {
+        if let Ok(t) = self.netns() {
             for c in &self.ctrs {
                 if let Some(sl) = &c.sleeper {
-                    let _ = n.hook(&c.id, sl.pid(), "stopped", &self.tmp);
+                    let _ = self.hook(&c.id, sl.pid(), "stopped");
                 }
             }
-            self.ctrs.clear();
-            let _ = run_to(&mut n.cmd(&["datapath", "unload"]), Duration::from_secs(20));
-            let _ = fs::remove_dir_all(&n.bpffs_dir);
-            // The collector the hook started (it mentions our unique state dir).
-            for pid in sys::pids_mentioning(&n.state_dir.display().to_string()) {
+            let _ = run_to(
+                &mut t.netns_cmd(&["datapath", "unload"]),
+                Duration::from_secs(20),
+            );
+            // The collector the hook started (it has our unique state dir as an
+            // argument): asked to stop first; the harness's drop SIGKILLs what is left
+            // and removes pins, cgroup and state.
+            for pid in netns_tests::util::pids_with_arg(&t.state_dir.display().to_string()) {
                 sys::terminate_pid(pid);
             }
-            let _ = fs::remove_dir(&n.cgroup);
         }
+        // Containers (their namespaces, sleepers) before the host namespace.
         self.ctrs.clear();
     }
 }
 
 /// The reference CNI bridge plugin in its own host namespace (start-cost comparison).
 pub struct Cni {
-    pub host: Ns,
+    pub host: NamedNetns,
     pub conf: String,
     pub tmp: PathBuf,
 }
 
 impl Cni {
     pub fn new(tag: &str, tmp: &Path) -> anyhow::Result<Cni> {
-        let host = Ns::new(&format!("{tag}ch"))?;
+        let host = NamedNetns::create(&format!("{tag}ch"), sys::spawner)?;
         let tmp = tmp.join("cni");
         fs::create_dir_all(&tmp)?;
         let conf = serde_json::json!({

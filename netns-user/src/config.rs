@@ -1,0 +1,239 @@
+//! The typed configuration of the domain code: what the container service, the host
+//! side and the datapath need, free of clap. `cli` parses flags into these types and
+//! builds a [`NetConfig`]; nothing below the command layer sees clap.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// iproute2 keeps named network namespaces here; our state must never live there.
+pub const IPROUTE2_NETNS_DIR: &str = "/run/netns";
+
+/// What every container's network is made from (the global flags, typed).
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub bridge: String,
+    /// The bridge's gateway address and the subnet's prefix length.
+    pub gateway: Gateway,
+    /// MTU of bridge and veths; None: the uplink's.
+    pub mtu: Option<u32>,
+    /// Where masqueraded traffic leaves; None: the device of the default route.
+    pub uplink: Option<String>,
+    pub state_dir: PathBuf,
+    /// Base bpffs directory; pins live in `<bpffs_dir>/v<LAYOUT_VERSION>`.
+    pub bpffs_dir: PathBuf,
+    pub nat_ports: PortRange,
+    /// cgroup v2 directory of the socket programs: "auto", "none" or a path.
+    pub cgroup: String,
+    /// Conntrack table size when the datapath is first loaded.
+    pub ct_max: Option<u32>,
+    /// Seconds between sweeps of the collector.
+    pub gc_interval: u32,
+    /// Sources that may reach container addresses directly (routed setups).
+    pub allow_inbound: Vec<Cidr>,
+}
+
+/// Errors of flag validation (shown by clap next to the offending flag).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgError {
+    #[error("interface name must be 1 to 15 bytes, got {0}")]
+    IfnameLength(usize),
+    #[error("interface name must not contain '/', ':' or whitespace")]
+    IfnameChars,
+    #[error("expected ADDRESS/PREFIX such as 172.19.0.1/16")]
+    CidrSyntax,
+    #[error(
+        "prefix length {0} is out of range: the subnet needs room for a gateway and containers (1..=30)"
+    )]
+    Prefix(u8),
+    #[error("{0} is the network address of its subnet, not a usable gateway")]
+    NetworkAddress(Ipv4Addr),
+    #[error("{0} is the broadcast address of its subnet, not a usable gateway")]
+    BroadcastAddress(Ipv4Addr),
+    #[error("expected MIN-MAX with 1 <= MIN <= MAX <= 65535, such as 32768-60999")]
+    PortRange,
+    #[error(
+        "{0} is (or is inside) iproute2's named-namespace directory {IPROUTE2_NETNS_DIR}; choose another state directory"
+    )]
+    StateDirIsNetnsDir(PathBuf),
+    #[error("state directory must be an absolute path")]
+    StateDirRelative,
+    #[error("{0:?}: expected an IPv4 CIDR such as 10.0.0.0/8 (or an address)")]
+    InboundSyntax(String),
+    #[error("{0:?}: prefix length must be 0 to 32")]
+    InboundPrefix(String),
+}
+
+/// The bridge's gateway address and the subnet's prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateway {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Gateway {
+    pub fn mask(self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+    pub fn broadcast(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+    /// The subnet as `a.b.c.d/n`.
+    pub fn subnet(self) -> String {
+        format!("{}/{}", self.network(), self.prefix_len)
+    }
+}
+
+impl FromStr for Gateway {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (a, p) = s.split_once('/').ok_or(ArgError::CidrSyntax)?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| ArgError::CidrSyntax)?;
+        let prefix_len: u8 = p.parse().map_err(|_| ArgError::CidrSyntax)?;
+        if !(1..=30).contains(&prefix_len) {
+            return Err(ArgError::Prefix(prefix_len));
+        }
+        let gw = Gateway { addr, prefix_len };
+        if addr == gw.network() {
+            return Err(ArgError::NetworkAddress(addr));
+        }
+        if addr == gw.broadcast() {
+            return Err(ArgError::BroadcastAddress(addr));
+        }
+        Ok(gw)
+    }
+}
+
+impl fmt::Display for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// An IPv4 network `ADDR/PREFIX` (host bits cleared), or one address as `/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    pub fn mask(self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+}
+
+/// Host bits are cleared, as `ip route` does: the trie matches on the prefix only.
+pub fn parse_cidr(s: &str) -> Result<Cidr, ArgError> {
+    let t = s.trim();
+    let (a, p) = t.split_once('/').unwrap_or((t, "32"));
+    let addr: Ipv4Addr = a
+        .trim()
+        .parse()
+        .map_err(|_| ArgError::InboundSyntax(s.to_owned()))?;
+    let prefix_len: u8 = match p.trim().parse::<u8>() {
+        Ok(n) if n <= 32 => n,
+        Ok(_) => return Err(ArgError::InboundPrefix(s.to_owned())),
+        Err(_) if !p.trim().is_empty() && p.trim().bytes().all(|b| b.is_ascii_digit()) => {
+            return Err(ArgError::InboundPrefix(s.to_owned()));
+        }
+        Err(_) => return Err(ArgError::InboundSyntax(s.to_owned())),
+    };
+    let mut c = Cidr {
+        network: addr,
+        prefix_len,
+    };
+    c.network = Ipv4Addr::from(u32::from(addr) & c.mask());
+    Ok(c)
+}
+
+/// CIDRs separated by commas or whitespace; an empty value (`NETNS_ALLOW_INBOUND=` in
+/// config.json) is an empty list.
+pub fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, ArgError> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(parse_cidr)
+        .collect()
+}
+
+impl FromStr for Cidr {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        parse_cidr(s)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// Inclusive port range `MIN-MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let (a, b) = s.split_once('-').ok_or(ArgError::PortRange)?;
+        let min: u16 = a.trim().parse().map_err(|_| ArgError::PortRange)?;
+        let max: u16 = b.trim().parse().map_err(|_| ArgError::PortRange)?;
+        if min == 0 || min > max {
+            return Err(ArgError::PortRange);
+        }
+        Ok(PortRange { min, max })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway() {
+        let g: Gateway = "10.1.2.3/24".parse().unwrap();
+        assert_eq!(g.network(), Ipv4Addr::new(10, 1, 2, 0));
+        assert_eq!(g.broadcast(), Ipv4Addr::new(10, 1, 2, 255));
+        assert_eq!(g.subnet(), "10.1.2.0/24");
+        assert!("10.0.0.1/30".parse::<Gateway>().is_ok());
+        assert_eq!("10.0.0.1/31".parse::<Gateway>(), Err(ArgError::Prefix(31)));
+        assert_eq!("10.0.0.1/0".parse::<Gateway>(), Err(ArgError::Prefix(0)));
+        assert_eq!(
+            "10.0.0.0/24".parse::<Gateway>(),
+            Err(ArgError::NetworkAddress(Ipv4Addr::new(10, 0, 0, 0)))
+        );
+        assert_eq!(
+            "10.0.0.255/24".parse::<Gateway>(),
+            Err(ArgError::BroadcastAddress(Ipv4Addr::new(10, 0, 0, 255)))
+        );
+        for bad in ["10.0.0.1", "10.0.0.1/", "10.0.0/24", "10.0.0.1/x", "::1/64"] {
+            assert_eq!(bad.parse::<Gateway>(), Err(ArgError::CidrSyntax), "{bad}");
+        }
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("1-1".parse::<PortRange>(), Ok(PortRange { min: 1, max: 1 }));
+        for bad in ["0-10", "10-9", "10", "a-b", "1-65536", "-5"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+}

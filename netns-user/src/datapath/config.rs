@@ -1,0 +1,206 @@
+//! `NETNS_CONFIG`: what the programs need to know about the host side, and the
+//! conntrack timeouts the collector reads.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use aya::maps::{Array, MapData};
+use netns_common::{Config, Timeouts, maps};
+
+use super::{Cidr, Datapath, DatapathError, io, map_err, sys};
+
+/// What the datapath needs to know about the host side of the network.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    /// Base bpffs directory; pins live in `<bpffs_dir>/v<LAYOUT_VERSION>`.
+    pub bpffs_dir: PathBuf,
+    pub uplink_ifindex: u32,
+    /// The uplink's IPv4 address (masquerade source); None if it has none yet.
+    pub uplink_addr: Option<Ipv4Addr>,
+    pub bridge_ifindex: u32,
+    pub gateway: Ipv4Addr,
+    pub prefix_len: u8,
+    /// Masquerade port range when a container's source port is taken.
+    pub nat_ports: (u16, u16),
+    /// Size of the conntrack table when the datapath is first loaded (None: default).
+    pub ct_max: Option<u32>,
+    /// `--allow-inbound`: what the inbound trie holds after [`Datapath::ensure_loaded`].
+    pub allow_inbound: Vec<Cidr>,
+}
+
+/// The config the datapath runs with, in host order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub subnet: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    /// None: the uplink has no address, the programs pass everything untouched.
+    pub uplink_addr: Option<Ipv4Addr>,
+    pub uplink_ifindex: u32,
+    pub bridge_ifindex: u32,
+    pub nat_ports: (u16, u16),
+    pub bridge_mac: [u8; 6],
+    pub netns_cookie: u64,
+    pub timeouts: Timeouts,
+}
+
+impl Settings {
+    fn to_raw(self) -> Config {
+        let mask = prefix_mask(self.prefix_len);
+        Config {
+            subnet: (u32::from(self.subnet) & mask).to_be(),
+            subnet_mask: mask.to_be(),
+            gateway: u32::from(self.gateway).to_be(),
+            uplink_addr: self.uplink_addr.map_or(0, |a| u32::from(a).to_be()),
+            uplink_ifindex: self.uplink_ifindex,
+            bridge_ifindex: self.bridge_ifindex,
+            nat_port_min: self.nat_ports.0,
+            nat_port_max: self.nat_ports.1,
+            bridge_mac: self.bridge_mac,
+            _pad: [0; 2],
+            netns_cookie: self.netns_cookie,
+            timeouts: self.timeouts,
+        }
+    }
+
+    fn from_raw(c: &Config) -> Settings {
+        let mask = u32::from_be(c.subnet_mask);
+        Settings {
+            subnet: Ipv4Addr::from(u32::from_be(c.subnet)),
+            prefix_len: mask.count_ones() as u8,
+            gateway: Ipv4Addr::from(u32::from_be(c.gateway)),
+            uplink_addr: (c.uplink_addr != 0).then(|| Ipv4Addr::from(u32::from_be(c.uplink_addr))),
+            uplink_ifindex: c.uplink_ifindex,
+            bridge_ifindex: c.bridge_ifindex,
+            nat_ports: (c.nat_port_min, c.nat_port_max),
+            bridge_mac: c.bridge_mac,
+            netns_cookie: c.netns_cookie,
+            timeouts: c.timeouts,
+        }
+    }
+}
+
+fn prefix_mask(prefix_len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0)
+}
+
+impl DatapathConfig {
+    /// The settings `cfg` gives, with the bridge's MAC (rtnetlink) and this namespace's
+    /// cookie; `timeouts` are the defaults.
+    fn settings(&self) -> Result<Settings, DatapathError> {
+        let bridge_mac = crate::network::netlink::link_mac(self.bridge_ifindex)
+            .map_err(|source| DatapathError::BridgeMac {
+                ifindex: self.bridge_ifindex,
+                source,
+            })?
+            .ok_or(DatapathError::NoBridgeMac(self.bridge_ifindex))?;
+        let netns_cookie =
+            sys::netns_cookie().map_err(io("reading this network namespace's cookie"))?;
+        Ok(Settings {
+            subnet: self.gateway,
+            prefix_len: self.prefix_len,
+            gateway: self.gateway,
+            uplink_addr: self.uplink_addr,
+            uplink_ifindex: self.uplink_ifindex,
+            bridge_ifindex: self.bridge_ifindex,
+            nat_ports: self.nat_ports,
+            bridge_mac,
+            netns_cookie,
+            timeouts: Timeouts::default(),
+        })
+    }
+}
+
+impl Datapath {
+    fn config_map(&self) -> Result<Array<MapData, Config>, DatapathError> {
+        Array::try_from(aya::maps::Map::Array(self.map_data(maps::CONFIG)?))
+            .map_err(map_err("opening the config map"))
+    }
+
+    fn read_raw_config(&self) -> Result<Config, DatapathError> {
+        self.config_map()?
+            .get(&0, 0)
+            .map_err(map_err("reading the config map"))
+    }
+
+    fn write_raw_config(&self, c: Config) -> Result<(), DatapathError> {
+        self.config_map()?
+            .set(0, c, 0)
+            .map_err(map_err("writing the config map"))
+    }
+
+    /// Writes the config, keeping conntrack timeouts already set (see `set_timeouts`).
+    pub(super) fn write_config(&self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let mut v = cfg.settings()?;
+        let old = self.read_raw_config()?;
+        // A fresh map is all zeroes: timeouts set before (`netns gc --timeouts`) stay.
+        if old.timeouts.tcp_established != 0 {
+            v.timeouts = old.timeouts;
+        }
+        self.write_raw_config(v.to_raw())
+    }
+
+    /// Changes the config in place (timeouts).
+    fn update_config(&self, f: impl FnOnce(&mut Settings)) -> Result<(), DatapathError> {
+        let mut v = Settings::from_raw(&self.read_raw_config()?);
+        f(&mut v);
+        self.write_raw_config(v.to_raw())
+    }
+
+    /// Sets the conntrack timeouts every collector uses.
+    pub fn set_timeouts(&self, t: Timeouts) -> Result<(), DatapathError> {
+        self.update_config(|c| c.timeouts = t)
+    }
+
+    /// The config the datapath runs with.
+    pub fn config(&self) -> Result<Settings, DatapathError> {
+        Ok(Settings::from_raw(&self.read_raw_config()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_convert_to_network_order_and_back() {
+        let s = Settings {
+            subnet: Ipv4Addr::new(172, 19, 0, 1),
+            prefix_len: 16,
+            gateway: Ipv4Addr::new(172, 19, 0, 1),
+            uplink_addr: Some(Ipv4Addr::new(198, 51, 100, 3)),
+            uplink_ifindex: 2,
+            bridge_ifindex: 5,
+            nat_ports: (61000, 65535),
+            bridge_mac: [2, 0, 0, 0, 0, 1],
+            netns_cookie: 4096,
+            timeouts: Timeouts::default(),
+        };
+        let raw = s.to_raw();
+        assert_eq!(raw.subnet, u32::from(Ipv4Addr::new(172, 19, 0, 0)).to_be());
+        assert_eq!(raw.subnet_mask, 0xffff_0000u32.to_be());
+        assert_eq!(raw.gateway, u32::from(s.gateway).to_be());
+        assert_eq!(raw.uplink_addr.to_ne_bytes(), [198, 51, 100, 3]);
+        // Ports of the NAT range stay in host order (the programs compare them so).
+        assert_eq!((raw.nat_port_min, raw.nat_port_max), (61000, 65535));
+        let back = Settings::from_raw(&raw);
+        assert_eq!(back.subnet, Ipv4Addr::new(172, 19, 0, 0));
+        assert_eq!(
+            Settings {
+                subnet: s.subnet,
+                ..back
+            },
+            s
+        );
+        let none = Settings {
+            uplink_addr: None,
+            ..s
+        };
+        assert_eq!(none.to_raw().uplink_addr, 0);
+        assert_eq!(Settings::from_raw(&none.to_raw()).uplink_addr, None);
+        assert_eq!(prefix_mask(0), 0);
+        assert_eq!(prefix_mask(32), u32::MAX);
+    }
+}

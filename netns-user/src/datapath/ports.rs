@@ -1,0 +1,224 @@
+//! `NETNS_PORTS`: port forwards, `(host IP or any, host port, proto)` -> container
+//! address and port, and the interface the host IP is on.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{HashMap, MapData};
+use netns_common::{IPPROTO_TCP, IPPROTO_UDP, PortKey, PortTarget, maps};
+use serde::{Deserialize, Serialize};
+
+use super::{Datapath, DatapathError, absent_ok, map_err};
+
+/// The protocols port forwards exist for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(netns_common::proto_name(self.number()).unwrap_or("?"))
+    }
+}
+
+/// What identifies a port forward: the host side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortForwardKey {
+    /// None: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PortForwardKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.host_ip {
+            Some(ip) => write!(f, "{ip}:{}/{}", self.host_port, self.proto),
+            None => write!(f, "*:{}/{}", self.host_port, self.proto),
+        }
+    }
+}
+
+/// One port forward, host order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PortForward {
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
+    /// The container address and port.
+    pub target: SocketAddrV4,
+    /// The interface `host_ip` belongs to: a packet matches only when it arrives there
+    /// (0 for a wildcard, [`netns_common::LOOPBACK_IFINDEX`] for 127/8).
+    pub ifindex: u32,
+}
+
+impl PortForward {
+    pub fn key(&self) -> PortForwardKey {
+        PortForwardKey {
+            host_ip: self.host_ip,
+            host_port: self.host_port,
+            proto: self.proto,
+        }
+    }
+
+    fn to_raw(self) -> (PortKey, PortTarget) {
+        (
+            self.key().to_raw(),
+            PortTarget {
+                addr: u32::from(*self.target.ip()).to_be(),
+                port: self.target.port().to_be(),
+                _pad: [0; 2],
+                ifindex: self.ifindex,
+            },
+        )
+    }
+
+    /// None for a protocol netns never maps.
+    fn from_raw(k: &PortKey, t: &PortTarget) -> Option<PortForward> {
+        Some(PortForward {
+            host_ip: (k.host_addr != 0).then(|| Ipv4Addr::from(u32::from_be(k.host_addr))),
+            host_port: u16::from_be(k.host_port),
+            proto: Proto::from_number(k.proto)?,
+            target: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(t.addr)), u16::from_be(t.port)),
+            ifindex: t.ifindex,
+        })
+    }
+}
+
+impl fmt::Display for PortForward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.key(), self.target)
+    }
+}
+
+impl PortForwardKey {
+    fn to_raw(self) -> PortKey {
+        PortKey {
+            host_addr: self.host_ip.map_or(0, |a| u32::from(a).to_be()),
+            host_port: self.host_port.to_be(),
+            proto: self.proto.number(),
+            _pad: 0,
+        }
+    }
+}
+
+/// The port-forward map.
+pub struct PortForwards(HashMap<MapData, PortKey, PortTarget>);
+
+impl PortForwards {
+    pub fn get(&self, key: PortForwardKey) -> Result<Option<PortForward>, DatapathError> {
+        let raw = key.to_raw();
+        Ok(
+            absent_ok(self.0.get(&raw, 0), format!("reading port forward {key}"))?
+                .and_then(|t| PortForward::from_raw(&raw, &t)),
+        )
+    }
+
+    /// Writes (or overwrites) a forward.
+    pub fn insert(&mut self, f: &PortForward) -> Result<(), DatapathError> {
+        let (k, t) = f.to_raw();
+        self.0
+            .insert(k, t, 0)
+            .map_err(map_err(format!("writing port forward {f}")))
+    }
+
+    /// Removes a forward; false if there was none.
+    pub fn remove(&mut self, key: PortForwardKey) -> Result<bool, DatapathError> {
+        Ok(absent_ok(
+            self.0.remove(&key.to_raw()),
+            format!("removing port forward {key}"),
+        )?
+        .is_some())
+    }
+
+    /// Every forward (entries of protocols other than TCP and UDP, which netns never
+    /// writes and the programs never look up, are left out).
+    pub fn list(&self) -> Result<Vec<PortForward>, DatapathError> {
+        let mut out = Vec::new();
+        for r in self.0.iter() {
+            if let Some((k, t)) = absent_ok(r, "reading the port map")? {
+                out.extend(PortForward::from_raw(&k, &t));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Datapath {
+    pub fn port_forwards(&self) -> Result<PortForwards, DatapathError> {
+        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::PORTS)?))
+            .map(PortForwards)
+            .map_err(map_err("opening the port map"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_forward_byte_order() {
+        let f = PortForward {
+            host_ip: Some(Ipv4Addr::new(198, 51, 100, 3)),
+            host_port: 8080,
+            proto: Proto::Udp,
+            target: "172.19.0.2:80".parse().unwrap(),
+            ifindex: 5,
+        };
+        let (k, t) = f.to_raw();
+        // Network order: the bytes in memory are the bytes on the wire.
+        assert_eq!(k.host_addr.to_ne_bytes(), [198, 51, 100, 3]);
+        assert_eq!(k.host_port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(k.proto, IPPROTO_UDP);
+        assert_eq!(t.addr.to_ne_bytes(), [172, 19, 0, 2]);
+        assert_eq!(t.port.to_ne_bytes(), 80u16.to_be_bytes());
+        assert_eq!(t.ifindex, 5);
+        assert_eq!(PortForward::from_raw(&k, &t), Some(f));
+        // A wildcard is host address 0.
+        let w = PortForward { host_ip: None, ..f };
+        assert_eq!(w.to_raw().0.host_addr, 0);
+        assert_eq!(PortForward::from_raw(&w.to_raw().0, &t), Some(w));
+        assert_eq!(w.to_string(), "*:8080/udp -> 172.19.0.2:80");
+        // Not a protocol netns maps.
+        let odd = PortKey { proto: 47, ..k };
+        assert_eq!(PortForward::from_raw(&odd, &t), None);
+    }
+
+    #[test]
+    fn protocol_numbers_and_names() {
+        for p in [Proto::Tcp, Proto::Udp] {
+            assert_eq!(Proto::from_number(p.number()), Some(p));
+        }
+        assert_eq!(Proto::from_number(1), None);
+        assert_eq!(serde_json::to_string(&Proto::Udp).unwrap(), "\"udp\"");
+    }
+}

@@ -1,0 +1,332 @@
+//! Port forwards: the `docker run -p` spec ([`spec`]), validation against existing
+//! mappings and the host's own sockets, the persisted table, and the datapath's port map.
+//!
+//! Every change is all-or-nothing: a batch is validated in full before the first map
+//! entry is written, and a failed write rolls back what the batch wrote. Conntrack
+//! entries that use a mapped host port are flushed when the mapping is added and when
+//! it is removed, so a remapped port never keeps delivering stale (UDP) flows.
+
+mod spec;
+mod validate;
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use serde::{Deserialize, Serialize};
+
+pub use spec::{PortSpec, Proto, SpecError, parse_list};
+pub use validate::{select, validate};
+
+use crate::datapath::{ConntrackEntry, Datapath, DatapathError, Dir, PortForward, PortForwardKey};
+use crate::network::NetworkError;
+use crate::network::addrs::LocalAddrs;
+use crate::network::portset::PortSet;
+use crate::reserve::{self, ReserveError};
+use crate::store::Locked;
+
+/// The OCI annotation a container declares its port forwards in: specs separated by
+/// commas or whitespace, e.g. `"netns.ports": "8080:80/tcp, 5353:53/udp"`.
+pub const ANNOTATION: &str = "netns.ports";
+
+/// File name of the mapping table in the state directory.
+pub const TABLE: &str = "ports.json";
+
+/// One forwarded host port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub container_id: String,
+    pub container_ip: Ipv4Addr,
+    pub proto: Proto,
+    /// None: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+impl Mapping {
+    /// The host side, which identifies the datapath's entry.
+    pub fn key(&self) -> PortForwardKey {
+        PortForwardKey {
+            host_ip: self.host_ip,
+            host_port: self.host_port,
+            proto: self.proto,
+        }
+    }
+
+    /// The datapath's entry, with the interface the host IP is on (see [`LocalAddrs`]).
+    pub fn forward(&self, addrs: &LocalAddrs) -> Result<PortForward, PortMapError> {
+        let ifindex = addrs.ifindex(self.host_ip).ok_or(PortMapError::NotLocal(
+            self.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        ))?;
+        Ok(PortForward {
+            host_ip: self.host_ip,
+            host_port: self.host_port,
+            proto: self.proto,
+            target: SocketAddrV4::new(self.container_ip, self.container_port),
+            ifindex,
+        })
+    }
+
+    /// Same protocol and port on addresses that overlap (a wildcard overlaps all).
+    pub(super) fn collides(&self, o: &Mapping) -> bool {
+        self.proto == o.proto
+            && self.host_port == o.host_port
+            && (self.host_ip.is_none() || o.host_ip.is_none() || self.host_ip == o.host_ip)
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match self.host_ip {
+            Some(ip) => format!("{ip}:{}/{}", self.host_port, self.proto),
+            None => format!("{}/{}", self.host_port, self.proto),
+        }
+    }
+}
+
+/// Expands specs for one container into single-port mappings.
+pub fn expand(container_id: &str, container_ip: Ipv4Addr, specs: &[PortSpec]) -> Vec<Mapping> {
+    let mut out = Vec::new();
+    for s in specs {
+        for i in 0..=(s.host.1 - s.host.0) {
+            out.push(Mapping {
+                container_id: container_id.to_owned(),
+                container_ip,
+                proto: s.proto,
+                host_ip: s.host_ip,
+                host_port: s.host.0 + i,
+                container_port: s.container.0 + i,
+            });
+        }
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortMapError {
+    #[error("host port {new} is already mapped to container {owner}")]
+    Collision { new: String, owner: String },
+    #[error("host port {0} appears twice in this request")]
+    Duplicate(String),
+    #[error("host port {port} is already in use on the host ({source})")]
+    InUse {
+        port: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no mapping of host port {0}")]
+    NotMapped(String),
+    #[error("host IP {0} is not an address of this host")]
+    NotLocal(Ipv4Addr),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Reserve(#[from] ReserveError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// The host ports of a port table (what [`reserve`] keeps reserved).
+pub fn host_ports(table: &[Mapping]) -> PortSet {
+    table.iter().map(|m| m.host_port).collect()
+}
+
+/// The persisted mappings (all containers).
+pub fn load_table(lock: &Locked<'_>) -> Result<Vec<Mapping>, PortMapError> {
+    Ok(lock.read(TABLE)?.unwrap_or_default())
+}
+
+fn save_table(lock: &Locked<'_>, t: &[Mapping]) -> Result<(), PortMapError> {
+    Ok(lock.write(TABLE, &t)?)
+}
+
+/// Validates, installs and records a container's forwards, all or nothing. The host
+/// ports are reserved ([`reserve`]) before the datapath forwards them, so the kernel
+/// can no longer hand one out as an ephemeral port once they are live.
+pub fn add(
+    lock: &Locked<'_>,
+    dp: &Datapath,
+    id: &str,
+    ip: Ipv4Addr,
+    specs: &[PortSpec],
+) -> Result<Vec<Mapping>, PortMapError> {
+    let mut table = load_table(lock)?;
+    let new = expand(id, ip, specs);
+    validate(&table, &new, true)?;
+    let before = table.len();
+    table.extend(new.iter().cloned());
+    reserve::sync(lock, &host_ports(&table))?;
+    let undo_reservation = |table: &mut Vec<Mapping>| {
+        table.truncate(before);
+        if let Err(e) = reserve::sync(lock, &host_ports(table)) {
+            log::warn!(
+                "releasing the reservation of unmapped ports failed (retried at the next sync): {}",
+                crate::error_chain(&e)
+            );
+        }
+    };
+    if let Err(e) = install(dp, &new) {
+        undo_reservation(&mut table);
+        return Err(e);
+    }
+    if let Err(e) = save_table(lock, &table) {
+        if let Err(u) = uninstall(dp, &new) {
+            log::warn!(
+                "port forwards left in the datapath after a failed table write (reconcile \
+                 removes them): {}",
+                crate::error_chain(&u)
+            );
+        }
+        undo_reservation(&mut table);
+        return Err(e);
+    }
+    Ok(new)
+}
+
+/// Uninstalls and forgets mappings.
+pub fn remove(
+    lock: &Locked<'_>,
+    dp: Option<&Datapath>,
+    ms: &[Mapping],
+) -> Result<(), PortMapError> {
+    if let Some(dp) = dp {
+        uninstall(dp, ms)?;
+    }
+    let gone: HashSet<PortForwardKey> = ms.iter().map(Mapping::key).collect();
+    let mut table = load_table(lock)?;
+    table.retain(|t| !gone.contains(&t.key()));
+    save_table(lock, &table)?;
+    // Released only now that nothing forwards them.
+    reserve::sync(lock, &host_ports(&table))?;
+    Ok(())
+}
+
+/// Removes every forward of a container; returns how many.
+pub fn remove_container(
+    lock: &Locked<'_>,
+    dp: Option<&Datapath>,
+    id: &str,
+) -> Result<usize, PortMapError> {
+    let mine: Vec<Mapping> = load_table(lock)?
+        .into_iter()
+        .filter(|m| m.container_id == id)
+        .collect();
+    if !mine.is_empty() {
+        remove(lock, dp, &mine)?;
+    }
+    Ok(mine.len())
+}
+
+/// The host's addresses, read only when a mapping names a host IP outside 127/8.
+pub fn local_addrs_for(ms: &[Mapping]) -> Result<LocalAddrs, PortMapError> {
+    if ms
+        .iter()
+        .all(|m| m.host_ip.is_none_or(|ip| ip.is_loopback()))
+    {
+        return Ok(LocalAddrs::default());
+    }
+    Ok(LocalAddrs::read()?)
+}
+
+/// The host port (proto, port) a conntrack entry's flow uses, if it is a flow through
+/// the uplink or a hairpin: the destination port on the way in, the translated source
+/// port on the way out.
+fn host_port_of(e: &ConntrackEntry) -> (u8, u16) {
+    match e.key.dir {
+        Dir::UplinkIngress | Dir::Bridge => (e.key.proto, e.key.tuple.dst.port()),
+        Dir::UplinkEgress => (e.key.proto, e.xlat.src.port()),
+    }
+}
+
+/// Deletes every conntrack pair that uses one of the host ports of `ms`: one pass over
+/// the table with a set lookup per entry, whatever the number of mappings.
+pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathError> {
+    if ms.is_empty() {
+        return Ok(0);
+    }
+    let ports: HashSet<(u8, u16)> = ms.iter().map(|m| (m.proto.number(), m.host_port)).collect();
+    let mut doomed = HashSet::new();
+    for e in dp.conntrack_entries()? {
+        if ports.contains(&host_port_of(&e)) {
+            doomed.insert(e.key);
+            doomed.insert(e.partner_key());
+        }
+    }
+    dp.delete_conntrack(&doomed)
+}
+
+/// Writes mappings into the datapath; on failure removes what it wrote.
+pub fn install(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
+    let addrs = local_addrs_for(ms)?;
+    let forwards: Vec<PortForward> = ms
+        .iter()
+        .map(|m| m.forward(&addrs))
+        .collect::<Result<_, _>>()?;
+    let mut map = dp.port_forwards()?;
+    for (i, f) in forwards.iter().enumerate() {
+        if let Err(e) = map.insert(f) {
+            for done in &forwards[..i] {
+                if let Err(u) = map.remove(done.key()) {
+                    log::warn!(
+                        "rolling back port forward {done}: {}",
+                        crate::error_chain(&u)
+                    );
+                }
+            }
+            return Err(e.into());
+        }
+    }
+    flush_conntrack(dp, ms)?;
+    Ok(())
+}
+
+/// Removes mappings from the datapath (absent entries are fine) and their flows.
+pub fn uninstall(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
+    let mut map = dp.port_forwards()?;
+    for m in ms {
+        map.remove(m.key())?;
+    }
+    flush_conntrack(dp, ms)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(s: &str) -> PortSpec {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn expands_ranges_one_to_one() {
+        let ms = expand(
+            "c",
+            Ipv4Addr::new(172, 19, 0, 2),
+            &[spec("8000-8002:9000-9002/udp")],
+        );
+        let pairs: Vec<_> = ms.iter().map(|m| (m.host_port, m.container_port)).collect();
+        assert_eq!(pairs, [(8000, 9000), (8001, 9001), (8002, 9002)]);
+    }
+
+    #[test]
+    fn targets_carry_the_host_ip_interface() {
+        let addrs = LocalAddrs::from_pairs([(5, Ipv4Addr::new(198, 51, 100, 3))]);
+        let ip = Ipv4Addr::new(172, 19, 0, 2);
+        let t = |s: &str| expand("c", ip, &[spec(s)])[0].forward(&addrs);
+        let w = t("8080:80").unwrap();
+        assert_eq!(
+            (w.target, w.ifindex, w.host_port),
+            (SocketAddrV4::new(ip, 80), 0, 8080)
+        );
+        assert_eq!(
+            t("127.0.0.1:8080:80").unwrap().ifindex,
+            netns_common::LOOPBACK_IFINDEX
+        );
+        assert_eq!(t("198.51.100.3:8080:80").unwrap().ifindex, 5);
+        assert!(matches!(
+            t("198.51.100.4:8080:80"),
+            Err(PortMapError::NotLocal(_))
+        ));
+    }
+}
