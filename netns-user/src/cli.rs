@@ -100,6 +100,11 @@ pub struct GlobalArgs {
     )]
     pub allow_inbound: Vec<Vec<Cidr>>,
 
+    /// Machine-readable output: every command prints one JSON value on stdout
+    /// (`ls`, `port`, `conntrack`, `stats`, `gc`, `load`, `datapath`, `version`).
+    #[arg(long, global = true)]
+    pub json: bool,
+
     /// Log at debug level (default: warnings only); logs go to stderr.
     #[arg(short, long, env = "NETNS_DEBUG", global = true)]
     pub debug: bool,
@@ -110,11 +115,7 @@ pub enum Command {
     /// Run as OCI hook (the default): state JSON on stdin.
     Hook,
     /// List containers with their address and host veth.
-    Ls {
-        /// JSON array instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
     /// Print version and datapath layout version.
     Version,
     /// Load and attach the datapath (creating the bridge if needed) and exit; with
@@ -130,10 +131,7 @@ pub enum Command {
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
     /// Translation counters and drops by reason.
-    Stats {
-        #[arg(long)]
-        json: bool,
-    },
+    Stats,
     /// Remove expired conntrack entries and reconcile the state directory (tear down
     /// and release what belongs to containers that no longer exist; remove port
     /// forwards, endpoints, host veths and port links no lease owns): once, or every
@@ -160,19 +158,13 @@ pub enum PortCommand {
         specs: Vec<String>,
     },
     /// List forwards.
-    Ls {
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
 }
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum ConntrackCommand {
     /// List flows: protocol, original and translated tuples, state, age, packets/bytes.
-    Ls {
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
     /// Delete every entry.
     Flush,
 }
@@ -185,9 +177,6 @@ pub struct GcArgs {
     /// Detach from the terminal (used by the hook to start the collector).
     #[arg(long, requires = "interval")]
     pub daemon: bool,
-    /// One sweep's report as JSON (`conntrack` and `reconcile` objects).
-    #[arg(long, conflicts_with = "interval")]
-    pub json: bool,
     /// Set the conntrack timeouts (seconds) all collectors use, e.g.
     /// `tcp_syn=120,tcp_established=432000,tcp_fin=120,tcp_close=10,udp=30,udp_stream=120,icmp=30,generic=600`
     /// (generic: protocols other than TCP, UDP and ICMP).
@@ -198,10 +187,7 @@ pub struct GcArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub enum DatapathCommand {
     /// Programs, links and maps: where they are pinned and how many entries.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Replace the programs with this binary's, keeping maps and flows.
     Reload,
     /// Re-attach whatever is missing or detached; reports what it repaired.
@@ -354,7 +340,8 @@ mod tests {
     #[test]
     fn subcommands_and_global_flags_after_them() {
         let cli = parse(&["ls", "--json", "--bridge", "br9"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Ls { json: true })));
+        assert!(matches!(cli.command, Some(Command::Ls)));
+        assert!(cli.global.json);
         assert_eq!(cli.global.bridge, "br9");
         assert!(matches!(
             parse(&["-d", "hook"]).unwrap().command,

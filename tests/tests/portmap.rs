@@ -354,3 +354,40 @@ fn remapping_a_udp_port_flushes_stale_flows() {
     t.netns(&["port", "add", &b.id, "5353:53/udp"]);
     expect(|| t.wan_sh(&q), &format!("B peer={WAN_IP}"));
 }
+
+/// Every verb answers `--json`, the mutating ones included, with what it did.
+#[test]
+fn mutating_verbs_report_what_they_did_as_json() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = t.netns(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let added = json(&["port", "add", &c.id, "8200-8201:9200-9201/udp", "--json"]);
+    let added = added["added"].as_array().expect("added array");
+    assert_eq!(added.len(), 2, "{added:?}");
+    assert!(
+        added
+            .iter()
+            .any(|m| m["host_port"] == 8201 && m["container_port"] == 9201)
+    );
+    // The forwards are really in the port map (read with bpftool, not through netns).
+    assert_eq!(t.map_entries("NETNS_PORTS"), 2);
+    let removed = json(&["port", "rm", &c.id, "8200:9200/udp", "--json"]);
+    assert_eq!(removed["removed"].as_array().map(Vec::len), Some(1));
+    assert_eq!(t.map_entries("NETNS_PORTS"), 1);
+    let flushed = json(&["conntrack", "flush", "--json"]);
+    assert!(flushed["deleted"].is_u64(), "{flushed}");
+    let v = json(&["version", "--json"]);
+    assert_eq!(v["layout_version"], netns_common::LAYOUT_VERSION);
+    let st = json(&["datapath", "status", "--json"]);
+    assert!(
+        st["programs"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| p["id"].is_u64())),
+        "{st}"
+    );
+    let check = json(&["datapath", "check", "--json"]);
+    assert_eq!(check["failed"].as_array().map(Vec::len), Some(0), "{check}");
+}

@@ -123,9 +123,9 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
     let dp = Datapath::open_required(&g.bpffs_dir)?;
     let out = &mut std::io::stdout().lock();
     match cmd {
-        ConntrackCommand::Ls { json } => {
+        ConntrackCommand::Ls => {
             let flows = flows(&dp)?;
-            if *json {
+            if g.json {
                 serde_json::to_writer_pretty(&mut *out, &flows)
                     .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
@@ -147,6 +147,9 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
         }
         ConntrackCommand::Flush => {
             let n = dp.purge_conntrack(|_| true)?;
+            if g.json {
+                return super::print_json(out, &serde_json::json!({ "deleted": n }));
+            }
             writeln!(out, "deleted {n} conntrack entries").map_err(CommandError::Output)?;
         }
     }

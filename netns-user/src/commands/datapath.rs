@@ -3,9 +3,9 @@
 use std::io::Write as _;
 
 use super::CommandError;
-use crate::cgroup;
 use crate::cli::{DatapathCommand, GlobalArgs};
 use crate::datapath::{Datapath, DatapathError, Status};
+use crate::host;
 use crate::network::{self, Netlink};
 
 /// `netns datapath status` as text.
@@ -49,12 +49,10 @@ fn write_status(out: &mut impl std::io::Write, st: &Status) -> std::io::Result<(
 pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
     let out = &mut std::io::stdout().lock();
     match cmd {
-        DatapathCommand::Status { json } => {
+        DatapathCommand::Status => {
             let st = Datapath::open_required(&g.bpffs_dir)?.status()?;
-            if *json {
-                serde_json::to_writer_pretty(&mut *out, &st)
-                    .map_err(|e| CommandError::Output(e.into()))?;
-                writeln!(out).map_err(CommandError::Output)?;
+            if g.json {
+                super::print_json(out, &st)?;
             } else {
                 write_status(out, &st).map_err(CommandError::Output)?;
             }
@@ -62,6 +60,9 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
         DatapathCommand::Reload => {
             let dp = Datapath::open_required(&g.bpffs_dir)?;
             let replaced = dp.reload()?;
+            if g.json {
+                return super::print_json(out, &serde_json::json!({ "switched": replaced }));
+            }
             writeln!(
                 out,
                 "reloaded: {} link(s) switched to the new programs, maps kept",
@@ -71,16 +72,22 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
         }
         DatapathCommand::Check => {
             let dp = Datapath::open_required(&g.bpffs_dir)?;
-            let cfg = super::load::prepare_host(g)?;
-            let cg = cgroup::resolve(&g.cgroup)?;
-            let report = dp.check(&cfg, cg.as_deref())?;
-            if report.repaired.is_empty() && report.failed.is_empty() {
+            let cfg = g.net_config();
+            let h = network::runtime()?.block_on(async {
+                let nl = Netlink::current()?;
+                Ok::<_, CommandError>(host::prepare(&cfg, &nl).await?)
+            })?;
+            let dcfg = host::datapath_config(&cfg, &h.uplink, &h.bridge);
+            let report = dp.check(&dcfg, host::cgroup(&cfg)?.as_deref())?;
+            if g.json {
+                super::print_json(out, &report)?;
+            } else if report.repaired.is_empty() && report.failed.is_empty() {
                 writeln!(out, "ok: every program is attached").map_err(CommandError::Output)?;
             }
-            for r in &report.repaired {
+            for r in report.repaired.iter().filter(|_| !g.json) {
                 writeln!(out, "repaired: {r}").map_err(CommandError::Output)?;
             }
-            for f in &report.failed {
+            for f in report.failed.iter().filter(|_| !g.json) {
                 writeln!(out, "FAILED: {}: {}", f.what, f.error).map_err(CommandError::Output)?;
             }
             if !report.failed.is_empty() {
@@ -91,27 +98,37 @@ pub fn run(g: &GlobalArgs, cmd: &DatapathCommand) -> Result<(), CommandError> {
             }
         }
         DatapathCommand::Unload { delete_bridge } => {
-            match Datapath::open(&g.bpffs_dir)? {
+            let removed = match Datapath::open(&g.bpffs_dir)? {
                 Some(dp) => {
-                    let root = dp.pins().root().display().to_string();
+                    let root = dp.pins().root().to_owned();
                     dp.unload()?;
-                    writeln!(out, "unloaded: removed {root}").map_err(CommandError::Output)?;
+                    Some(root)
                 }
-                None => writeln!(out, "nothing pinned under {}", g.bpffs_dir.display())
-                    .map_err(CommandError::Output)?,
-            }
+                None => None,
+            };
+            let mut bridge_deleted = false;
             if *delete_bridge {
-                let rt = network::runtime()?;
-                let deleted = rt.block_on(async {
+                bridge_deleted = network::runtime()?.block_on(async {
                     let nl = Netlink::current()?;
                     match nl.link_by_name(&g.bridge).await? {
                         Some(l) => nl.del_link(l.index).await,
                         None => Ok(false),
                     }
                 })?;
-                if deleted {
-                    writeln!(out, "deleted bridge {}", g.bridge).map_err(CommandError::Output)?;
-                }
+            }
+            if g.json {
+                return super::print_json(
+                    out,
+                    &serde_json::json!({ "removed": removed, "bridge_deleted": bridge_deleted }),
+                );
+            }
+            match removed {
+                Some(root) => writeln!(out, "unloaded: removed {}", root.display()),
+                None => writeln!(out, "nothing pinned under {}", g.bpffs_dir.display()),
+            }
+            .map_err(CommandError::Output)?;
+            if bridge_deleted {
+                writeln!(out, "deleted bridge {}", g.bridge).map_err(CommandError::Output)?;
             }
         }
     }

@@ -67,7 +67,7 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
             reconcile,
         };
         let out = &mut std::io::stdout().lock();
-        if a.json {
+        if g.json {
             serde_json::to_writer_pretty(&mut *out, &rep)
                 .map_err(|e| CommandError::Output(e.into()))?;
             writeln!(out).map_err(CommandError::Output)?;

@@ -34,20 +34,16 @@ pub fn prepare(cfg: &NetConfig) -> Result<Datapath, CommandError> {
     )?)
 }
 
-/// TEMPORARY during the refactor: the datapath config for `datapath check`.
-pub fn prepare_host(g: &GlobalArgs) -> Result<crate::datapath::DatapathConfig, CommandError> {
-    let cfg = g.net_config();
-    let rt = network::runtime()?;
-    let h = rt.block_on(async {
-        let nl = Netlink::current()?;
-        Ok::<_, CommandError>(host::prepare(&cfg, &nl).await?)
-    })?;
-    Ok(host::datapath_config(&cfg, &h.uplink, &h.bridge))
-}
-
 pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
     let cfg = g.net_config();
     let dp = prepare(&cfg)?;
+    if g.json && !follow {
+        let links = dp.link_status()?;
+        return super::print_json(
+            &mut std::io::stdout().lock(),
+            &serde_json::json!({ "pins": dp.pins().root(), "links": links }),
+        );
+    }
     {
         let out = &mut std::io::stdout().lock();
         writeln!(out, "datapath loaded under {}", dp.pins().root().display())

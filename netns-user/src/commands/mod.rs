@@ -115,6 +115,15 @@ impl CommandError {
     }
 }
 
+/// Prints `v` as one pretty JSON value and a newline (every verb's `--json`).
+pub(crate) fn print_json(
+    out: &mut impl std::io::Write,
+    v: &impl serde::Serialize,
+) -> Result<(), CommandError> {
+    serde_json::to_writer_pretty(&mut *out, v).map_err(|e| CommandError::Output(e.into()))?;
+    writeln!(out).map_err(CommandError::Output)
+}
+
 /// Runs the parsed command line; no command means `hook`.
 pub fn run(cli: Cli) -> Result<(), CommandError> {
     let cmd = cli.command.unwrap_or(Command::Hook);
@@ -123,12 +132,12 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
     }
     match cmd {
         Command::Hook => hook::run(&cli.global),
-        Command::Ls { json } => ls::run(&cli.global, json),
-        Command::Version => version::run(),
+        Command::Ls => ls::run(&cli.global, cli.global.json),
+        Command::Version => version::run(cli.global.json),
         Command::Load { follow } => load::run(&cli.global, follow),
         Command::Port(ref c) => port::run(&cli.global, c),
         Command::Conntrack(ref c) => conntrack::run(&cli.global, c),
-        Command::Stats { json } => stats::run(&cli.global, json),
+        Command::Stats => stats::run(&cli.global, cli.global.json),
         Command::Gc(ref a) => gc::run(&cli.global, a),
         Command::Datapath(ref c) => datapath::run(&cli.global, c),
     }
@@ -138,11 +147,11 @@ pub fn run(cli: Cli) -> Result<(), CommandError> {
 /// read only the state directory. The hook checks per phase once it has read stdin.
 fn needs_datapath_caps(cmd: &Command) -> Option<&'static str> {
     match cmd {
-        Command::Hook | Command::Ls { .. } | Command::Version => None,
+        Command::Hook | Command::Ls | Command::Version => None,
         Command::Load { .. } => Some("netns load"),
         Command::Port(_) => Some("netns port"),
         Command::Conntrack(_) => Some("netns conntrack"),
-        Command::Stats { .. } => Some("netns stats"),
+        Command::Stats => Some("netns stats"),
         Command::Gc(_) => Some("netns gc"),
         Command::Datapath(_) => Some("netns datapath"),
     }

@@ -41,6 +41,9 @@ pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
             let (id, ip) = resolve(&lock, container)?;
             let dp = Datapath::open_required(&g.bpffs_dir)?;
             let added = portmap::add(&lock, &dp, &id, ip, &specs)?;
+            if g.json {
+                return super::print_json(out, &serde_json::json!({ "added": added }));
+            }
             writeln!(out, "added {} port forward(s) to {id} ({ip})", added.len())
                 .map_err(CommandError::Output)?;
         }
@@ -55,13 +58,16 @@ pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
             let doomed = portmap::select(&table, &specs, owner.as_deref())?;
             let dp = Datapath::open(&g.bpffs_dir)?;
             portmap::remove(&lock, dp.as_ref(), &doomed)?;
+            if g.json {
+                return super::print_json(out, &serde_json::json!({ "removed": doomed }));
+            }
             writeln!(out, "removed {} port forward(s)", doomed.len())
                 .map_err(CommandError::Output)?;
         }
-        PortCommand::Ls { json } => {
+        PortCommand::Ls => {
             let mut table = portmap::load_table(&lock)?;
             table.sort_by_key(|m| (m.host_port, m.proto as u8, m.host_ip));
-            if *json {
+            if g.json {
                 serde_json::to_writer_pretty(&mut *out, &table)
                     .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
