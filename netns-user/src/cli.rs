@@ -174,6 +174,11 @@ pub struct GcArgs {
     /// Sweep every SECONDS until the datapath is gone (default: one sweep).
     #[arg(long)]
     pub interval: Option<u64>,
+    /// Testing aid (`fault-injection` builds): sweep once as if SECONDS more had
+    /// passed, so expiry is tested without waiting for the clock.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true, conflicts_with = "interval", value_name = "SECONDS")]
+    pub now_offset: Option<u64>,
     /// Detach from the terminal (used by the hook to start the collector).
     #[arg(long, requires = "interval")]
     pub daemon: bool,

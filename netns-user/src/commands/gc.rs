@@ -59,7 +59,7 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
     let Some(interval) = a.interval else {
         let reconcile = collector::reconcile_once(&cfg)?;
         let conntrack = match Datapath::open(&g.bpffs_dir)? {
-            Some(dp) => Some(gc::sweep(&dp, gc::monotonic_ns())?),
+            Some(dp) => Some(gc::sweep(&dp, gc::monotonic_ns() + now_offset_ns(a))?),
             None => None,
         };
         let rep = SweepReport {
@@ -115,6 +115,19 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
         &cfg,
         Duration::from_secs(interval.max(1)),
     )?)
+}
+
+/// How far ahead of the clock a one-shot sweep looks (`--now-offset`, test builds).
+fn now_offset_ns(a: &GcArgs) -> u64 {
+    #[cfg(feature = "fault-injection")]
+    {
+        a.now_offset.unwrap_or(0).saturating_mul(1_000_000_000)
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = a;
+        0
+    }
 }
 
 #[cfg(test)]
