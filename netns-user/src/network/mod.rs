@@ -56,7 +56,8 @@ pub enum NetworkError {
     InitNetns(u32),
     #[error(
         "the network namespace of pid {pid} already has interfaces ({names}): \
-         a container's new namespace holds only lo, so this pid is probably not the container's"
+         a container's new namespace holds only lo, so this pid is probably not the container's{}",
+        engine_hint(names)
     )]
     NotFresh { pid: u32, names: String },
     #[error("starting the netlink runtime")]
@@ -115,6 +116,17 @@ pub async fn check_fresh_netns(ns: &Netlink, pid: u32, allow: &[&str]) -> Result
             pid,
             names: others.join(", "),
         })
+    }
+}
+
+/// An `eth0` already there is an engine's own network (podman's default, docker's
+/// bridge): netns must be the only network of the container.
+fn engine_hint(names: &str) -> &'static str {
+    if names.split(", ").any(|n| n == "eth0") {
+        "; if an engine gave it a network already (podman, docker), run the container with \
+         `--network none` so netns is its only network"
+    } else {
+        ""
     }
 }
 
@@ -190,4 +202,23 @@ pub fn ifindex_blocking(name: &str) -> Result<u32, NetworkError> {
 /// [`mac_in_netns`] for callers without a runtime.
 pub fn mac_in_netns_blocking(ns: &File, name: &str) -> Result<[u8; 6], NetworkError> {
     runtime()?.block_on(mac_in_netns(ns, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preexisting_eth0_points_at_network_none() {
+        let e = NetworkError::NotFresh {
+            pid: 7,
+            names: "eth0".into(),
+        };
+        assert!(e.to_string().contains("--network none"), "{e}");
+        let e = NetworkError::NotFresh {
+            pid: 7,
+            names: "wg0, veth9".into(),
+        };
+        assert!(!e.to_string().contains("--network none"), "{e}");
+    }
 }
