@@ -127,6 +127,19 @@ pub struct CtKey {
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 
+impl CtKey {
+    /// The key of `tuple` (protocol `proto`) at hook point `dir`, padding zeroed.
+    #[inline(always)]
+    pub const fn new(tuple: Tuple, proto: u8, dir: u8) -> CtKey {
+        CtKey {
+            tuple,
+            proto,
+            dir,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// What created a conntrack entry.
 pub mod ct_kind {
     /// Masquerade of a flow a container opened.

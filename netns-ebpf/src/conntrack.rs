@@ -23,12 +23,7 @@ const PORT_PROBES: u32 = 16;
 
 #[inline(always)]
 pub fn key(pkt: &Packet, dir: u8) -> CtKey {
-    CtKey {
-        tuple: pkt.tuple,
-        proto: pkt.proto,
-        dir,
-        _pad: [0; 2],
-    }
+    CtKey::new(pkt.tuple, pkt.proto, dir)
 }
 
 /// Finds the entry for `key` and accounts the packet to it. Returns the translated
@@ -139,12 +134,7 @@ pub fn host_socket_owns(
 /// deleted so the packet creates a fresh pair. Returns false for the stale case.
 #[inline(always)]
 pub fn check_reverse(pkt: &Packet, xlat: &Tuple) -> bool {
-    let rev_key = CtKey {
-        tuple: xlat.reversed(),
-        proto: pkt.proto,
-        dir: dir::UPLINK_INGRESS,
-        _pad: [0; 2],
-    };
+    let rev_key = CtKey::new(xlat.reversed(), pkt.proto, dir::UPLINK_INGRESS);
     match unsafe { CONNTRACK.get(&rev_key) } {
         Some(r) => {
             if r.xlat.daddr == pkt.tuple.saddr && r.xlat.dport == pkt.tuple.sport {
@@ -185,12 +175,7 @@ struct PairSpec {
 fn create_pair(pkt: &Packet, mut xlat: Tuple, spec: PairSpec, len: u32) -> Result<Tuple, Stat> {
     let now = unsafe { bpf_ktime_get_ns() };
     let orig = pkt.tuple;
-    let mut rev_key = CtKey {
-        tuple: xlat.reversed(),
-        proto: pkt.proto,
-        dir: spec.rev_dir,
-        _pad: [0; 2],
-    };
+    let mut rev_key = CtKey::new(xlat.reversed(), pkt.proto, spec.rev_dir);
     let rev = entry(orig.reversed(), pkt, spec.kind, now, len, false);
     xlat.sport = claim_port(
         &mut rev_key,
@@ -335,12 +320,7 @@ pub fn create_dnat(
         sport: orig.sport,
         dport: target_port,
     };
-    let rev_key = CtKey {
-        tuple: xlat.reversed(),
-        proto: pkt.proto,
-        dir: dir::UPLINK_EGRESS,
-        _pad: [0; 2],
-    };
+    let rev_key = CtKey::new(xlat.reversed(), pkt.proto, dir::UPLINK_EGRESS);
     let rev = entry(orig.reversed(), pkt, ct_kind::DNAT, now, len, false);
     if CONNTRACK.insert(&rev_key, &rev, BPF_ANY as u64).is_err() {
         return Err(Stat::DropCtInsert);
@@ -362,12 +342,7 @@ pub fn create_addr_only(pkt: &Packet, nat_addr: u32, len: u32) -> Result<Tuple, 
         saddr: nat_addr,
         ..orig
     };
-    let rev_key = CtKey {
-        tuple: xlat.reversed(),
-        proto: pkt.proto,
-        dir: dir::UPLINK_INGRESS,
-        _pad: [0; 2],
-    };
+    let rev_key = CtKey::new(xlat.reversed(), pkt.proto, dir::UPLINK_INGRESS);
     let rev = entry(orig.reversed(), pkt, ct_kind::SNAT, now, len, false);
     if CONNTRACK
         .insert(&rev_key, &rev, BPF_NOEXIST as u64)
@@ -406,22 +381,12 @@ pub fn reclaim_for_host(pkt: &Packet) {
     if !opens || pkt.later_fragment {
         return;
     }
-    let rev_key = CtKey {
-        tuple: pkt.tuple.reversed(),
-        proto: pkt.proto,
-        dir: dir::UPLINK_INGRESS,
-        _pad: [0; 2],
-    };
+    let rev_key = CtKey::new(pkt.tuple.reversed(), pkt.proto, dir::UPLINK_INGRESS);
     let fwd_tuple = match unsafe { CONNTRACK.get(&rev_key) } {
         Some(r) if r.kind == ct_kind::SNAT => r.xlat.reversed(),
         _ => return,
     };
-    let fwd_key = CtKey {
-        tuple: fwd_tuple,
-        proto: pkt.proto,
-        dir: dir::UPLINK_EGRESS,
-        _pad: [0; 2],
-    };
+    let fwd_key = CtKey::new(fwd_tuple, pkt.proto, dir::UPLINK_EGRESS);
     let _ = CONNTRACK.remove(&fwd_key);
     let _ = CONNTRACK.remove(&rev_key);
     stats::inc(Stat::CtHostReclaimed);

@@ -110,12 +110,7 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
     }
     // The quoted packet travelled the other way: a packet of the same flow arriving
     // here would carry the quoted tuple reversed.
-    let key = CtKey {
-        tuple: quoted.reversed(),
-        proto: ip.proto,
-        dir: at,
-        _pad: [0; 2],
-    };
+    let key = CtKey::new(quoted.reversed(), ip.proto, at);
     let Some(e) = (unsafe { CONNTRACK.get(&key) }) else {
         return Ok(false);
     };

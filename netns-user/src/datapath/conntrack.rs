@@ -6,7 +6,7 @@ use aya::maps::{HashMap, MapData};
 use netns_common::{Stat, ct_kind, ct_state, dir, maps};
 use serde::Serialize;
 
-use super::{Datapath, DatapathError, absent_ok, map_err};
+use super::{Datapath, DatapathError, absent_ok, hash_entries};
 
 /// Source and destination of a packet. For ICMP queries the identifier stands in for
 /// the port: the source port of a request, the destination port of a reply.
@@ -129,12 +129,7 @@ pub struct ConntrackKey {
 
 impl ConntrackKey {
     fn to_raw(self) -> netns_common::CtKey {
-        netns_common::CtKey {
-            tuple: self.tuple.to_raw(),
-            proto: self.proto,
-            dir: self.dir.to_raw(),
-            _pad: [0; 2],
-        }
+        netns_common::CtKey::new(self.tuple.to_raw(), self.proto, self.dir.to_raw())
     }
 }
 
@@ -190,21 +185,17 @@ impl Datapath {
     fn conntrack_map(
         &self,
     ) -> Result<HashMap<MapData, netns_common::CtKey, netns_common::CtEntry>, DatapathError> {
-        HashMap::try_from(aya::maps::Map::LruHashMap(self.map_data(maps::CONNTRACK)?))
-            .map_err(map_err("opening the conntrack map"))
+        self.hash_map(maps::CONNTRACK, true, "opening the conntrack map")
     }
 
     /// All conntrack entries (both halves of every flow).
     pub fn conntrack_entries(&self) -> Result<Vec<ConntrackEntry>, DatapathError> {
-        let ct = self.conntrack_map()?;
-        let mut out = Vec::new();
-        for item in ct.iter() {
-            // An entry evicted or deleted while iterating is skipped.
-            if let Some((k, v)) = absent_ok(item, "reading the conntrack map")? {
-                out.extend(ConntrackEntry::from_raw(&k, &v));
-            }
-        }
-        Ok(out)
+        Ok(
+            hash_entries(&self.conntrack_map()?, "reading the conntrack map")?
+                .iter()
+                .filter_map(|(k, v)| ConntrackEntry::from_raw(k, v))
+                .collect(),
+        )
     }
 
     /// Deletes every conntrack entry matching `pred`; returns how many.

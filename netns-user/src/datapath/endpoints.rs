@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use aya::maps::{HashMap, MapData};
 use netns_common::maps;
 
-use super::{Datapath, DatapathError, absent_ok, map_err};
+use super::{Datapath, DatapathError, absent_ok, hash_entries, key_count, map_err};
 
 /// A container on the bridge: the ifindex of its host veth and its eth0 MAC (the map
 /// value itself: neither field has a byte order).
@@ -70,17 +70,14 @@ impl Endpoints {
 
     /// Every endpoint (an entry deleted while listing is skipped).
     pub fn list(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
-        let mut out = Vec::new();
-        for r in self.0.iter() {
-            if let Some((k, ep)) = absent_ok(r, "reading the endpoint map")? {
-                out.push((Ipv4Addr::from(u32::from_be(k)), ep));
-            }
-        }
-        Ok(out)
+        Ok(hash_entries(&self.0, "reading the endpoint map")?
+            .into_iter()
+            .map(|(k, ep)| (Ipv4Addr::from(u32::from_be(k)), ep))
+            .collect())
     }
 
     pub fn len(&self) -> usize {
-        self.0.keys().filter(Result::is_ok).count()
+        key_count(&self.0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -118,17 +115,14 @@ impl BridgePorts {
     }
 
     pub fn list(&self) -> Result<Vec<(u32, BridgePort)>, DatapathError> {
-        let mut out = Vec::new();
-        for r in self.0.iter() {
-            if let Some((i, p)) = absent_ok(r, "reading the bridge port map")? {
-                out.push((i, BridgePort::from_raw(&p)));
-            }
-        }
-        Ok(out)
+        Ok(hash_entries(&self.0, "reading the bridge port map")?
+            .into_iter()
+            .map(|(i, p)| (i, BridgePort::from_raw(&p)))
+            .collect())
     }
 
     pub fn len(&self) -> usize {
-        self.0.keys().filter(Result::is_ok).count()
+        key_count(&self.0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -138,15 +132,13 @@ impl BridgePorts {
 
 impl Datapath {
     pub fn endpoints(&self) -> Result<Endpoints, DatapathError> {
-        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::ENDPOINTS)?))
+        self.hash_map(maps::ENDPOINTS, false, "opening the endpoint map")
             .map(Endpoints)
-            .map_err(map_err("opening the endpoint map"))
     }
 
     pub fn bridge_ports(&self) -> Result<BridgePorts, DatapathError> {
-        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::BRIDGE_PORTS)?))
+        self.hash_map(maps::BRIDGE_PORTS, false, "opening the bridge port map")
             .map(BridgePorts)
-            .map_err(map_err("opening the bridge port map"))
     }
 
     /// Registers a container address, then opens its bridge port for frames from the

@@ -183,6 +183,23 @@ fn absent_ok<T>(
     }
 }
 
+/// Every entry of a hash map; one deleted (or evicted) while listing is skipped.
+fn hash_entries<K: aya::Pod, V: aya::Pod>(
+    m: &aya::maps::HashMap<MapData, K, V>,
+    what: &str,
+) -> Result<Vec<(K, V)>, DatapathError> {
+    let mut out = Vec::new();
+    for r in m.iter() {
+        out.extend(absent_ok(r, what)?);
+    }
+    Ok(out)
+}
+
+/// How many keys a hash map holds now (no value is read).
+fn key_count<K: aya::Pod, V: aya::Pod>(m: &aya::maps::HashMap<MapData, K, V>) -> usize {
+    m.keys().filter(Result::is_ok).count()
+}
+
 /// An open, loaded datapath (pinned maps opened from bpffs).
 pub struct Datapath {
     pins: Pins,
@@ -226,6 +243,22 @@ impl Datapath {
     fn map_data(&self, name: &str) -> Result<MapData, DatapathError> {
         let p = self.pins.map(name);
         MapData::from_pin(&p).map_err(map_err(format!("opening pinned map {}", p.display())))
+    }
+
+    /// Opens the pinned hash map `name` (an LRU one with `lru`), typed.
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &str,
+        lru: bool,
+        what: &str,
+    ) -> Result<aya::maps::HashMap<MapData, K, V>, DatapathError> {
+        let data = self.map_data(name)?;
+        let m = if lru {
+            aya::maps::Map::LruHashMap(data)
+        } else {
+            aya::maps::Map::HashMap(data)
+        };
+        aya::maps::HashMap::try_from(m).map_err(map_err(what))
     }
 }
 

@@ -8,7 +8,7 @@ use aya::maps::{HashMap, MapData};
 use netns_common::{IPPROTO_TCP, IPPROTO_UDP, PortKey, PortTarget, maps};
 use serde::{Deserialize, Serialize};
 
-use super::{Datapath, DatapathError, absent_ok, map_err};
+use super::{Datapath, DatapathError, absent_ok, hash_entries, key_count, map_err};
 
 /// The protocols port forwards exist for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -155,17 +155,14 @@ impl PortForwards {
     /// Every forward (entries of protocols other than TCP and UDP, which netns never
     /// writes and the programs never look up, are left out).
     pub fn list(&self) -> Result<Vec<PortForward>, DatapathError> {
-        let mut out = Vec::new();
-        for r in self.0.iter() {
-            if let Some((k, t)) = absent_ok(r, "reading the port map")? {
-                out.extend(PortForward::from_raw(&k, &t));
-            }
-        }
-        Ok(out)
+        Ok(hash_entries(&self.0, "reading the port map")?
+            .iter()
+            .filter_map(|(k, t)| PortForward::from_raw(k, t))
+            .collect())
     }
 
     pub fn len(&self) -> usize {
-        self.0.keys().filter(Result::is_ok).count()
+        key_count(&self.0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -175,9 +172,8 @@ impl PortForwards {
 
 impl Datapath {
     pub fn port_forwards(&self) -> Result<PortForwards, DatapathError> {
-        HashMap::try_from(aya::maps::Map::HashMap(self.map_data(maps::PORTS)?))
+        self.hash_map(maps::PORTS, false, "opening the port map")
             .map(PortForwards)
-            .map_err(map_err("opening the port map"))
     }
 }
 

@@ -4,14 +4,13 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use aya::maps::HashMap;
 use aya::programs::ProgramInfo;
-use netns_common::{FragKey, FragPorts, LAYOUT_VERSION, SockKey, SockOrig, maps};
+use netns_common::{CtEntry, CtKey, FragKey, FragPorts, LAYOUT_VERSION, SockKey, SockOrig, maps};
 use serde::Serialize;
 
 use super::attach::{ifname, pinned_links};
 use super::pins::Pins;
-use super::{Datapath, DatapathError, map_err, prog_err, sys};
+use super::{Datapath, DatapathError, key_count, map_err, prog_err, sys};
 
 /// Where a link attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -192,23 +191,22 @@ impl Datapath {
             let info = data
                 .info()
                 .map_err(map_err(format!("map info of {name}")))?;
+            // Counted by key: no value is read (the conntrack table can be large).
             let entries = match name {
-                maps::CONNTRACK => self.conntrack_entries()?.len(),
+                maps::CONNTRACK => {
+                    key_count(&self.hash_map::<CtKey, CtEntry>(name, true, "conntrack map")?)
+                }
                 maps::ENDPOINTS => self.endpoints()?.len(),
                 maps::BRIDGE_PORTS => self.bridge_ports()?.len(),
                 maps::PORTS => self.port_forwards()?.len(),
                 maps::INBOUND => self.inbound_entries()?.len(),
-                maps::SOCK_REVNAT => {
-                    let m: HashMap<_, SockKey, SockOrig> =
-                        HashMap::try_from(aya::maps::Map::LruHashMap(data))
-                            .map_err(map_err("socket reverse map"))?;
-                    m.keys().filter(Result::is_ok).count()
-                }
+                maps::SOCK_REVNAT => key_count(&self.hash_map::<SockKey, SockOrig>(
+                    name,
+                    true,
+                    "socket reverse map",
+                )?),
                 maps::FRAGS => {
-                    let m: HashMap<_, FragKey, FragPorts> =
-                        HashMap::try_from(aya::maps::Map::LruHashMap(data))
-                            .map_err(map_err("fragment map"))?;
-                    m.keys().filter(Result::is_ok).count()
+                    key_count(&self.hash_map::<FragKey, FragPorts>(name, true, "fragment map")?)
                 }
                 // Arrays: every slot exists.
                 _ => info.max_entries() as usize,
