@@ -9,7 +9,7 @@
 /// Bumped whenever a map key, value or map definition changes. It is part of the bpffs
 /// pin directory name because aya reuses an existing pinned map without checking its
 /// layout: a new layout must never open an old map.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Map names; maps are pinned by these names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
 pub mod maps {
@@ -24,6 +24,12 @@ pub mod maps {
     pub const SCRATCH: &str = "NETNS_SCRATCH";
     pub const BRIDGE_PORTS: &str = "NETNS_BRPORTS";
     pub const INBOUND: &str = "NETNS_INBOUND";
+    /// Pairs whose reply was not seen yet (TCP: handshake not complete).
+    pub const CT_NEW: &str = "NETNS_CTNEW";
+    /// A copy of every assured half's translation, to rebuild a half LRU lost.
+    pub const CT_KEEP: &str = "NETNS_CTKEEP";
+    /// Conntrack pairs per container (the `--ct-max-per-container` budget).
+    pub const CT_COUNT: &str = "NETNS_CTCOUNT";
 }
 
 /// Program (function) names in the eBPF object.
@@ -158,26 +164,98 @@ pub mod ct_state {
     pub const CLOSE: u8 = 3;
 }
 
+/// Bits of [`CtEntry::flags`].
+pub mod ct_flags {
+    /// The half of the packet that opened the flow (the pair is counted there).
+    pub const FWD: u8 = 1;
+    /// A packet of the other direction was seen (set on both halves).
+    pub const REPLIED: u8 = 2;
+    /// UDP: replied and still active more than 2 s after creation (Linux's stream
+    /// state, 120 s instead of 30 s).
+    pub const STREAM: u8 = 4;
+    /// TCP: `seq_end` and `win` hold values seen on the wire.
+    pub const SEQ_KNOWN: u8 = 8;
+}
+
 /// Conntrack value: what a packet matching the key is rewritten to. Each flow has two
 /// entries, one per direction; the other entry's key is `xlat.reversed()` at the other
-/// hook point.
+/// hook point (see `partner_dir`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CtEntry {
     pub xlat: Tuple,
-    /// One of [`ct_state`].
+    /// One of [`ct_state`], kept the same on both halves.
     pub state: u8,
     /// One of [`ct_kind`].
     pub kind: u8,
-    pub _pad: [u8; 2],
+    /// Bits of [`ct_flags`].
+    pub flags: u8,
+    pub _pad: u8,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` at the last packet in this direction.
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// The container the flow belongs to (network order): the masqueraded source, the
+    /// port forward's target, the hairpinning client.
+    pub owner: u32,
+    /// The owner's endpoint generation at creation: an entry whose owner has gone (or
+    /// whose address a new container took) is stale and treated as absent.
+    pub generation: u32,
+    /// TCP: the sequence number after the last segment this direction's sender sent.
+    pub seq_end: u32,
+    /// TCP: the raw (unscaled) window this direction's sender last advertised.
+    pub win: u16,
+    pub _pad2: u16,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 64);
+
+/// The hook point of the other half of a pair whose half is at `dir`.
+#[inline(always)]
+pub const fn partner_dir(d: u8) -> u8 {
+    match d {
+        dir::UPLINK_EGRESS => dir::UPLINK_INGRESS,
+        dir::UPLINK_INGRESS => dir::UPLINK_EGRESS,
+        _ => dir::BRIDGE,
+    }
+}
+
+impl CtEntry {
+    /// The key of this half's partner, given this half's key.
+    #[inline(always)]
+    pub const fn partner_key(&self, key: &CtKey) -> CtKey {
+        CtKey::new(self.xlat.reversed(), key.proto, partner_dir(key.dir))
+    }
+}
+
+/// What `NETNS_CTKEEP` remembers of an assured half: enough to rebuild it while its
+/// partner lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CtKeep {
+    pub xlat: Tuple,
+    pub kind: u8,
+    /// [`ct_flags::FWD`] or 0.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    pub owner: u32,
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtKeep>() == 24);
+
+/// A container's conntrack pairs (`NETNS_CTCOUNT`, keyed by its address). LRU evictions
+/// are not seen, so `count` can only be too high; a sweep recounts it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CtCount {
+    pub count: u32,
+    /// The endpoint generation the count belongs to (reset when it changes).
+    pub generation: u32,
+    /// When the last recount ran (`bpf_ktime_get_ns`).
+    pub recount_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtCount>() == 16);
 
 /// The datapath's settings: one entry of an array map, rewritten by user space when the
 /// uplink address changes.
@@ -201,11 +279,15 @@ pub struct Config {
     pub _pad: [u8; 2],
     /// Cookie of the network namespace netns manages: socket hooks act only there.
     pub netns_cookie: u64,
-    /// Conntrack timeouts (seconds), read by the garbage collector. User-space-only
-    /// settings (the collector's interval) do not live here.
+    /// Conntrack timeouts (seconds): the datapath expires entries by them on lookup,
+    /// the collector and the in-kernel sweep too.
     pub timeouts: Timeouts,
+    /// Most conntrack pairs one container may hold (0: no limit).
+    pub ct_per_container: u32,
+    /// Random salt of the NAT port probe sequence (set once at load).
+    pub port_seed: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 80);
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
 
 /// Conntrack timeouts in seconds, by state; defaults are Linux conntrack's.
 #[repr(C)]
@@ -252,8 +334,21 @@ pub struct Endpoint {
     /// The container's `eth0` MAC address.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Nonzero, different for every container that held this address
+    /// ([`endpoint_generation`] of its ID): conntrack entries of an earlier one are stale.
+    pub generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 12);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
+
+/// An endpoint's generation from its container ID (FNV-1a, never 0).
+pub fn endpoint_generation(container_id: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in container_id.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    if h == 0 { 1 } else { h }
+}
 
 /// Port-forward key. `host_addr` 0 matches any local address.
 #[repr(C)]
@@ -370,7 +465,7 @@ pub struct StashedFrame {
 }
 const _: () = assert!(core::mem::size_of::<StashedFrame>() == 8 + STASH_FRAME_MAX);
 
-/// Ports of a fragmented datagram's first fragment.
+/// What the first fragment of a datagram said, for its later fragments.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragPorts {
@@ -380,8 +475,13 @@ pub struct FragPorts {
     /// fragments pass untouched, with no stash.
     pub host: u8,
     pub _pad: [u8; 3],
+    /// The addresses the first fragment was translated to (egress and hairpin; 0: not
+    /// recorded), and the bridge port a hairpinned datagram was redirected to.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<FragPorts>() == 8);
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 20);
 
 /// Indexes into the per-CPU counter array. Every drop has its own reason.
 #[repr(u32)]
@@ -464,10 +564,28 @@ pub enum Stat {
     LogSuppressed,
     /// Packets to a mapped port left to a host socket that owns the flow.
     HostSocketPassed,
+    /// A new pair refused: its container holds `--ct-max-per-container` pairs.
+    DropCtBudget,
+    /// A TCP segment other than a SYN to a mapped port, with no flow: no state is made.
+    DropTcpNoState,
+    /// Entries found idle past their timeout on lookup and removed (lazy expiry).
+    CtExpired,
+    /// Entries of a container that is gone (or whose address a new one took) removed.
+    CtStale,
+    /// Pairs moved from the unreplied table to the main one (reply seen, handshake done).
+    CtPromoted,
+    /// A TCP RST outside the window: ignored, the flow stays.
+    TcpBlindRst,
+    /// A new SYN on a closed TCP flow's tuple: the old pair was replaced.
+    CtReopened,
+    /// In-kernel conntrack sweeps (budget recounts).
+    CtSweeps,
+    /// An assured pair without a copy in NETNS_CTKEEP (it was full): not repairable.
+    CtUnkept,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::HostSocketPassed as u32 + 1;
+    pub const COUNT: u32 = Stat::CtUnkept as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -511,6 +629,15 @@ impl Stat {
         Stat::CtHostReclaimed,
         Stat::LogSuppressed,
         Stat::HostSocketPassed,
+        Stat::DropCtBudget,
+        Stat::DropTcpNoState,
+        Stat::CtExpired,
+        Stat::CtStale,
+        Stat::CtPromoted,
+        Stat::TcpBlindRst,
+        Stat::CtReopened,
+        Stat::CtSweeps,
+        Stat::CtUnkept,
     ];
 
     /// Stable name used by `netns stats`.
@@ -557,6 +684,15 @@ impl Stat {
             Stat::CtHostReclaimed => "ct_host_reclaimed",
             Stat::LogSuppressed => "log_suppressed",
             Stat::HostSocketPassed => "host_socket_passed",
+            Stat::DropCtBudget => "drop_ct_budget",
+            Stat::DropTcpNoState => "drop_tcp_no_state",
+            Stat::CtExpired => "ct_expired",
+            Stat::CtStale => "ct_stale",
+            Stat::CtPromoted => "ct_promoted",
+            Stat::TcpBlindRst => "tcp_blind_rst",
+            Stat::CtReopened => "ct_reopened",
+            Stat::CtSweeps => "ct_sweeps",
+            Stat::CtUnkept => "ct_unkept",
         }
     }
 
@@ -577,6 +713,8 @@ impl Stat {
                 | Stat::DropEthertype
                 | Stat::DropIcmpType
                 | Stat::DropProtoCollision
+                | Stat::DropCtBudget
+                | Stat::DropTcpNoState
         )
     }
 }
@@ -588,6 +726,12 @@ pub const PORTS_MAX_ENTRIES: u32 = 131_072;
 pub const FRAGS_MAX_ENTRIES: u32 = 8_192;
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
 pub const FRAG_STASH_MAX_ENTRIES: u32 = 256;
+/// The unreplied table is this fraction of the main one (never under 16 entries).
+pub const CT_NEW_DIVISOR: u32 = 4;
+pub const CT_NEW_MAX_ENTRIES: u32 = CT_MAX_ENTRIES / CT_NEW_DIVISOR;
+pub const CT_COUNT_MAX_ENTRIES: u32 = 65_536;
+/// Default `--ct-max-per-container`: a quarter of the default table.
+pub const CT_PER_CONTAINER_DEFAULT: u32 = CT_MAX_ENTRIES / 4;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -607,6 +751,8 @@ mod pod {
     unsafe impl aya::Pod for BridgePort {}
     unsafe impl aya::Pod for InboundKey {}
     unsafe impl aya::Pod for Timeouts {}
+    unsafe impl aya::Pod for CtKeep {}
+    unsafe impl aya::Pod for CtCount {}
 }
 
 #[cfg(test)]

@@ -86,11 +86,17 @@ fn entry(xlat: Tuple, pkt: &Packet, kind: u8, now: u64, len: u32, counted: bool)
         xlat,
         state: initial_state(pkt),
         kind,
-        _pad: [0; 2],
+        flags: 0,
+        _pad: 0,
         created_ns: now,
         last_seen_ns: now,
         packets: counted as u64,
         bytes: if counted { len as u64 } else { 0 },
+        owner: 0,
+        generation: 0,
+        seq_end: 0,
+        win: 0,
+        _pad2: 0,
     }
 }
 

@@ -2,20 +2,37 @@
 //! and a reloaded program all share one set of maps.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use netns_common::{
-    BRIDGE_PORTS_MAX_ENTRIES, BridgePort, CT_MAX_ENTRIES, Config, CtEntry, CtKey,
-    ENDPOINTS_MAX_ENTRIES, Endpoint, FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FragKey, FragPorts,
-    INBOUND_MAX_ENTRIES, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey,
-    SockOrig, StashKey, StashedFrame, Stat,
+    BRIDGE_PORTS_MAX_ENTRIES, BridgePort, CT_COUNT_MAX_ENTRIES, CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES,
+    Config, CtCount, CtEntry, CtKeep, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
+    FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FragKey, FragPorts, INBOUND_MAX_ENTRIES,
+    PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, SockOrig, StashKey,
+    StashedFrame, Stat,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
 /// least recently used flow rather than refusing new ones.
 #[map(name = "NETNS_CT")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
+
+/// Pairs whose reply was not seen yet (TCP: handshake not complete): a flood of them
+/// (spoofed SYNs, a container spraying UDP) evicts only its own kind, never an
+/// established flow. A pair moves to `CONNTRACK` once assured.
+#[map(name = "NETNS_CTNEW")]
+pub static CT_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_NEW_MAX_ENTRIES, 0);
+
+/// A copy of each assured half's translation (not LRU: never evicted), so that a half
+/// the LRU dropped is rebuilt on the packet that misses it while its partner lives.
+#[map(name = "NETNS_CTKEEP")]
+pub static CT_KEEP: HashMap<CtKey, CtKeep> = HashMap::pinned(CT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Pairs per container, for `--ct-max-per-container`.
+#[map(name = "NETNS_CTCOUNT")]
+pub static CT_COUNT: HashMap<u32, CtCount> = HashMap::pinned(CT_COUNT_MAX_ENTRIES, 0);
 
 #[map(name = "NETNS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

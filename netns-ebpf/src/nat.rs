@@ -88,6 +88,9 @@ fn remember_frag(pkt: &Packet, host: bool) {
             dport: pkt.tuple.dport,
             host: host as u8,
             _pad: [0; 3],
+            saddr: 0,
+            daddr: 0,
+            ifindex: 0,
         };
         let _ = FRAGS.insert(&frag_key(pkt), &ports, BPF_ANY as u64);
     }

@@ -81,6 +81,13 @@ pub struct GlobalArgs {
     #[arg(long, env = "NETNS_CT_MAX", value_parser = clap::value_parser!(u32).range(2..), global = true)]
     pub ct_max: Option<u32>,
 
+    /// Most conntrack flows one container may hold; its new flows past that are
+    /// dropped and counted (`drop_ct_budget`), other containers' are unaffected. 0 = no
+    /// limit. Set each time the datapath is loaded [default: a quarter of --ct-max, in
+    /// flows (half the table)].
+    #[arg(long, env = "NETNS_CT_MAX_PER_CONTAINER", global = true)]
+    pub ct_max_per_container: Option<u32>,
+
     /// Seconds between conntrack garbage-collection sweeps of the collector the hook
     /// starts (see `netns gc`).
     #[arg(long, env = "NETNS_GC_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..), global = true)]
@@ -218,6 +225,7 @@ impl GlobalArgs {
             nat_ports: self.nat_ports,
             cgroup: self.cgroup.clone(),
             ct_max: self.ct_max,
+            ct_max_per_container: self.ct_max_per_container,
             gc_interval: self.gc_interval,
             allow_inbound: self.inbound_cidrs(),
         }

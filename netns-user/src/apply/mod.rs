@@ -140,13 +140,14 @@ pub struct Applied {
 /// on the interfaces `addrs` gives).
 pub fn desired(leases: &BTreeMap<String, Lease>, table: &[Mapping], addrs: &LocalAddrs) -> Desired {
     let mut d = Desired::default();
-    for l in leases.values() {
+    for (id, l) in leases {
         match l.mac.as_deref().and_then(parse_mac) {
             Some(mac) if l.complete && l.host_ifindex != 0 => {
                 let ep = Endpoint {
                     ifindex: l.host_ifindex,
                     mac,
                     _pad: [0; 2],
+                    generation: netns_common::endpoint_generation(id),
                 };
                 d.maps.endpoints.insert(l.ip, ep);
                 d.maps

@@ -93,6 +93,7 @@ fn plan_writes_what_differs_and_removes_what_nothing_owns() {
         ifindex,
         mac,
         _pad: [0; 2],
+        generation: 1,
     };
     let fwd = |m: &Mapping| {
         m.forward(&LocalAddrs::from_pairs([(4, NOT_LOCAL)]))

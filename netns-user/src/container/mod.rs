@@ -220,6 +220,7 @@ impl Setup<'_> {
             ifindex: host_index,
             mac,
             _pad: [0; 2],
+            generation: netns_common::endpoint_generation(self.req.id),
         };
         dp.add_endpoint(lease.ip, ep)
             .map_err(|e| (step, e.into()))?;

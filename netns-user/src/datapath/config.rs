@@ -24,6 +24,8 @@ pub struct DatapathConfig {
     pub nat_ports: (u16, u16),
     /// Size of the conntrack table when the datapath is first loaded (None: default).
     pub ct_max: Option<u32>,
+    /// Conntrack pairs one container may hold (0: no limit).
+    pub ct_per_container: u32,
     /// `--allow-inbound`: what the inbound trie holds after [`Datapath::ensure_loaded`].
     pub allow_inbound: Vec<Cidr>,
 }
@@ -42,6 +44,8 @@ pub struct Settings {
     pub bridge_mac: [u8; 6],
     pub netns_cookie: u64,
     pub timeouts: Timeouts,
+    pub ct_per_container: u32,
+    pub port_seed: u32,
 }
 
 impl Settings {
@@ -60,6 +64,8 @@ impl Settings {
             _pad: [0; 2],
             netns_cookie: self.netns_cookie,
             timeouts: self.timeouts,
+            ct_per_container: self.ct_per_container,
+            port_seed: self.port_seed,
         }
     }
 
@@ -76,6 +82,8 @@ impl Settings {
             bridge_mac: c.bridge_mac,
             netns_cookie: c.netns_cookie,
             timeouts: c.timeouts,
+            ct_per_container: c.ct_per_container,
+            port_seed: c.port_seed,
         }
     }
 }
@@ -109,6 +117,8 @@ impl DatapathConfig {
             bridge_mac,
             netns_cookie,
             timeouts: Timeouts::default(),
+            ct_per_container: self.ct_per_container,
+            port_seed: 0,
         })
     }
 }
@@ -139,6 +149,12 @@ impl Datapath {
         if old.timeouts.tcp_established != 0 {
             v.timeouts = old.timeouts;
         }
+        // The probe salt is chosen once: flows keep the ports they were given.
+        v.port_seed = if old.port_seed != 0 {
+            old.port_seed
+        } else {
+            sys::random_u32().map_err(io("reading a random port seed"))? | 1
+        };
         self.write_raw_config(v.to_raw())
     }
 
@@ -177,6 +193,8 @@ mod tests {
             bridge_mac: [2, 0, 0, 0, 0, 1],
             netns_cookie: 4096,
             timeouts: Timeouts::default(),
+            ct_per_container: 100,
+            port_seed: 7,
         };
         let raw = s.to_raw();
         assert_eq!(raw.subnet, u32::from(Ipv4Addr::new(172, 19, 0, 0)).to_be());

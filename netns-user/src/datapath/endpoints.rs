@@ -203,6 +203,7 @@ mod tests {
             ifindex: 7,
             mac: p.mac,
             _pad: [0; 2],
+            generation: 1,
         };
         assert_eq!(BridgePort::of(p.ip, &ep), p);
     }

@@ -146,6 +146,8 @@ fn load_and_pin(pins: &impl PinLayout, ct_max: Option<u32>) -> Result<(), Datapa
     loader.default_map_pin_directory(pins.maps_dir());
     if let Some(n) = ct_max {
         loader.map_max_entries(maps::CONNTRACK, n);
+        loader.map_max_entries(maps::CT_KEEP, n);
+        loader.map_max_entries(maps::CT_NEW, (n / netns_common::CT_NEW_DIVISOR).max(16));
     }
     let mut ebpf: Ebpf = loader
         .load(OBJECT)

@@ -132,3 +132,14 @@ pub fn netns_cookie() -> std::io::Result<u64> {
     )?;
     Ok(socket::getsockopt(&sock, NetnsCookie)?)
 }
+
+/// Four random bytes from the kernel (getrandom(2)).
+pub fn random_u32() -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u32::from_ne_bytes(b))
+}
