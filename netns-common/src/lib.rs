@@ -715,6 +715,7 @@ impl Stat {
                 | Stat::DropProtoCollision
                 | Stat::DropCtBudget
                 | Stat::DropTcpNoState
+                | Stat::TcpBlindRst
         )
     }
 }

@@ -60,7 +60,7 @@ fn become_frame(ctx: &TcContext, frame: *const StashedFrame) -> Result<(), Stat>
 
 /// Keeps a copy of the current (later) fragment of datagram `key`, in case its first
 /// fragment turns out to be a container's. The original goes on to the host.
-#[inline(always)]
+#[inline(never)]
 pub fn stash(ctx: &TcContext, key: &FragKey) -> Result<(), Stat> {
     let frame = capture(ctx)?;
     let mut slot = 0;
@@ -81,7 +81,7 @@ pub fn stash(ctx: &TcContext, key: &FragKey) -> Result<(), Stat> {
 /// After the first fragment of datagram `key` was translated and its ports cached:
 /// sends every held fragment of it back into `ifindex`'s ingress, then restores the
 /// current packet.
-#[inline(always)]
+#[inline(never)]
 pub fn replay(ctx: &TcContext, key: &FragKey, ifindex: u32) -> Result<(), Stat> {
     // Cheap check first: nothing held is the common case.
     if unsafe {

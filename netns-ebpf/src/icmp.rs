@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use netns_common::{CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple, dir};
 
 use crate::{
-    maps::CONNTRACK,
+    conntrack,
     packet::{
         ICMP_CSUM, ICMP_ID, ICMP_QUOTE, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPH_CSUM,
         IPH_DADDR, IPH_SADDR, Ipv4Hdr, L4_DPORT, L4_SPORT, Packet, icmp_query, l4_csum_off,
@@ -60,7 +60,7 @@ fn patch_inner_csum(
 
 /// Translates an ICMP error seen at hook point `at` (uplink ingress or egress). Returns
 /// false if it is not about a tracked flow (it then passes untouched).
-#[inline(always)]
+#[inline(never)]
 pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, Stat> {
     let icmp_csum = outer.l4_off + ICMP_CSUM;
     let ip_off = outer.l4_off + ICMP_QUOTE;
@@ -111,7 +111,7 @@ pub fn translate_error(ctx: &TcContext, outer: &Packet, at: u8) -> Result<bool, 
     // The quoted packet travelled the other way: a packet of the same flow arriving
     // here would carry the quoted tuple reversed.
     let key = CtKey::new(quoted.reversed(), ip.proto, at);
-    let Some(e) = (unsafe { CONNTRACK.get(&key) }) else {
+    let Some(e) = conntrack::peek(&key) else {
         return Ok(false);
     };
     let new_quoted = e.xlat.reversed();

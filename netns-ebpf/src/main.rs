@@ -17,6 +17,7 @@ mod packet;
 mod portfwd;
 mod sock;
 mod stats;
+mod sweep;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},

@@ -75,6 +75,19 @@ pub static SCRATCH: PerCpuArray<StashedFrame> = PerCpuArray::with_max_entries(1,
 pub static SOCK_REVNAT: LruHashMap<SockKey, SockOrig> =
     LruHashMap::pinned(SOCK_REVNAT_MAX_ENTRIES, 0);
 
+/// Per-CPU room for the two halves of a pair being made (the BPF stack is small).
+#[map(name = "NETNS_CTSCR")]
+pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per-CPU counter of the sweep in progress (a callback's count lives here, not on
+/// the stack, where the verifier would follow every value it takes).
+#[map(name = "NETNS_SWEEPN")]
+pub static SWEEP_COUNT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Time of the last sweep of `CT_KEEP` (rate limit; a racy write only runs one more).
+#[map(name = "NETNS_SWEEPT")]
+pub static SWEEP_LAST: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Per-CPU time of the last datapath log line (rate limit).
 #[map(name = "NETNS_LOGRL")]
 pub static LOG_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

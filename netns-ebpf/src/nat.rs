@@ -12,9 +12,10 @@ use netns_common::{
 };
 
 use crate::{
-    conntrack, frag, icmp,
+    conntrack::{self, Lookup},
+    frag, icmp,
     maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed},
-    packet::{self, ETH_HLEN, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, L4, Packet, Parsed},
+    packet::{self, ETH_HLEN, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet},
     portfwd,
     stats::{self, Verdict},
 };
@@ -67,33 +68,56 @@ enum FragInfo {
 }
 
 /// Later fragments carry no ports: take them from the first fragment of the datagram.
+/// The last fragment ends the datagram's entry.
 #[inline(always)]
 fn frag_ports(pkt: &mut Packet) -> FragInfo {
-    match unsafe { FRAGS.get(&frag_key(pkt)) } {
+    let k = frag_key(pkt);
+    let info = match unsafe { FRAGS.get(&k) } {
         Some(p) if p.host != 0 => FragInfo::Host,
         Some(p) => {
             pkt.tuple.sport = p.sport;
             pkt.tuple.dport = p.dport;
             FragInfo::Ours
         }
-        None => FragInfo::Unknown,
+        None => return FragInfo::Unknown,
+    };
+    if pkt.last_fragment {
+        let _ = FRAGS.remove(&k);
     }
+    info
 }
 
+/// A first fragment records what its later fragments need: its ports (or that the
+/// datagram is the host's), and where it was translated to and redirected.
 #[inline(always)]
-fn remember_frag(pkt: &Packet, host: bool) {
+fn remember_frag(pkt: &Packet, host: bool, xlat: Option<&Tuple>, ifindex: u32) {
     if pkt.first_fragment {
         let ports = FragPorts {
             sport: pkt.tuple.sport,
             dport: pkt.tuple.dport,
             host: host as u8,
             _pad: [0; 3],
-            saddr: 0,
-            daddr: 0,
-            ifindex: 0,
+            saddr: xlat.map_or(0, |t| t.saddr),
+            daddr: xlat.map_or(0, |t| t.daddr),
+            ifindex,
         };
         let _ = FRAGS.insert(&frag_key(pkt), &ports, BPF_ANY as u64);
     }
+}
+
+/// The recorded translation of a later fragment's datagram (egress, hairpin), ended
+/// by its last fragment.
+#[inline(always)]
+fn frag_xlat(pkt: &Packet) -> Option<FragPorts> {
+    let k = frag_key(pkt);
+    let p = match unsafe { FRAGS.get(&k) } {
+        Some(p) if p.host == 0 && p.saddr != 0 => *p,
+        _ => return None,
+    };
+    if pkt.last_fragment {
+        let _ = FRAGS.remove(&k);
+    }
+    Some(p)
 }
 
 pub fn uplink_egress(ctx: &TcContext) -> Verdict {
@@ -111,11 +135,13 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             && !in_subnet(cfg, t.daddr)
             && !inbound_allowed(t.daddr)
     };
-    let pkt = match packet::parse(ctx)? {
-        Parsed::Other => return Ok(()),
-        Parsed::Ipv4(p) => p,
-        Parsed::IcmpError(p) => {
-            if icmp::translate_error(ctx, &p, dir::UPLINK_EGRESS)? {
+    let mut pkt = Packet::EMPTY;
+    match packet::parse_into(ctx, &mut pkt)? {
+        Kind::Other => return Ok(()),
+        Kind::Ipv4 => {}
+        Kind::IcmpError => {
+            let p = &pkt;
+            if icmp::translate_error(ctx, p, dir::UPLINK_EGRESS)? {
                 stats::inc(Stat::IcmpErrors);
             } else if masquerades(&p.tuple) {
                 // An error about no flow of this container's: nothing to translate it
@@ -132,31 +158,31 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
         if !masquerades(&pkt.tuple) {
             return Ok(());
         }
+        // The first fragment's source, when it passed first: a port forward's reply
+        // leaves from the address its mapping is on.
+        let saddr = frag_xlat(&pkt).map_or(cfg.uplink_addr, |p| p.saddr);
         let new = Tuple {
-            saddr: cfg.uplink_addr,
+            saddr,
             ..pkt.tuple
         };
         stats::inc(Stat::FragAddrOnly);
         return packet::rewrite(ctx, &pkt, &new);
     }
     let len = ctx.len();
-    let key = conntrack::key(&pkt, dir::UPLINK_EGRESS);
-    let hit = match conntrack::lookup(&key, &pkt, len) {
-        Some((xlat, kind, _)) if kind == ct_kind::DNAT => {
-            stats::inc(Stat::DnatReplyPackets);
-            Some(xlat)
-        }
-        // The reverse half is checked every 16th packet: an evicted or reclaimed half
-        // is found within 16 packets without a second lookup on every packet.
-        Some((xlat, _, n)) if n & 15 != 0 || conntrack::check_reverse(&pkt, &xlat) => {
-            stats::inc(if pkt.l4 == L4::AddrOnly {
+    let mut xlat = Tuple::default();
+    let hit = match conntrack::lookup(&pkt, dir::UPLINK_EGRESS, len, &mut xlat) {
+        Lookup::Hit(kind) => {
+            stats::inc(if kind == ct_kind::DNAT {
+                Stat::DnatReplyPackets
+            } else if pkt.l4 == L4::AddrOnly {
                 Stat::ProtoAddrOnly
             } else {
                 Stat::SnatPackets
             });
             Some(xlat)
         }
-        _ => None,
+        Lookup::Drop(s) => return Err(s),
+        Lookup::Miss => None,
     };
     let new = match hit {
         Some(xlat) => xlat,
@@ -175,19 +201,12 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             }
             match pkt.l4 {
                 L4::Ports | L4::IcmpQuery => {
-                    let xlat = conntrack::create_snat(
-                        ctx,
-                        &pkt,
-                        cfg.uplink_addr,
-                        cfg.nat_port_min,
-                        cfg.nat_port_max,
-                        len,
-                    )?;
+                    conntrack::create_snat(ctx, &pkt, cfg, len, &mut xlat)?;
                     stats::inc(Stat::SnatPackets);
                     xlat
                 }
                 L4::AddrOnly => {
-                    let xlat = conntrack::create_addr_only(&pkt, cfg.uplink_addr, len)?;
+                    conntrack::create_addr_only(&pkt, cfg.uplink_addr, len, &mut xlat)?;
                     stats::inc(Stat::ProtoAddrOnly);
                     xlat
                 }
@@ -197,6 +216,7 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             }
         }
     };
+    remember_frag(&pkt, false, Some(&new), 0);
     packet::rewrite(ctx, &pkt, &new)
 }
 
@@ -223,13 +243,15 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
     if cfg.uplink_addr == 0 {
         return Ok(());
     }
-    let mut pkt = match packet::parse(ctx)? {
-        Parsed::Other => return Ok(()),
-        Parsed::Ipv4(p) => p,
-        Parsed::IcmpError(p) => {
+    let mut pkt = Packet::EMPTY;
+    match packet::parse_into(ctx, &mut pkt)? {
+        Kind::Other => return Ok(()),
+        Kind::Ipv4 => {}
+        Kind::IcmpError => {
+            let p = &pkt;
             inbound_guard(cfg, &p.tuple)?;
             if p.tuple.daddr == cfg.uplink_addr
-                && icmp::translate_error(ctx, &p, dir::UPLINK_INGRESS)?
+                && icmp::translate_error(ctx, p, dir::UPLINK_INGRESS)?
             {
                 stats::inc(Stat::IcmpErrors);
             }
@@ -267,9 +289,9 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
         }
     }
     let len = ctx.len();
-    let key = conntrack::key(&pkt, dir::UPLINK_INGRESS);
-    let new = match conntrack::lookup(&key, &pkt, len) {
-        Some((xlat, kind, _)) => {
+    let mut xlat = Tuple::default();
+    let new = match conntrack::lookup(&pkt, dir::UPLINK_INGRESS, len, &mut xlat) {
+        Lookup::Hit(kind) => {
             stats::inc(if kind == ct_kind::DNAT {
                 Stat::DnatPackets
             } else {
@@ -277,9 +299,10 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
             });
             xlat
         }
-        None => match forward_target(ctx, &pkt, to_uplink) {
+        Lookup::Drop(s) => return Err(s),
+        Lookup::Miss => match forward_target(ctx, &pkt, to_uplink) {
             Some(t) => {
-                let xlat = conntrack::create_dnat(&pkt, t.addr, t.port, len)?;
+                conntrack::create_dnat(&pkt, t.addr, t.port, len, &mut xlat)?;
                 stats::inc(Stat::DnatPackets);
                 xlat
             }
@@ -287,14 +310,14 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
                 // The host's own: its later fragments pass without a copy, and copies
                 // of ones that overtook this first fragment are dropped.
                 if pkt.first_fragment {
-                    remember_frag(&pkt, true);
+                    remember_frag(&pkt, true, None, 0);
                     frag::discard(&frag_key(&pkt));
                 }
                 return Ok(());
             }
         },
     };
-    remember_frag(&pkt, false);
+    remember_frag(&pkt, false, None, 0);
     packet::rewrite(ctx, &pkt, &new)?;
     if pkt.first_fragment {
         frag::replay(ctx, &frag_key(&pkt), cfg.uplink_ifindex)?;
@@ -315,7 +338,7 @@ fn forward_target(ctx: &TcContext, pkt: &Packet, to_uplink: bool) -> Option<Port
         return None;
     }
     let p = &pkt.tuple;
-    if conntrack::host_socket_owns(ctx, pkt.proto, p.daddr, p.dport, p.saddr, p.sport) {
+    if conntrack::host_socket_owns(ctx, pkt.proto, &p.reversed()) {
         stats::inc(Stat::HostSocketPassed);
         return None;
     }
@@ -392,15 +415,35 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
 /// gateway-sourced packet) is never involved, and a container can reach itself.
 #[inline(always)]
 fn hairpin(ctx: &TcContext, cfg: &Config) -> Result<Option<u32>, Stat> {
-    let pkt = match packet::parse(ctx)? {
-        Parsed::Ipv4(p) if !p.later_fragment && p.l4 == L4::Ports => p,
-        _ => return Ok(None),
-    };
+    let mut pkt = Packet::EMPTY;
+    if packet::parse_into(ctx, &mut pkt)? != Kind::Ipv4 || pkt.l4 != L4::Ports {
+        return Ok(None);
+    }
+    if pkt.later_fragment {
+        // No ports: the first fragment recorded where its datagram went.
+        let Some(f) = frag_xlat(&pkt) else {
+            return Ok(None);
+        };
+        let Some(ep) = (unsafe { ENDPOINTS.get(&f.daddr) }) else {
+            return Err(Stat::DropNoEndpoint);
+        };
+        let ep = *ep;
+        let new = Tuple {
+            saddr: f.saddr,
+            daddr: f.daddr,
+            ..pkt.tuple
+        };
+        packet::rewrite(ctx, &pkt, &new)?;
+        packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac)?;
+        stats::inc(Stat::HairpinPackets);
+        return Ok(Some(f.ifindex));
+    }
     let len = ctx.len();
-    let key = conntrack::key(&pkt, dir::BRIDGE);
-    let new = match conntrack::lookup(&key, &pkt, len) {
-        Some((xlat, _, _)) => xlat,
-        None => {
+    let mut xlat = Tuple::default();
+    let new = match conntrack::lookup(&pkt, dir::BRIDGE, len, &mut xlat) {
+        Lookup::Hit(_) => xlat,
+        Lookup::Drop(s) => return Err(s),
+        Lookup::Miss => {
             let Some(t) = portfwd::lookup(pkt.tuple.daddr, pkt.tuple.dport, pkt.proto) else {
                 return Ok(None);
             };
@@ -410,13 +453,15 @@ fn hairpin(ctx: &TcContext, cfg: &Config) -> Result<Option<u32>, Stat> {
             {
                 return Ok(None);
             }
-            conntrack::create_hairpin(&pkt, cfg, t.addr, t.port, len)?
+            conntrack::create_hairpin(&pkt, cfg, &t, len, &mut xlat)?;
+            xlat
         }
     };
     let ep = match unsafe { ENDPOINTS.get(&new.daddr) } {
         Some(ep) => *ep,
         None => return Err(Stat::DropNoEndpoint),
     };
+    remember_frag(&pkt, false, Some(&new), ep.ifindex);
     packet::rewrite(ctx, &pkt, &new)?;
     packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac)?;
     stats::inc(Stat::HairpinPackets);

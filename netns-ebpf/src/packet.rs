@@ -27,6 +27,8 @@ pub const IPH_DADDR: usize = 16;
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
 pub const TCP_DOFF_FLAGS: usize = 12;
+pub const TCP_SEQ: usize = 4;
+pub const TCP_WIN: usize = 14;
 pub const ICMP_CSUM: usize = 2;
 pub const ICMP_ID: usize = 4;
 pub const ICMP_QUOTE: usize = 8;
@@ -71,10 +73,39 @@ pub struct Packet {
     pub later_fragment: bool,
     /// More-fragments set on a packet with offset 0.
     pub first_fragment: bool,
+    /// Offset != 0 and more-fragments clear: the datagram's last fragment.
+    pub last_fragment: bool,
+    /// TCP (host order): sequence number, the sequence space the segment takes (payload
+    /// plus SYN and FIN), and the raw window.
+    pub tcp_seq: u32,
+    pub tcp_seg_len: u32,
+    pub tcp_win: u16,
     /// TCP flags, ICMP type.
     pub l4_flags: u8,
     /// What identifies the flow beyond the addresses.
     pub l4: L4,
+}
+
+impl Packet {
+    pub const EMPTY: Packet = Packet {
+        tuple: Tuple {
+            saddr: 0,
+            daddr: 0,
+            sport: 0,
+            dport: 0,
+        },
+        proto: 0,
+        l4_off: 0,
+        ip_id: 0,
+        later_fragment: false,
+        first_fragment: false,
+        last_fragment: false,
+        tcp_seq: 0,
+        tcp_seg_len: 0,
+        tcp_win: 0,
+        l4_flags: 0,
+        l4: L4::AddrOnly,
+    };
 }
 
 /// How a packet's flow is told apart from others to the same peer.
@@ -131,9 +162,34 @@ pub fn eth(ctx: &TcContext) -> Result<EthHdr, Stat> {
     ctx.load::<EthHdr>(0).map_err(|_| Stat::DropMalformed)
 }
 
+/// What [`parse_into`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Other,
+    Ipv4,
+    IcmpError,
+}
+
+/// [`parse`] as a function of its own, into `out` (a BPF function cannot return a
+/// struct): keeps the parser's locals off the callers' stack frames.
+#[inline(never)]
+pub fn parse_into(ctx: &TcContext, out: &mut Packet) -> Result<Kind, Stat> {
+    Ok(match parse(ctx)? {
+        Parsed::Other => Kind::Other,
+        Parsed::Ipv4(p) => {
+            *out = p;
+            Kind::Ipv4
+        }
+        Parsed::IcmpError(p) => {
+            *out = p;
+            Kind::IcmpError
+        }
+    })
+}
+
 /// Parses Ethernet + IPv4 + the ports (or ICMP identifier) of TCP, UDP and ICMP.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
+fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
     let proto: u16 = match ctx.load::<u16>(ETH_PROTO_OFF) {
         Ok(p) => u16::from_be(p),
         Err(_) => return Ok(Parsed::Other),
@@ -166,6 +222,10 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
         ip_id: ip.id,
         later_fragment: offset != 0,
         first_fragment: offset == 0 && more,
+        last_fragment: offset != 0 && !more,
+        tcp_seq: 0,
+        tcp_seg_len: 0,
+        tcp_win: 0,
         l4_flags: 0,
         l4,
     };
@@ -197,6 +257,19 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
                     return Err(Stat::DropMalformed);
                 }
                 pkt.l4_flags = doff_flags[1];
+                let seq: u32 = ctx
+                    .load(pkt.l4_off + TCP_SEQ)
+                    .map_err(|_| Stat::DropMalformed)?;
+                let win: u16 = ctx
+                    .load(pkt.l4_off + TCP_WIN)
+                    .map_err(|_| Stat::DropMalformed)?;
+                pkt.tcp_seq = u32::from_be(seq);
+                pkt.tcp_win = u16::from_be(win);
+                let payload = (u16::from_be(ip.tot_len) as u32).saturating_sub((ihl + doff) as u32);
+                let flags = doff_flags[1];
+                pkt.tcp_seg_len = payload
+                    + (flags & TCP_SYN != 0) as u32
+                    + (flags & TCP_FIN != 0) as u32;
             }
         }
         _ => {
@@ -281,7 +354,7 @@ pub fn l4_csum_off(proto: u8) -> usize {
 /// L4 checksum incrementally. The helpers do the right thing for CHECKSUM_PARTIAL
 /// (they only adjust the pseudo-header part) and, with `BPF_F_MARK_MANGLED_0`, leave a
 /// zero (absent) UDP checksum alone. A later fragment has no L4 header: only L3 changes.
-#[inline(always)]
+#[inline(never)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
     let old = &pkt.tuple;
     // A later fragment has no L4 header; other protocols' headers are left alone (as
