@@ -480,8 +480,12 @@ pub struct FragPorts {
     pub saddr: u32,
     pub daddr: u32,
     pub ifindex: u32,
+    /// IP payload bytes of the fragments seen, and where the datagram ends (known once
+    /// its last fragment passed): the entry goes when the two meet.
+    pub seen: u32,
+    pub total: u32,
 }
-const _: () = assert!(core::mem::size_of::<FragPorts>() == 20);
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 28);
 
 /// Indexes into the per-CPU counter array. Every drop has its own reason.
 #[repr(u32)]

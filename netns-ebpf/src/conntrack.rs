@@ -182,9 +182,36 @@ fn uncount(owner: u32, generation: u32) {
 /// expired and stale entries are removed and reported as a miss, a half the LRU lost
 /// is rebuilt from its copy, a pair becomes assured (and moves to the main table)
 /// on the packet that completes it.
-/// A function of its own (not inlined) for the verifier's stack budget.
-#[inline(never)]
+#[inline(always)]
 pub fn lookup(pkt: &Packet, d: u8, len: u32, xlat: &mut Tuple) -> Lookup {
+    let r = netns_ct_lookup(pkt, d as u32, len, xlat as *mut Tuple);
+    match r >> 16 {
+        0 if r & 0x100 != 0 => Lookup::Hit(r as u8),
+        1 => Lookup::Drop(Stat::TcpBlindRst),
+        _ => Lookup::Miss,
+    }
+}
+
+/// The lookup as a global BPF function: the verifier checks it once, on its own,
+/// instead of once per call site and caller state (and its stack is its own).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn netns_ct_lookup(pkt: *const Packet, d: u32, len: u32, xlat: *mut Tuple) -> u32 {
+    // The verifier takes a global function's pointers as possibly null.
+    if pkt.is_null() || xlat.is_null() {
+        return 0;
+    }
+    // SAFETY: checked non-null; the caller passes its own stack objects.
+    let (pkt, xlat) = unsafe { (&*pkt, &mut *xlat) };
+    match lookup_inner(pkt, d as u8, len, xlat) {
+        Lookup::Miss => 0,
+        Lookup::Hit(kind) => 0x100 | kind as u32,
+        Lookup::Drop(_) => 1 << 16,
+    }
+}
+
+#[inline(always)]
+fn lookup_inner(pkt: &Packet, d: u8, len: u32, xlat: &mut Tuple) -> Lookup {
     let Some(cfg) = config() else {
         return Lookup::Miss;
     };

@@ -67,29 +67,46 @@ enum FragInfo {
     Unknown,
 }
 
-/// Later fragments carry no ports: take them from the first fragment of the datagram.
-/// The last fragment ends the datagram's entry.
+/// Counts a later fragment's bytes to its datagram's entry, and ends the entry once
+/// every byte up to the last fragment's end has passed (fragments may come in any
+/// order: the last one is not always the last to arrive).
 #[inline(always)]
+fn frag_account(k: &FragKey, p: *mut FragPorts, pkt: &Packet) {
+    // SAFETY: a valid map value; racing updates only delay or hasten the removal,
+    // and a datagram's fragments are almost always handled on one CPU.
+    let done = unsafe {
+        (*p).seen += pkt.l3_payload;
+        if pkt.last_fragment {
+            (*p).total = pkt.frag_end;
+        }
+        (*p).total != 0 && (*p).seen >= (*p).total
+    };
+    if done {
+        let _ = FRAGS.remove(k);
+    }
+}
+
+/// Later fragments carry no ports: take them from the first fragment of the datagram.
+#[inline(never)]
 fn frag_ports(pkt: &mut Packet) -> FragInfo {
     let k = frag_key(pkt);
-    let info = match unsafe { FRAGS.get(&k) } {
-        Some(p) if p.host != 0 => FragInfo::Host,
-        Some(p) => {
-            pkt.tuple.sport = p.sport;
-            pkt.tuple.dport = p.dport;
-            FragInfo::Ours
-        }
-        None => return FragInfo::Unknown,
+    let Some(p) = FRAGS.get_ptr_mut(&k) else {
+        return FragInfo::Unknown;
     };
-    if pkt.last_fragment {
-        let _ = FRAGS.remove(&k);
+    // SAFETY: a valid map value.
+    let (host, sport, dport) = unsafe { ((*p).host, (*p).sport, (*p).dport) };
+    frag_account(&k, p, pkt);
+    if host != 0 {
+        return FragInfo::Host;
     }
-    info
+    pkt.tuple.sport = sport;
+    pkt.tuple.dport = dport;
+    FragInfo::Ours
 }
 
 /// A first fragment records what its later fragments need: its ports (or that the
 /// datagram is the host's), and where it was translated to and redirected.
-#[inline(always)]
+#[inline(never)]
 fn remember_frag(pkt: &Packet, host: bool, xlat: Option<&Tuple>, ifindex: u32) {
     if pkt.first_fragment {
         let ports = FragPorts {
@@ -100,24 +117,29 @@ fn remember_frag(pkt: &Packet, host: bool, xlat: Option<&Tuple>, ifindex: u32) {
             saddr: xlat.map_or(0, |t| t.saddr),
             daddr: xlat.map_or(0, |t| t.daddr),
             ifindex,
+            seen: pkt.l3_payload,
+            total: 0,
         };
         let _ = FRAGS.insert(&frag_key(pkt), &ports, BPF_ANY as u64);
     }
 }
 
-/// The recorded translation of a later fragment's datagram (egress, hairpin), ended
-/// by its last fragment.
-#[inline(always)]
-fn frag_xlat(pkt: &Packet) -> Option<FragPorts> {
+/// The recorded translation of a later fragment's datagram (egress, hairpin), into
+/// `out`; false if none.
+#[inline(never)]
+fn frag_xlat(pkt: &Packet, out: &mut FragPorts) -> bool {
     let k = frag_key(pkt);
-    let p = match unsafe { FRAGS.get(&k) } {
-        Some(p) if p.host == 0 && p.saddr != 0 => *p,
-        _ => return None,
+    let Some(p) = FRAGS.get_ptr_mut(&k) else {
+        return false;
     };
-    if pkt.last_fragment {
-        let _ = FRAGS.remove(&k);
+    // SAFETY: a valid map value.
+    let v = unsafe { *p };
+    if v.host != 0 || v.saddr == 0 {
+        return false;
     }
-    Some(p)
+    frag_account(&k, p, pkt);
+    *out = v;
+    true
 }
 
 pub fn uplink_egress(ctx: &TcContext) -> Verdict {
@@ -160,7 +182,12 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
         }
         // The first fragment's source, when it passed first: a port forward's reply
         // leaves from the address its mapping is on.
-        let saddr = frag_xlat(&pkt).map_or(cfg.uplink_addr, |p| p.saddr);
+        let mut f = FragPorts::default();
+        let saddr = if frag_xlat(&pkt, &mut f) {
+            f.saddr
+        } else {
+            cfg.uplink_addr
+        };
         let new = Tuple {
             saddr,
             ..pkt.tuple
@@ -421,9 +448,10 @@ fn hairpin(ctx: &TcContext, cfg: &Config) -> Result<Option<u32>, Stat> {
     }
     if pkt.later_fragment {
         // No ports: the first fragment recorded where its datagram went.
-        let Some(f) = frag_xlat(&pkt) else {
+        let mut f = FragPorts::default();
+        if !frag_xlat(&pkt, &mut f) {
             return Ok(None);
-        };
+        }
         let Some(ep) = (unsafe { ENDPOINTS.get(&f.daddr) }) else {
             return Err(Stat::DropNoEndpoint);
         };

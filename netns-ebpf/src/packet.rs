@@ -75,6 +75,9 @@ pub struct Packet {
     pub first_fragment: bool,
     /// Offset != 0 and more-fragments clear: the datagram's last fragment.
     pub last_fragment: bool,
+    /// IP payload length, and (fragments) the offset just past this fragment's payload.
+    pub l3_payload: u32,
+    pub frag_end: u32,
     /// TCP (host order): sequence number, the sequence space the segment takes (payload
     /// plus SYN and FIN), and the raw window.
     pub tcp_seq: u32,
@@ -100,6 +103,8 @@ impl Packet {
         later_fragment: false,
         first_fragment: false,
         last_fragment: false,
+        l3_payload: 0,
+        frag_end: 0,
         tcp_seq: 0,
         tcp_seg_len: 0,
         tcp_win: 0,
@@ -223,6 +228,9 @@ fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
         later_fragment: offset != 0,
         first_fragment: offset == 0 && more,
         last_fragment: offset != 0 && !more,
+        l3_payload: (u16::from_be(ip.tot_len) as u32).saturating_sub(ihl as u32),
+        frag_end: (offset as u32) * 8
+            + (u16::from_be(ip.tot_len) as u32).saturating_sub(ihl as u32),
         tcp_seq: 0,
         tcp_seg_len: 0,
         tcp_win: 0,

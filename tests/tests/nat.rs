@@ -232,7 +232,8 @@ fn tcp_states_and_expiry_with_short_timeouts() {
 
 #[test]
 fn a_full_table_evicts_and_counts_without_wrong_translations() {
-    let t = Topology::with_flags(&["--ct-max", "16"]);
+    // No per-container budget: this is about the table itself overflowing.
+    let t = Topology::with_flags(&["--ct-max", "16", "--ct-max-per-container", "0"]);
     let a = Container::start(&t);
     let b = Container::start(&t);
     let _echo = wan_server(&t, UDP_ECHO, 7104);
