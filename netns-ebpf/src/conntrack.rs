@@ -888,10 +888,24 @@ pub fn create_dnat(
         dport: target_port,
     };
     let rk = CtKey::new(xlat.reversed(), pkt.proto, dir::UPLINK_EGRESS);
-    // The container's own flow on that very tuple (it opened it to the peer): never
-    // overwritten.
-    if holder(&rk, &orig).is_some() {
-        return Err(Stat::DropCtInsert);
+    match holder(&rk, &orig) {
+        // This very flow, its forward half lost (a retransmitted SYN finds it): the
+        // half is restored, nothing counted twice.
+        Some((Some(t), true)) => {
+            let fwd = entry(1, xlat, pkt, ct_kind::DNAT, owner, now, len, true)?;
+            if table(t)
+                .insert(&key(pkt, dir::UPLINK_INGRESS), fwd, BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                stats::inc(Stat::CtRebuilt);
+            }
+            *out = xlat;
+            return Ok(());
+        }
+        // The container's own flow on that very tuple (it opened it to the peer):
+        // never overwritten.
+        Some(_) => return Err(Stat::DropCtInsert),
+        None => {}
     }
     charge(cfg, owner, now)?;
     let rev = entry(0, orig.reversed(), pkt, ct_kind::DNAT, owner, now, len, false)?;

@@ -77,14 +77,16 @@ pub fn count_owner(addr: u32, generation: u32, now: u64) -> u32 {
     };
     // SAFETY: helper calls over our maps with a static callback and a stack context.
     unsafe {
+        // Unreplied first: a pair promoted meanwhile (inserted in the main table, then
+        // removed here) is counted twice rather than missed.
         bpf_for_each_map_elem(
-            (&CONNTRACK as *const _) as *mut c_void,
+            (&CT_NEW as *const _) as *mut c_void,
             count_cb as *mut c_void,
             (&mut o as *mut Owner).cast(),
             0,
         );
         bpf_for_each_map_elem(
-            (&CT_NEW as *const _) as *mut c_void,
+            (&CONNTRACK as *const _) as *mut c_void,
             count_cb as *mut c_void,
             (&mut o as *mut Owner).cast(),
             0,
