@@ -10,9 +10,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
-    helpers::{
-        bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     maps::LruHashMap,
     programs::TcContext,
 };
@@ -540,7 +538,8 @@ fn entry(
         (*e).xlat = xlat;
         (*e).state = initial_state(pkt);
         (*e).kind = kind;
-        (*e).flags = if fwd { ct_flags::FWD } else { 0 } | if tcp { ct_flags::SEQ_KNOWN } else { 0 };
+        (*e).flags =
+            if fwd { ct_flags::FWD } else { 0 } | if tcp { ct_flags::SEQ_KNOWN } else { 0 };
         (*e)._pad = 0;
         (*e).created_ns = now;
         (*e).last_seen_ns = now;
@@ -908,7 +907,16 @@ pub fn create_dnat(
         None => {}
     }
     charge(cfg, owner, now)?;
-    let rev = entry(0, orig.reversed(), pkt, ct_kind::DNAT, owner, now, len, false)?;
+    let rev = entry(
+        0,
+        orig.reversed(),
+        pkt,
+        ct_kind::DNAT,
+        owner,
+        now,
+        len,
+        false,
+    )?;
     if CT_NEW.insert(&rk, rev, BPF_NOEXIST as u64).is_err() {
         uncount(owner.0, owner.1);
         return Err(Stat::DropCtInsert);
@@ -933,7 +941,12 @@ pub fn create_dnat(
 /// container talking the same protocol to the same peer collides: its packets are
 /// dropped and counted, never sent with a private source.
 #[inline(never)]
-pub fn create_addr_only(pkt: &Packet, nat_addr: u32, len: u32, out: &mut Tuple) -> Result<(), Stat> {
+pub fn create_addr_only(
+    pkt: &Packet,
+    nat_addr: u32,
+    len: u32,
+    out: &mut Tuple,
+) -> Result<(), Stat> {
     let Some(cfg) = config() else {
         return Err(Stat::DropCtInsert);
     };
@@ -957,7 +970,16 @@ pub fn create_addr_only(pkt: &Packet, nat_addr: u32, len: u32, out: &mut Tuple) 
         None => {}
     }
     charge(cfg, owner, now)?;
-    let rev = entry(0, orig.reversed(), pkt, ct_kind::SNAT, owner, now, len, false)?;
+    let rev = entry(
+        0,
+        orig.reversed(),
+        pkt,
+        ct_kind::SNAT,
+        owner,
+        now,
+        len,
+        false,
+    )?;
     if CT_NEW.insert(&rk, rev, BPF_NOEXIST as u64).is_err() {
         uncount(owner.0, owner.1);
         return Err(Stat::DropProtoCollision);

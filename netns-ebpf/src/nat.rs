@@ -188,10 +188,7 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
         } else {
             cfg.uplink_addr
         };
-        let new = Tuple {
-            saddr,
-            ..pkt.tuple
-        };
+        let new = Tuple { saddr, ..pkt.tuple };
         stats::inc(Stat::FragAddrOnly);
         return packet::rewrite(ctx, &pkt, &new);
     }

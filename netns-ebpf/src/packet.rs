@@ -275,9 +275,8 @@ fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
                 pkt.tcp_win = u16::from_be(win);
                 let payload = (u16::from_be(ip.tot_len) as u32).saturating_sub((ihl + doff) as u32);
                 let flags = doff_flags[1];
-                pkt.tcp_seg_len = payload
-                    + (flags & TCP_SYN != 0) as u32
-                    + (flags & TCP_FIN != 0) as u32;
+                pkt.tcp_seg_len =
+                    payload + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
             }
         }
         _ => {

@@ -26,7 +26,12 @@ struct Owner {
 
 /// One half met by a sweep: removes it with its partner when the pair is expired or
 /// stale; counts it when it is a live forward half of the owner.
-extern "C" fn count_cb(map: *mut c_void, key: *mut CtKey, val: *mut CtEntry, ctx: *mut Owner) -> i64 {
+extern "C" fn count_cb(
+    map: *mut c_void,
+    key: *mut CtKey,
+    val: *mut CtEntry,
+    ctx: *mut Owner,
+) -> i64 {
     // SAFETY: the kernel passes a valid key, value and our context.
     let (k, v, o) = unsafe { (&*key, &*val, &*ctx) };
     let Some(cfg) = config() else { return 1 };
