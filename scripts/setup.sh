@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: the Debian packages the demo,
-# tests and benchmark use, nightly rust-src, and bpf-linker built against the
-# nightly toolchain's own libLLVM (Debian 12 ships no LLVM new enough).
+# tests and benchmark use (podman 4.3 and its conmon for tests/tests/podman.rs),
+# nightly rust-src, and bpf-linker built against the nightly toolchain's own libLLVM
+# (Debian 12 ships no LLVM new enough).
 set -euo pipefail
 
 PKGS=(runc busybox-static iproute2 bpftool iptables nftables conntrack iperf3
       sockperf tcpdump socat netcat-openbsd iputils-ping containernetworking-plugins jq
-      python3 util-linux)
+      python3 util-linux podman)
 
 need=()
 for p in "${PKGS[@]}"; do

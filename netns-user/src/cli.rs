@@ -88,8 +88,9 @@ pub struct GlobalArgs {
     #[arg(long, env = "NETNS_CT_MAX_PER_CONTAINER", global = true)]
     pub ct_max_per_container: Option<u32>,
 
-    /// Seconds between conntrack garbage-collection sweeps of the collector the hook
-    /// starts (see `netns gc`).
+    /// Seconds between the rounds (reconcile + conntrack sweep) of the collector service,
+    /// `netns gc --daemon` (unless it gets --interval), and of `netns load --follow`.
+    /// Nothing else uses it: the hook starts no collector, flows expire in the datapath.
     #[arg(long, env = "NETNS_GC_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub gc_interval: u32,
 
@@ -142,7 +143,8 @@ pub enum Command {
     /// Remove expired conntrack entries and reconcile the state directory (tear down
     /// and release what belongs to containers that no longer exist; remove port
     /// forwards, endpoints, host veths and port links no lease owns): once, or every
-    /// --interval seconds until the datapath is unloaded.
+    /// --interval seconds until the datapath is unloaded, or as the collector service
+    /// (--daemon).
     Gc(GcArgs),
     /// Inspect and manage the pinned datapath.
     #[command(subcommand)]
@@ -178,16 +180,26 @@ pub enum ConntrackCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct GcArgs {
-    /// Sweep every SECONDS until the datapath is gone (default: one sweep).
+    /// Sweep every SECONDS until the datapath is gone (default: one sweep); with
+    /// --daemon, every SECONDS instead of every --gc-interval.
     #[arg(long)]
     pub interval: Option<u64>,
     /// Testing aid (`fault-injection` builds): sweep once as if SECONDS more had
     /// passed, so expiry is tested without waiting for the clock.
     #[cfg(feature = "fault-injection")]
-    #[arg(long, hide = true, conflicts_with = "interval", value_name = "SECONDS")]
+    #[arg(
+        long,
+        hide = true,
+        conflicts_with_all = ["interval", "daemon"],
+        value_name = "SECONDS"
+    )]
     pub now_offset: Option<u64>,
-    /// Detach from the terminal (used by the hook to start the collector).
-    #[arg(long, requires = "interval")]
+    /// Run as the collector service (contrib/systemd/netns-gc.service): in the
+    /// foreground, logging to stderr, every --gc-interval (or --interval) seconds until
+    /// stopped, waiting for a datapath while none is loaded. Only one collector runs per
+    /// state directory (gc.lock); a second one exits with an error. Optional: flows
+    /// expire in the datapath; the collector keeps `conntrack ls` tidy and reconciles.
+    #[arg(long)]
     pub daemon: bool,
     /// Set the conntrack timeouts (seconds) all collectors use, e.g.
     /// `tcp_syn=120,tcp_established=432000,tcp_fin=120,tcp_close=10,udp=30,udp_stream=120,icmp=30,generic=600`

@@ -1,12 +1,19 @@
-//! The conntrack collector: expires idle flows and reconciles the state directory every
-//! interval, one per state directory (`gc.lock`). `netns gc --interval S --daemon`
-//! runs it; the hook starts one with [`spawn`].
+//! The conntrack collector: reconciles the state directory and sweeps idle flows out of
+//! the conntrack map every interval, one per state directory (`gc.lock`). It is
+//! optional: flows expire in the datapath itself when they are looked up; the collector
+//! keeps `netns conntrack ls` tidy and heals leaks without waiting for the next
+//! prestart. It runs only when asked: `netns gc --daemon` (a service, see
+//! contrib/systemd/netns-gc.service), `netns gc --interval S`, `netns load --follow`.
+//! The hook never starts it: engines run hooks under a child subreaper (podman's
+//! conmon) that waits for every process the hook leaves behind, forever.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, RawFd};
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
-use std::os::unix::process::CommandExt as _;
-use std::time::Duration;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::config::NetConfig;
 use crate::datapath::{Datapath, DatapathError, gc};
@@ -26,120 +33,49 @@ pub enum CollectorError {
     Reconcile(#[from] ReconcileError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("locking {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "a collector already runs for {} (it holds {})",
+        state_dir.display(),
+        state_dir.join(LOCK).display()
+    )]
+    AlreadyRunning { state_dir: PathBuf },
 }
 
 /// The collector's single-instance lock in the state directory.
 pub const LOCK: &str = "gc.lock";
 
-/// Environment variable telling a collector the hook handed it the already locked
-/// gc.lock as this file descriptor (so exactly one collector is ever started).
-const LOCK_FD_ENV: &str = "NETNS_GC_LOCK_FD";
-/// The descriptor number the lock is handed over as.
-const LOCK_FD: RawFd = 3;
-
-fn open_lock(cfg: &NetConfig) -> std::io::Result<File> {
+/// Takes the collector's lock: gc.lock in the state directory (the directory is made
+/// if missing, 0700; the file 0600), held until the returned value is dropped;
+/// [`CollectorError::AlreadyRunning`] if another collector holds it.
+pub fn lock(cfg: &NetConfig) -> Result<Flock<File>, CollectorError> {
+    Store::open(&cfg.state_dir)?;
+    let path = cfg.state_dir.join(LOCK);
+    let lock_err = |source| CollectorError::Lock {
+        path: path.clone(),
+        source,
+    };
     let f = File::options()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(cfg.state_dir.join(LOCK))?;
+        .open(&path)
+        .map_err(lock_err)?;
     // An older file (or umask games) may have left it wider.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    Ok(f)
-}
-
-/// flock(LOCK_EX | LOCK_NB) on the open file description. Not nix's `Flock`, whose drop
-/// unlocks: a lock handed to a child must survive the parent closing its descriptor.
-fn try_lock(f: &File) -> std::io::Result<bool> {
-    // SAFETY: flock on a descriptor this File owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(lock_err)?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(held),
+        Err((_, Errno::EWOULDBLOCK)) => Err(CollectorError::AlreadyRunning {
+            state_dir: cfg.state_dir.clone(),
+        }),
+        Err((_, e)) => Err(lock_err(e.into())),
     }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
-/// Starts `netns gc --interval N --daemon` unless one already runs for this state
-/// directory. The hook takes gc.lock itself and hands the locked descriptor to the
-/// collector, so parallel hooks never start a second one, not even briefly. Its stdio
-/// is /dev/null: runc waits for the hook's pipes to close.
-pub fn spawn(cfg: &NetConfig) -> std::io::Result<()> {
-    let f = open_lock(cfg)?;
-    if !try_lock(&f)? {
-        return Ok(()); // one is running
-    }
-    let fd = f.as_raw_fd();
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(&cfg.state_dir)
-        .arg("--bpffs-dir")
-        .arg(&cfg.bpffs_dir)
-        .arg("--bridge")
-        .arg(&cfg.bridge)
-        .args(["gc", "--daemon", "--interval", &cfg.gc_interval.to_string()])
-        .env(LOCK_FD_ENV, LOCK_FD.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: only async-signal-safe calls (fcntl, dup2, close_range) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if fd == LOCK_FD {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, LOCK_FD)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Nothing else of the hook's (or runc's) leaks into the long-lived process.
-            libc::syscall(libc::SYS_close_range, LOCK_FD + 1, u32::MAX, 0);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
-    // It forks into the background and its first process exits at once. Our copy of
-    // the descriptor closes on return; the collector's keeps the lock.
-    child.wait()?;
-    Ok(())
-}
-
-/// The collector's lock: the descriptor a hook handed over (checked to be gc.lock),
-/// or gc.lock taken here; None if another collector holds it.
-pub fn lock(cfg: &NetConfig) -> std::io::Result<Option<File>> {
-    if let Some(fd) = std::env::var(LOCK_FD_ENV)
-        .ok()
-        .and_then(|v| v.parse::<RawFd>().ok())
-    {
-        // SAFETY: removing our own variable before any thread is started.
-        unsafe { std::env::remove_var(LOCK_FD_ENV) };
-        let path = cfg.state_dir.join(LOCK);
-        // SAFETY: fstat only reads into the zeroed struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        let is_lock = unsafe { libc::fstat(fd, &mut st) } == 0
-            && std::fs::metadata(&path)
-                .is_ok_and(|m| (m.dev(), m.ino()) == (st.st_dev as u64, st.st_ino as u64));
-        if is_lock {
-            // SAFETY: the descriptor was dup2'd for us by the hook and nothing else in
-            // this process owns it (checked to be gc.lock above).
-            let f = unsafe { File::from_raw_fd(fd) };
-            // SAFETY: fcntl on a descriptor we own.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            // Same open file description: this only confirms the hook's lock.
-            return Ok(try_lock(&f)?.then_some(f));
-        }
-        log::warn!(
-            "{LOCK_FD_ENV}={fd} is not {}: locking it here",
-            path.display()
-        );
-    }
-    let f = open_lock(cfg)?;
-    Ok(try_lock(&f)?.then_some(f))
 }
 
 /// A full reconcile of the state directory (None if it does not exist).
@@ -160,39 +96,91 @@ pub fn reconcile_once(cfg: &NetConfig) -> Result<Option<reconcile::Report>, Coll
 /// the datapath's pins disappear (unloaded, or a test's bpffs directory removed),
 /// checking for that every second.
 pub fn collect(cfg: &NetConfig, every: Duration) -> Result<(), CollectorError> {
-    let mut last: Option<std::time::Instant> = None;
+    run(cfg, every, true)
+}
+
+/// The service (`netns gc --daemon`): like [`collect`], but it never exits by itself.
+/// Without a datapath (none loaded yet, or unloaded) it reconciles only and waits for
+/// one. Take [`lock`] first: one collector per state directory.
+pub fn serve(cfg: &NetConfig, every: Duration) -> Result<(), CollectorError> {
+    log::info!(
+        "collector for {}: every {} s",
+        cfg.state_dir.display(),
+        every.as_secs()
+    );
+    run(cfg, every, false)
+}
+
+fn run(cfg: &NetConfig, every: Duration, until_gone: bool) -> Result<(), CollectorError> {
+    let mut last: Option<Instant> = None;
     loop {
-        let Some(dp) = Datapath::open(&cfg.bpffs_dir)? else {
+        let dp = Datapath::open(&cfg.bpffs_dir)?;
+        if dp.is_none() && until_gone {
             log::info!(
                 "datapath under {} is gone: collector exits",
                 cfg.bpffs_dir.display()
             );
             return Ok(());
-        };
+        }
         if last.is_none_or(|l| l.elapsed() >= every) {
-            match reconcile_once(cfg) {
-                Ok(Some(r)) => {
-                    for l in r.lines() {
-                        log::warn!("reconciled: {l}");
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => log::warn!("reconcile failed: {}", crate::error_chain(&e)),
-            }
-            match gc::sweep(&dp, gc::monotonic_ns()) {
-                Ok(r) if r.expired + r.orphans > 0 => log::info!(
-                    "gc: {} entries, {} flows expired, {} orphans purged",
-                    r.entries,
-                    r.expired,
-                    r.orphans
-                ),
-                Ok(_) => {}
-                // The pins can vanish mid-sweep; the next round notices.
-                Err(e) => log::warn!("gc sweep failed: {e}"),
-            }
-            last = Some(std::time::Instant::now());
+            round(cfg, dp.as_ref());
+            last = Some(Instant::now());
         }
         drop(dp);
         std::thread::sleep(Duration::from_secs(1).min(every));
+    }
+}
+
+/// One round: reconcile, then sweep (if a datapath is loaded). Failures are logged; the
+/// next round retries.
+fn round(cfg: &NetConfig, dp: Option<&Datapath>) {
+    match reconcile_once(cfg) {
+        Ok(Some(r)) => {
+            for l in r.lines() {
+                log::warn!("reconciled: {l}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => log::warn!("reconcile failed: {}", crate::error_chain(&e)),
+    }
+    let Some(dp) = dp else { return };
+    match gc::sweep(dp, gc::monotonic_ns()) {
+        Ok(r) if r.expired + r.orphans > 0 => log::info!(
+            "gc: {} entries, {} flows expired, {} orphans purged",
+            r.entries,
+            r.expired,
+            r.orphans
+        ),
+        Ok(_) => {}
+        // The pins can vanish mid-sweep; the next round notices.
+        Err(e) => log::warn!("gc sweep failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_lock_per_state_directory() {
+        use clap::Parser as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let cli =
+            crate::cli::Cli::try_parse_from(["netns", "--state-dir", state.to_str().unwrap()])
+                .unwrap();
+        let cfg = cli.global.net_config();
+        // Made with the state directory, 0600.
+        let held = lock(&cfg).unwrap();
+        let mode = std::fs::metadata(state.join(LOCK))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let e = lock(&cfg).unwrap_err();
+        assert!(matches!(e, CollectorError::AlreadyRunning { .. }), "{e}");
+        assert!(e.to_string().contains("already runs"), "{e}");
+        drop(held);
+        lock(&cfg).unwrap();
     }
 }

@@ -6,6 +6,11 @@
 //! Every prestart first reconciles leases whose container pid is dead (cheap /proc
 //! checks), so leaks heal without anyone running `netns gc`.
 //!
+//! The hook leaves no process behind: engines run hooks under a child subreaper
+//! (podman's conmon), which would wait forever for anything still running. Idle flows
+//! expire in the datapath; the conntrack collector is a service of its own
+//! (`netns gc --daemon`, [`crate::collector`]), never started from here.
+//!
 //! Testing aid, only in builds with the `fault-injection` feature:
 //! `NETNS_FAIL_AT=<step>` (see [`Step::name`]) makes prestart fail right after that
 //! step has done its work and registered its undo, so tests can prove that rollback
@@ -15,7 +20,6 @@
 
 use std::net::Ipv4Addr;
 
-use crate::collector;
 use crate::config::NetConfig;
 use crate::container::{self, Faults, Request, SetupError, Step, StepError};
 use crate::ipam::{self, IpamError};
@@ -204,11 +208,6 @@ pub fn prestart(cfg: &NetConfig, st: &State) -> Result<(), HookError> {
                 id: id.to_owned(),
                 source,
             })?;
-        // The collector is best effort: a container without it still works, only its
-        // idle flows wait for LRU eviction instead of expiring.
-        if let Err(e) = collector::spawn(cfg) {
-            log::warn!("could not start the conntrack collector: {e}");
-        }
         Ok(())
     })
 }

@@ -11,6 +11,7 @@
 pub mod bpf;
 pub mod ns;
 pub mod pkt;
+pub mod podman;
 pub mod runc;
 pub mod topo;
 pub mod util;

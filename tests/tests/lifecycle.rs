@@ -12,7 +12,7 @@ use netns_common::{LAYOUT_VERSION, maps, progs};
 use netns_tests::bpf;
 use netns_tests::runc::Bundle;
 use netns_tests::topo::{UPLINK, UPLINK_IP, WAN_IP};
-use netns_tests::util::{ChildGuard, kill_with_arg, pids_with_arg, sh, unique, wait_for};
+use netns_tests::util::{ChildGuard, pids_with_arg, sh, unique, wait_for};
 use netns_tests::{Container, Topology};
 
 fn out(o: &Output) -> String {
@@ -23,19 +23,42 @@ fn stats(t: &Topology) -> serde_json::Value {
     serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap()
 }
 
-/// Kills the topology's collector (`netns gc --daemon`) and waits until it is gone, so
-/// nothing but the test itself changes the datapath or the state directory.
-fn stop_collector(t: &Topology) {
-    let state_dir = t.state_dir.display().to_string();
-    kill_with_arg(&state_dir);
-    let left = wait_for(Duration::from_secs(5), || {
-        pids_with_arg(&state_dir).is_empty().then_some(())
-    });
+/// No `netns` process of this topology runs (scan of /proc for its state directory as
+/// an argument): the hook starts none, so an engine's subreaper (podman's conmon) never
+/// waits for one.
+fn assert_no_netns_process(t: &Topology, when: &str) {
+    let left = pids_with_arg(&t.state_dir.display().to_string());
+    let cmdlines: Vec<String> = left
+        .iter()
+        .map(|p| {
+            let c = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            format!("{p}: {}", String::from_utf8_lossy(&c).replace('\0', " "))
+        })
+        .collect();
     assert!(
-        left.is_some(),
-        "netns processes still running: {:?}",
-        pids_with_arg(&state_dir)
+        left.is_empty(),
+        "{when}: netns processes left: {cmdlines:#?}"
     );
+}
+
+/// Whether process `pid` holds a flock on `path` (/proc/locks: "N: FLOCK ADVISORY
+/// WRITE PID MAJ:MIN:INODE ...").
+fn holds_flock(pid: u32, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(ino) = std::fs::metadata(path).map(|m| m.ino()) else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"FLOCK")
+                && f.get(4) == Some(&pid.to_string().as_str())
+                && f.get(5)
+                    .and_then(|d| d.rsplit(':').next())
+                    .is_some_and(|i| i == ino.to_string())
+        })
 }
 
 /// The ids of the programs pinned under the datapath's `progs/` (bpftool), by name.
@@ -82,8 +105,8 @@ fn slow_stream(secs: u32, addr: &str, port: u16) -> String {
 fn the_datapath_outlives_every_process() {
     let t = Topology::new();
     let c = Container::start(&t);
-    // No netns process left (the collector is the only long-lived one: stop it too).
-    stop_collector(&t);
+    // No netns process left: the hook has exited and started nothing.
+    assert_no_netns_process(&t, "after prestart");
     assert!(
         c.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
             .status
@@ -350,18 +373,8 @@ fn thirty_two_parallel_containers_get_distinct_addresses_and_work() {
             c.id
         );
     }
-    let collectors: Vec<u32> = pids_with_arg(&t.state_dir.display().to_string())
-        .into_iter()
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--daemon"))
-        })
-        .collect();
-    assert_eq!(
-        collectors.len(),
-        1,
-        "one collector per state directory: {collectors:?}"
-    );
+    // 32 hooks at once started no process that outlives them (no collector).
+    assert_no_netns_process(&t, "after 32 parallel prestarts");
 }
 
 #[test]
@@ -436,6 +449,101 @@ fn pins_and_state_are_root_only() {
     }
 }
 
+#[test]
+fn prestart_and_poststop_leave_no_netns_process() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    assert_no_netns_process(&t, "after prestart");
+    let del = c.delete();
+    assert!(
+        del.status.success(),
+        "runc delete (poststop): {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    assert_no_netns_process(&t, "after poststop");
+    assert!(t.containers().is_empty(), "poststop released the lease");
+    // No collector started, not even briefly: only it takes gc.lock.
+    assert!(
+        !t.state_dir.join("gc.lock").exists(),
+        "a collector ran: {}",
+        t.state_dir.join("gc.lock").display()
+    );
+}
+
+#[test]
+fn one_gc_daemon_per_state_directory_waits_for_the_datapath_and_reconciles() {
+    let t = Topology::new();
+    let lock = t.state_dir.join("gc.lock");
+    let start = || {
+        ChildGuard::spawn(
+            t.netns_cmd(&["gc", "--daemon", "--interval", "1"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+    };
+    // Before any container: no datapath, no state directory yet.
+    let mut first = start();
+    let pid = first.0.id();
+    assert!(
+        wait_for(Duration::from_secs(10), || holds_flock(pid, &lock)
+            .then_some(()))
+        .is_some(),
+        "the collector takes {}",
+        lock.display()
+    );
+    // A second one for the same state directory refuses, naming the first.
+    let second = t.netns_cmd(&["gc", "--daemon"]).output().expect("netns gc");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("already runs"),
+        "a second collector: {} {err}",
+        second.status
+    );
+    // It waits for a datapath instead of exiting without one.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "exited without a datapath"
+    );
+    // A container whose poststop never runs (no poststop hook): its lease outlives
+    // it, and the collector reconciles it away.
+    let id = unique("c");
+    let hook = Bundle::netns_hook(&t, &[]);
+    let bundle = Bundle::with_hooks(
+        &t,
+        &id,
+        &BTreeMap::new(),
+        serde_json::json!({ "prestart": [hook] }),
+    );
+    let c = Container::start_bundle(&t, id.clone(), &bundle).expect("start");
+    let keep = Container::start(&t);
+    drop(c);
+    let healed = wait_for(Duration::from_secs(15), || {
+        let ls = t.containers();
+        (ls.len() == 1 && ls[0]["id"] == keep.id.as_str()).then_some(())
+    });
+    assert!(
+        healed.is_some(),
+        "the collector reconciles {id}: {:?}",
+        t.containers()
+    );
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the collector keeps running"
+    );
+    // Stopped, the lock is free for the next one.
+    drop(first);
+    let next = start();
+    let pid = next.0.id();
+    assert!(
+        wait_for(Duration::from_secs(10), || holds_flock(pid, &lock)
+            .then_some(()))
+        .is_some(),
+        "a new collector takes the lock of a stopped one"
+    );
+}
+
 /// Host veths (bridge ports) in the topology's host namespace.
 fn host_veths(t: &Topology) -> usize {
     t.host
@@ -449,8 +557,8 @@ fn host_veths(t: &Topology) -> usize {
 fn a_killed_hook_leaves_nothing_gc_cannot_reconcile() {
     let t = Topology::new();
     let keep = Container::start(&t);
-    // Only the test's own `netns gc` may reconcile.
-    stop_collector(&t);
+    // Only the test's own `netns gc` reconciles: the hook starts no collector.
+    assert_no_netns_process(&t, "after prestart");
     for step in ["veth", "attach-port", "add-endpoint", "port-map"] {
         let mut ann = BTreeMap::new();
         ann.insert("netns.ports".to_owned(), "9600:80/tcp".to_owned());

@@ -1,6 +1,8 @@
-//! `netns gc [--json] [--interval S [--daemon]] [--timeouts k=v,...]`: expire conntrack
-//! entries and reconcile the state directory ([`crate::reconcile`], full mode), once or
-//! every S seconds (the collector the hook starts).
+//! `netns gc [--json] [--interval S] [--daemon] [--timeouts k=v,...]`: expire conntrack
+//! entries and reconcile the state directory ([`crate::reconcile`], full mode), once, or
+//! every S seconds until the datapath is gone (`--interval`), or as the collector service
+//! (`--daemon`: every `--interval` or `--gc-interval` seconds, in the foreground, until
+//! stopped). Both loops take gc.lock: one collector per state directory.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -56,7 +58,9 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
         let t = parse_timeouts(t, dp.config()?.timeouts)?;
         dp.set_timeouts(t)?;
     }
-    let Some(interval) = a.interval else {
+    // --daemon sweeps every --interval, or else every --gc-interval.
+    let interval = a.interval.or(a.daemon.then_some(u64::from(g.gc_interval)));
+    let Some(interval) = interval else {
         let reconcile = collector::reconcile_once(&cfg)?;
         let conntrack = match Datapath::open(&g.bpffs_dir)? {
             Some(dp) => Some(gc::sweep(&dp, gc::monotonic_ns() + now_offset_ns(a))?),
@@ -101,20 +105,13 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
         }
         return Ok(());
     };
-    // Before daemon(): the handed-over descriptor is checked while stdio still works.
-    let held = collector::lock(&cfg).map_err(CommandError::Daemon)?;
+    let every = Duration::from_secs(interval.max(1));
+    let _held = collector::lock(&cfg)?;
     if a.daemon {
-        nix::unistd::daemon(false, false).map_err(|e| CommandError::Daemon(e.into()))?;
+        Ok(collector::serve(&cfg, every)?)
+    } else {
+        Ok(collector::collect(&cfg, every)?)
     }
-    // One collector per state directory.
-    let Some(_held) = held else {
-        log::info!("a collector already runs for {}", g.state_dir.display());
-        return Ok(());
-    };
-    Ok(collector::collect(
-        &cfg,
-        Duration::from_secs(interval.max(1)),
-    )?)
 }
 
 /// How far ahead of the clock a one-shot sweep looks (`--now-offset`, test builds).
