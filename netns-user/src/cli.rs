@@ -238,7 +238,6 @@ impl GlobalArgs {
             cgroup: self.cgroup.clone(),
             ct_max: self.ct_max,
             ct_max_per_container: self.ct_max_per_container,
-            gc_interval: self.gc_interval,
             allow_inbound: self.inbound_cidrs(),
         }
     }

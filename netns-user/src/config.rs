@@ -30,8 +30,6 @@ pub struct NetConfig {
     pub ct_max: Option<u32>,
     /// Conntrack flows per container (None: a quarter of the table size, 0: no limit).
     pub ct_max_per_container: Option<u32>,
-    /// Seconds between sweeps of the collector.
-    pub gc_interval: u32,
     /// Sources that may reach container addresses directly (routed setups).
     pub allow_inbound: Vec<Cidr>,
 }

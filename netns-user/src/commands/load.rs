@@ -72,12 +72,26 @@ pub fn run(g: &GlobalArgs, follow: bool) -> Result<(), CommandError> {
         },
         Err(e) => log::warn!("no datapath log: {e}"),
     });
-    log::warn!(
-        "following the datapath log; collecting conntrack every {} s",
-        g.gc_interval
-    );
-    Ok(collector::collect(
-        &cfg,
-        Duration::from_secs(u64::from(g.gc_interval)),
-    )?)
+    // Collect too, unless a collector (`netns gc --daemon`) already does: one per
+    // state directory.
+    match collector::lock(&cfg) {
+        Ok(_held) => {
+            log::warn!(
+                "following the datapath log; collecting conntrack every {} s",
+                g.gc_interval
+            );
+            Ok(collector::collect(
+                &cfg,
+                Duration::from_secs(u64::from(g.gc_interval)),
+            )?)
+        }
+        Err(collector::CollectorError::AlreadyRunning { .. }) => {
+            log::warn!("following the datapath log (a collector already runs)");
+            while crate::datapath::Datapath::open(&cfg.bpffs_dir)?.is_some() {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -45,8 +45,6 @@ pub enum CommandError {
     UnknownContainer(String),
     #[error("--timeouts: {0}")]
     Timeouts(String),
-    #[error("starting the collector")]
-    Daemon(#[source] std::io::Error),
     #[error(transparent)]
     Collector(#[from] crate::collector::CollectorError),
     #[error(transparent)]
