@@ -206,3 +206,16 @@ pub fn cgroup_hooks(
 ) -> anyhow::Result<BTreeMap<String, Vec<Attached>>> {
     query(ns, "cgroup", dir.to_str().context("utf-8 cgroup path")?)
 }
+
+/// `bpftool map delete pinned PIN key hex ...`: removes one entry of the pinned map by
+/// its raw key bytes (an error if there is no such entry).
+pub fn map_delete(ns: &NamedNetns, pin: &Path, key: &[u8]) -> anyhow::Result<()> {
+    let pin = pin.to_str().context("utf-8 pin path")?;
+    let hex: Vec<String> = key.iter().map(|b| format!("{b:02x}")).collect();
+    try_run(
+        ns.cmd("bpftool")
+            .args(["map", "delete", "pinned", pin, "key", "hex"])
+            .args(&hex),
+    )?;
+    Ok(())
+}
