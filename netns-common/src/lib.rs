@@ -276,7 +276,9 @@ pub struct Config {
     pub nat_port_max: u16,
     /// The bridge's MAC: source of hairpinned frames redirected to a container.
     pub bridge_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// 1: translated packets bypass the host stack (`--fast-path on`).
+    pub fast_path: u8,
+    pub _pad: u8,
     /// Cookie of the network namespace netns manages: socket hooks act only there.
     pub netns_cookie: u64,
     /// Conntrack timeouts (seconds): the datapath expires entries by them on lookup,
@@ -586,10 +588,16 @@ pub enum Stat {
     CtSweeps,
     /// An assured pair without a copy in NETNS_CTKEEP (it was full): not repairable.
     CtUnkept,
+    /// Fast path: packets from the uplink delivered into a container's namespace.
+    FastIn,
+    /// Fast path: container packets translated at their bridge port and sent out.
+    FastOut,
+    /// Fast path: container-to-container packets sent to the other veth peer.
+    FastLocal,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::CtUnkept as u32 + 1;
+    pub const COUNT: u32 = Stat::FastLocal as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -642,6 +650,9 @@ impl Stat {
         Stat::CtReopened,
         Stat::CtSweeps,
         Stat::CtUnkept,
+        Stat::FastIn,
+        Stat::FastOut,
+        Stat::FastLocal,
     ];
 
     /// Stable name used by `netns stats`.
@@ -697,6 +708,9 @@ impl Stat {
             Stat::CtReopened => "ct_reopened",
             Stat::CtSweeps => "ct_sweeps",
             Stat::CtUnkept => "ct_unkept",
+            Stat::FastIn => "fast_in",
+            Stat::FastOut => "fast_out",
+            Stat::FastLocal => "fast_local",
         }
     }
 

@@ -237,7 +237,6 @@ fn repair(k: &CtKey, now: u64) -> bool {
     let Some(c) = (unsafe { CT_KEEP.get(k) }) else {
         return false;
     };
-    let c = *c;
     let pk = CtKey::new(c.xlat.reversed(), k.proto, netns_common::partner_dir(k.dir));
     let Some(p) = (unsafe { CONNTRACK.get(&pk) }) else {
         let _ = CT_KEEP.remove(k);
@@ -247,24 +246,30 @@ fn repair(k: &CtKey, now: u64) -> bool {
         let _ = CT_KEEP.remove(k);
         return false;
     }
-    let e = CtEntry {
-        xlat: c.xlat,
-        state: p.state,
-        kind: c.kind,
-        flags: c.flags | (p.flags & (ct_flags::REPLIED | ct_flags::STREAM)),
-        _pad: 0,
-        created_ns: p.created_ns,
-        last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
-        owner: c.owner,
-        generation: c.generation,
-        seq_end: 0,
-        win: 0,
-        _pad2: 0,
+    // Built in scratch (slot 0 is free: no pair is being made during a lookup).
+    let Some(e) = CT_SCRATCH.get_ptr_mut(0) else {
+        return false;
     };
-    if CONNTRACK.insert(k, &e, BPF_NOEXIST as u64).is_ok() {
-        stats::inc(Stat::CtRebuilt);
+    // SAFETY: a per-CPU slot, ours while the program runs; `c` and `p` are valid map
+    // values.
+    unsafe {
+        (*e).xlat = c.xlat;
+        (*e).state = p.state;
+        (*e).kind = c.kind;
+        (*e).flags = c.flags | (p.flags & (ct_flags::REPLIED | ct_flags::STREAM));
+        (*e)._pad = 0;
+        (*e).created_ns = p.created_ns;
+        (*e).last_seen_ns = now;
+        (*e).packets = 0;
+        (*e).bytes = 0;
+        (*e).owner = c.owner;
+        (*e).generation = c.generation;
+        (*e).seq_end = 0;
+        (*e).win = 0;
+        (*e)._pad2 = 0;
+        if CONNTRACK.insert(k, &*e, BPF_NOEXIST as u64).is_ok() {
+            stats::inc(Stat::CtRebuilt);
+        }
     }
     true
 }
@@ -571,7 +576,7 @@ fn owner_of(addr: u32) -> Result<(u32, u32), Stat> {
 /// Takes one pair from `owner`'s budget (`--ct-max-per-container`). At the limit the
 /// count is first recounted (LRU evictions are not seen, so it may be too high), at
 /// most once a second per container.
-#[inline(never)]
+#[inline(always)]
 fn charge(cfg: &Config, owner: (u32, u32), now: u64) -> Result<(), Stat> {
     let limit = cfg.ct_per_container;
     if limit == 0 {
@@ -781,31 +786,15 @@ fn create_pair(pkt: &Packet, xlat: &mut Tuple, spec: &PairSpec, len: u32) -> Res
     Ok(())
 }
 
-/// Masquerade a new flow leaving through the uplink: the source becomes `nat_addr` and
-/// a port no other flow to the same peer uses (the original port if neither a flow nor
-/// a host socket has it).
+/// Masquerade a new flow leaving through the uplink: the source becomes the uplink's
+/// address and a port no other flow to the same peer uses (the original port if
+/// neither a flow nor a host socket has it: `host_owned` says whether one has, asked
+/// by the caller so that the socket lookup's frame is not stacked on this one).
 #[inline(never)]
-pub fn create_snat(
-    ctx: &TcContext,
-    pkt: &Packet,
-    cfg: &Config,
-    len: u32,
-    out: &mut Tuple,
-) -> Result<(), Stat> {
+pub fn create_snat(pkt: &Packet, cfg: &Config, len: u32, host_owned: bool, out: &mut Tuple) -> Result<(), Stat> {
     let (nat_addr, min, max) = (cfg.uplink_addr, cfg.nat_port_min, cfg.nat_port_max);
     let orig = pkt.tuple;
     let owner = owner_of(orig.saddr)?;
-    let host_owned = host_socket_owns(
-        ctx,
-        pkt.proto,
-        &Tuple {
-            saddr: nat_addr,
-            ..orig
-        },
-    );
-    if host_owned {
-        stats::inc(Stat::PortHostSocket);
-    }
     let mut xlat = Tuple {
         saddr: nat_addr,
         ..orig

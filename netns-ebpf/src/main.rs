@@ -9,6 +9,7 @@
 #![no_main]
 
 mod conntrack;
+mod fastpath;
 mod frag;
 mod icmp;
 mod maps;
@@ -21,7 +22,7 @@ mod sweep;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
@@ -118,6 +119,11 @@ fn verdict(ctx: &TcContext, v: Verdict) -> i32 {
         }
         // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        // SAFETY: plain helper calls; each returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+        Verdict::RedirectPeer(ifindex) => unsafe { bpf_redirect_peer(ifindex, 0) as i32 },
+        Verdict::RedirectNeigh(ifindex) => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
     }
 }
 

@@ -13,6 +13,7 @@ use netns_common::{
 
 use crate::{
     conntrack::{self, Lookup},
+    fastpath::{self, Fast},
     frag, icmp,
     maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed},
     packet::{self, ETH_HLEN, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet},
@@ -21,6 +22,11 @@ use crate::{
 };
 
 const ETH_P_IP: u16 = 0x0800;
+
+/// Room for the packet the hairpin and egress paths parse (they never nest on a CPU).
+#[aya_ebpf::macros::map(name = "NETNS_PKTSCR")]
+static PKT_SCRATCH: aya_ebpf::maps::PerCpuArray<Packet> =
+    aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
 const ETH_P_ARP: u16 = 0x0806;
 
 #[inline(always)]
@@ -143,13 +149,33 @@ fn frag_xlat(pkt: &Packet, out: &mut FragPorts) -> bool {
 }
 
 pub fn uplink_egress(ctx: &TcContext) -> Verdict {
-    into_verdict(try_uplink_egress(ctx))
+    // SAFETY: reading and writing a field of the context the kernel handed us.
+    unsafe {
+        if (*ctx.skb.skb).mark == fastpath::MARK {
+            // Translated at its bridge port already (fast path).
+            (*ctx.skb.skb).mark = 0;
+            return Verdict::Pass;
+        }
+    }
+    into_verdict(egress_translate(ctx).map(|_| ()))
 }
 
-fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
-    let Some(cfg) = config() else { return Ok(()) };
+/// Masquerade (and port-forward replies) of a packet leaving the host: at the uplink's
+/// egress, or at a container's bridge port on the fast path. Returns whether the
+/// packet was translated.
+/// A function of its own (it runs at two hook points), returning `Result<u32, _>`:
+/// with `Result<bool, _>` LLVM leaves payload bits undefined, which the verifier
+/// refuses to read.
+#[inline(never)]
+fn egress_translate(ctx: &TcContext) -> Result<u32, Stat> {
+    egress_translate_inner(ctx).map(|t| t as u32)
+}
+
+#[inline(always)]
+fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
+    let Some(cfg) = config() else { return Ok(false) };
     if cfg.uplink_addr == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let masquerades = |t: &Tuple| {
         in_subnet(cfg, t.saddr)
@@ -157,20 +183,24 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             && !in_subnet(cfg, t.daddr)
             && !inbound_allowed(t.daddr)
     };
-    let mut pkt = Packet::EMPTY;
-    match packet::parse_into(ctx, &mut pkt)? {
-        Kind::Other => return Ok(()),
+    // Parsed into per-CPU scratch, as on the hairpin path.
+    let pkt = PKT_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropMalformed)?;
+    // SAFETY: a per-CPU slot, ours while the program runs.
+    let pkt = unsafe { &mut *pkt };
+    match packet::parse_into(ctx, pkt)? {
+        Kind::Other => return Ok(false),
         Kind::Ipv4 => {}
         Kind::IcmpError => {
-            let p = &pkt;
+            let p = &*pkt;
             if icmp::translate_error(ctx, p, dir::UPLINK_EGRESS)? {
                 stats::inc(Stat::IcmpErrors);
+                return Ok(true);
             } else if masquerades(&p.tuple) {
                 // An error about no flow of this container's: nothing to translate it
                 // by, and it must not leave with a private source.
                 return Err(Stat::DropIcmpType);
             }
-            return Ok(());
+            return Ok(false);
         }
     };
     if pkt.later_fragment && pkt.l4 != L4::AddrOnly {
@@ -178,23 +208,23 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
         // uplink takes the uplink address, and the ports were rewritten in the first
         // fragment. So fragments translate in any order, without waiting for the first.
         if !masquerades(&pkt.tuple) {
-            return Ok(());
+            return Ok(false);
         }
         // The first fragment's source, when it passed first: a port forward's reply
         // leaves from the address its mapping is on.
         let mut f = FragPorts::default();
-        let saddr = if frag_xlat(&pkt, &mut f) {
+        let saddr = if frag_xlat(pkt, &mut f) {
             f.saddr
         } else {
             cfg.uplink_addr
         };
         let new = Tuple { saddr, ..pkt.tuple };
         stats::inc(Stat::FragAddrOnly);
-        return packet::rewrite(ctx, &pkt, &new);
+        return packet::rewrite(ctx, pkt, &new).map(|()| true);
     }
     let len = ctx.len();
     let mut xlat = Tuple::default();
-    let hit = match conntrack::lookup(&pkt, dir::UPLINK_EGRESS, len, &mut xlat) {
+    let hit = match conntrack::lookup(pkt, dir::UPLINK_EGRESS, len, &mut xlat) {
         Lookup::Hit(kind) => {
             stats::inc(if kind == ct_kind::DNAT {
                 Stat::DnatReplyPackets
@@ -214,23 +244,31 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             if pkt.tuple.saddr == cfg.uplink_addr {
                 // The host's own flow: untouched. If a container flow that kept its
                 // port would take this flow's replies, the host wins the tuple.
-                conntrack::reclaim_for_host(&pkt);
-                return Ok(());
+                conntrack::reclaim_for_host(pkt);
+                return Ok(false);
             }
             // Only container flows leaving the host are masqueraded; the host's own
             // traffic, anything addressed back into the subnet and routed peers
             // (`--allow-inbound`) pass untouched.
             if !masquerades(&pkt.tuple) {
-                return Ok(());
+                return Ok(false);
             }
             match pkt.l4 {
                 L4::Ports | L4::IcmpQuery => {
-                    conntrack::create_snat(ctx, &pkt, cfg, len, &mut xlat)?;
+                    let mine = Tuple {
+                        saddr: cfg.uplink_addr,
+                        ..pkt.tuple
+                    };
+                    let host_owned = conntrack::host_socket_owns(ctx, pkt.proto, &mine);
+                    if host_owned {
+                        stats::inc(Stat::PortHostSocket);
+                    }
+                    conntrack::create_snat(pkt, cfg, len, host_owned, &mut xlat)?;
                     stats::inc(Stat::SnatPackets);
                     xlat
                 }
                 L4::AddrOnly => {
-                    conntrack::create_addr_only(&pkt, cfg.uplink_addr, len, &mut xlat)?;
+                    conntrack::create_addr_only(pkt, cfg.uplink_addr, len, &mut xlat)?;
                     stats::inc(Stat::ProtoAddrOnly);
                     xlat
                 }
@@ -240,12 +278,16 @@ fn try_uplink_egress(ctx: &TcContext) -> Result<(), Stat> {
             }
         }
     };
-    remember_frag(&pkt, false, Some(&new), 0);
-    packet::rewrite(ctx, &pkt, &new)
+    remember_frag(pkt, false, Some(&new), 0);
+    packet::rewrite(ctx, pkt, &new).map(|()| true)
 }
 
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
-    into_verdict(try_uplink_ingress(ctx))
+    match try_uplink_ingress(ctx) {
+        Ok(Some(f)) => f.verdict(),
+        Ok(None) => Verdict::Pass,
+        Err(s) => Verdict::Drop(s),
+    }
 }
 
 /// Nothing from outside may claim a source inside the bridge subnet, or reach a
@@ -262,14 +304,14 @@ fn inbound_guard(cfg: &Config, t: &Tuple) -> Result<(), Stat> {
     Ok(())
 }
 
-fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
-    let Some(cfg) = config() else { return Ok(()) };
+fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
+    let Some(cfg) = config() else { return Ok(None) };
     if cfg.uplink_addr == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let mut pkt = Packet::EMPTY;
     match packet::parse_into(ctx, &mut pkt)? {
-        Kind::Other => return Ok(()),
+        Kind::Other => return Ok(None),
         Kind::Ipv4 => {}
         Kind::IcmpError => {
             let p = &pkt;
@@ -279,14 +321,14 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
             {
                 stats::inc(Stat::IcmpErrors);
             }
-            return Ok(());
+            return Ok(None);
         }
     };
     inbound_guard(cfg, &pkt.tuple)?;
     // 127/8 from the wire is a martian the kernel drops; a loopback-only mapping must
     // never be reached this way (TC ingress runs before that check: CVE-2020-8558).
     if is_loopback(pkt.tuple.daddr) {
-        return Ok(());
+        return Ok(None);
     }
     // Replies and port forwards may be addressed to any address of the uplink (a
     // mapping can name a secondary one); the conntrack key includes the address.
@@ -296,7 +338,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
             FragInfo::Ours => {}
             FragInfo::Host => {
                 stats::inc(Stat::FragHost);
-                return Ok(());
+                return Ok(None);
             }
             FragInfo::Unknown => {
                 // It overtook its first fragment, whose ports say whether it is a
@@ -308,7 +350,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
                         Err(s) => stats::inc(s),
                     }
                 }
-                return Ok(());
+                return Ok(None);
             }
         }
     }
@@ -337,7 +379,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
                     remember_frag(&pkt, true, None, 0);
                     frag::discard(&frag_key(&pkt));
                 }
-                return Ok(());
+                return Ok(None);
             }
         },
     };
@@ -346,7 +388,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<(), Stat> {
     if pkt.first_fragment {
         frag::replay(ctx, &frag_key(&pkt), cfg.uplink_ifindex)?;
     }
-    Ok(())
+    Ok(fastpath::to_container(ctx, cfg, new.daddr))
 }
 
 /// The port forward a new flow arriving on the uplink opens, if any: a mapping on the
@@ -371,7 +413,7 @@ fn forward_target(ctx: &TcContext, pkt: &Packet, to_uplink: bool) -> Option<Port
 
 pub fn port_ingress(ctx: &TcContext) -> Verdict {
     match try_port_ingress(ctx) {
-        Ok(Some(ifindex)) => Verdict::Redirect(ifindex),
+        Ok(Some(f)) => f.verdict(),
         Ok(None) => Verdict::Pass,
         Err(s) => Verdict::Drop(s),
     }
@@ -383,7 +425,7 @@ pub fn port_ingress(ctx: &TcContext) -> Verdict {
 /// host (ICMP redirects, router adverts). Then hairpin: a container reaching a port
 /// forward through a host address is sent straight to the target container. Returns
 /// the ifindex to redirect to, if any.
-fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
+fn try_port_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
     let eth = packet::eth(ctx)?;
     let Some(port) = (unsafe { BRIDGE_PORTS.get(&skb_ifindex(ctx)) }) else {
         return Err(Stat::DropNoEndpoint);
@@ -425,11 +467,31 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
     stats::inc(Stat::PortPassed);
     let Some(cfg) = config() else { return Ok(None) };
     // Every hairpinned packet is addressed to a host address (the uplink's, or the
-    // gateway the target replies to): anything else needs no parse and no lookup.
-    if ip.daddr != cfg.uplink_addr && ip.daddr != cfg.gateway {
+    // gateway the target replies to).
+    if ip.daddr == cfg.uplink_addr || ip.daddr == cfg.gateway {
+        let mut ifindex = 0;
+        let mut drop = Stat::PortPassed;
+        return match hairpin_call(ctx, cfg, &mut ifindex, &mut drop) {
+            0 => Ok(None),
+            1 => Ok(Some(Fast::Out(ifindex))),
+            _ => Err(drop),
+        };
+    }
+    if eth.dst != cfg.bridge_mac {
+        return Ok(fastpath::to_neighbour(cfg, &eth.dst, ip.daddr));
+    }
+    if in_subnet(cfg, ip.daddr) || cfg.uplink_addr == 0 {
         return Ok(None);
     }
-    hairpin(ctx, cfg)
+    // Routed through the gateway to the outside: translate here and send it out.
+    let mut macs = [0u8; 12];
+    let Some(fast) = fastpath::route_out(ctx, cfg, &ip, &mut macs) else {
+        return Ok(None);
+    };
+    if egress_translate(ctx)? == 0 {
+        return Ok(None);
+    }
+    Ok(fastpath::finish_out(ctx, fast, &macs))
 }
 
 /// Hairpin NAT: destination -> the target container (port forward), source -> the
@@ -437,17 +499,36 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<u32>, Stat> {
 /// through the target's own bridge port, where the reverse entry undoes both. Frames
 /// are redirected port to port, so the host stack (and its martian-source check on a
 /// gateway-sourced packet) is never involved, and a container can reach itself.
+/// [`hairpin`] as a function of its own (the caller's stack is needed for the fast
+/// path), returning plain scalars: 0 pass, 1 redirect to `out`, 2 drop for `drop`.
+#[inline(never)]
+fn hairpin_call(ctx: &TcContext, cfg: &Config, out: &mut u32, drop: &mut Stat) -> u32 {
+    // Result<u32, _>: no undefined payload bits for LLVM to fill with a pointer.
+    match hairpin(ctx, cfg, out) {
+        Ok(v) => v,
+        Err(s) => {
+            *drop = s;
+            2
+        }
+    }
+}
+
+/// `out`: the bridge port to redirect to, when 1.
 #[inline(always)]
-fn hairpin(ctx: &TcContext, cfg: &Config) -> Result<Option<u32>, Stat> {
-    let mut pkt = Packet::EMPTY;
-    if packet::parse_into(ctx, &mut pkt)? != Kind::Ipv4 || pkt.l4 != L4::Ports {
-        return Ok(None);
+fn hairpin(ctx: &TcContext, cfg: &Config, out: &mut u32) -> Result<u32, Stat> {
+    // Parsed into per-CPU scratch: this path's stack also holds pair creation and
+    // the budget recount (TC programs do not nest on a CPU).
+    let pkt = PKT_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropMalformed)?;
+    // SAFETY: a per-CPU slot, ours while the program runs.
+    let pkt = unsafe { &mut *pkt };
+    if packet::parse_into(ctx, pkt)? != Kind::Ipv4 || pkt.l4 != L4::Ports {
+        return Ok(0);
     }
     if pkt.later_fragment {
         // No ports: the first fragment recorded where its datagram went.
         let mut f = FragPorts::default();
-        if !frag_xlat(&pkt, &mut f) {
-            return Ok(None);
+        if !frag_xlat(pkt, &mut f) {
+            return Ok(0);
         }
         let Some(ep) = (unsafe { ENDPOINTS.get(&f.daddr) }) else {
             return Err(Stat::DropNoEndpoint);
@@ -458,27 +539,28 @@ fn hairpin(ctx: &TcContext, cfg: &Config) -> Result<Option<u32>, Stat> {
             daddr: f.daddr,
             ..pkt.tuple
         };
-        packet::rewrite(ctx, &pkt, &new)?;
+        packet::rewrite(ctx, pkt, &new)?;
         packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac)?;
         stats::inc(Stat::HairpinPackets);
-        return Ok(Some(f.ifindex));
+        *out = f.ifindex;
+        return Ok(1);
     }
     let len = ctx.len();
     let mut xlat = Tuple::default();
-    let new = match conntrack::lookup(&pkt, dir::BRIDGE, len, &mut xlat) {
+    let new = match conntrack::lookup(pkt, dir::BRIDGE, len, &mut xlat) {
         Lookup::Hit(_) => xlat,
         Lookup::Drop(s) => return Err(s),
         Lookup::Miss => {
             let Some(t) = portfwd::lookup(pkt.tuple.daddr, pkt.tuple.dport, pkt.proto) else {
-                return Ok(None);
+                return Ok(0);
             };
             // Wildcard mappings, and ones on the uplink's or the bridge's addresses;
             // never loopback-only ones.
             if t.ifindex != 0 && t.ifindex != cfg.uplink_ifindex && t.ifindex != cfg.bridge_ifindex
             {
-                return Ok(None);
+                return Ok(0);
             }
-            conntrack::create_hairpin(&pkt, cfg, &t, len, &mut xlat)?;
+            conntrack::create_hairpin(pkt, cfg, &t, len, &mut xlat)?;
             xlat
         }
     };
@@ -486,9 +568,10 @@ fn hairpin(ctx: &TcContext, cfg: &Config) -> Result<Option<u32>, Stat> {
         Some(ep) => *ep,
         None => return Err(Stat::DropNoEndpoint),
     };
-    remember_frag(&pkt, false, Some(&new), ep.ifindex);
-    packet::rewrite(ctx, &pkt, &new)?;
+    remember_frag(pkt, false, Some(&new), ep.ifindex);
+    packet::rewrite(ctx, pkt, &new)?;
     packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac)?;
     stats::inc(Stat::HairpinPackets);
-    Ok(Some(ep.ifindex))
+    *out = ep.ifindex;
+    Ok(1)
 }

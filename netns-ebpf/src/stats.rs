@@ -9,6 +9,10 @@ pub enum Verdict {
     Drop(Stat),
     /// Sent straight to a bridge port's egress (hairpin), bypassing the host stack.
     Redirect(u32),
+    /// Into the network namespace of the container behind this host veth.
+    RedirectPeer(u32),
+    /// Out of this interface, the kernel resolving the next hop's MAC.
+    RedirectNeigh(u32),
 }
 
 #[inline(always)]

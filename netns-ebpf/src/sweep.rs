@@ -1,13 +1,13 @@
 //! In-kernel sweeps of the conntrack tables (`bpf_for_each_map_elem`): run only when
 //! a container reaches its budget (recount its pairs) or the copies table is full
 //! (drop copies of pairs that are gone), at most once a second each, so no process
-//! has to walk the tables. Expired and stale pairs met on the way are removed.
+//! has to walk the tables. Halves of containers that are gone are removed on the way
+//! (expired ones are left to lazy expiry: judging a pair needs its partner, and the
+//! callback's stack is the scarcest).
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{
-    bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_map_delete_elem, bpf_map_lookup_elem,
-};
+use aya_ebpf::helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_map_delete_elem};
 use netns_common::{CtEntry, CtKeep, CtKey, ct_flags};
 
 use crate::{
@@ -24,43 +24,28 @@ struct Owner {
     now: u64,
 }
 
-/// One half met by a sweep: removes it with its partner when the pair is expired or
-/// stale; counts it when it is a live forward half of the owner.
-extern "C" fn count_cb(
-    map: *mut c_void,
-    key: *mut CtKey,
-    val: *mut CtEntry,
-    ctx: *mut Owner,
-) -> i64 {
+/// One half met by a sweep: removed when its container is gone (its partner is too,
+/// when the walk gets there); counted when it is a live forward half of the owner.
+/// Kept small: this frame sits on top of the deepest call chain (pair creation).
+extern "C" fn count_cb(map: *mut c_void, key: *mut CtKey, val: *mut CtEntry, ctx: *mut Owner) -> i64 {
     // SAFETY: the kernel passes a valid key, value and our context.
-    let (k, v, o) = unsafe { (&*key, &*val, &*ctx) };
-    let Some(cfg) = config() else { return 1 };
-    let dead = conntrack::stale(v)
-        || conntrack::idle_expired(cfg, k.proto, v, o.now) && {
-            let pk = v.partner_key(k);
-            // SAFETY: lookup in the map being walked, with a key on our stack.
-            let p = unsafe { bpf_map_lookup_elem(map, (&pk as *const CtKey).cast()) };
-            let p = if p.is_null() {
-                None
-            } else {
-                // SAFETY: a non-null lookup result is a valid value of this map.
-                Some(unsafe { &*(p as *const CtEntry) })
-            };
-            conntrack::pair_expired(cfg, k.proto, v, p, o.now)
-        };
-    if dead {
-        let pk = v.partner_key(k);
+    let (v, o) = unsafe { (&*val, &*ctx) };
+    if conntrack::stale(v) {
         // SAFETY: deleting from the map being walked (allowed for hash maps).
-        unsafe {
-            bpf_map_delete_elem(map, (&pk as *const CtKey).cast());
-            bpf_map_delete_elem(map, (k as *const CtKey).cast());
-        }
+        unsafe { bpf_map_delete_elem(map, key.cast()) };
         return 0;
     }
     if v.flags & ct_flags::FWD != 0 && v.owner == o.addr && v.generation == o.generation {
-        if let Some(n) = SWEEP_COUNT.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, no other writer on this CPU while we run.
-            unsafe { *n += 1 };
+        let Some(cfg) = config() else { return 1 };
+        // A half idle past its own timeout is not counted (its flow is dead, or alive
+        // only the other way: a slight undercount, never a container blocked by
+        // dead flows).
+        // SAFETY: `key` is valid for the callback's duration.
+        if !conntrack::idle_expired(cfg, unsafe { (*key).proto }, v, o.now) {
+            if let Some(n) = SWEEP_COUNT.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+                unsafe { *n += 1 };
+            }
         }
     }
     0

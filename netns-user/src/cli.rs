@@ -88,6 +88,14 @@ pub struct GlobalArgs {
     #[arg(long, env = "NETNS_CT_MAX_PER_CONTAINER", global = true)]
     pub ct_max_per_container: Option<u32>,
 
+    /// Fast path: translated packets skip the host's bridge, IP forwarding, netfilter
+    /// (FORWARD chain, host conntrack) and backlog queue: delivered straight into the
+    /// container's namespace from the uplink, sent straight to the uplink's next hop
+    /// from a container. "off" keeps the host stack's path. Set each time the
+    /// datapath is loaded.
+    #[arg(long, env = "NETNS_FAST_PATH", value_enum, default_value_t = OnOff::Off, global = true)]
+    pub fast_path: OnOff,
+
     /// Seconds between the rounds (reconcile + conntrack sweep) of the collector service,
     /// `netns gc --daemon` (unless it gets --interval), and of `netns load --follow`.
     /// Nothing else uses it: the hook starts no collector, flows expire in the datapath.
@@ -238,6 +246,7 @@ impl GlobalArgs {
             cgroup: self.cgroup.clone(),
             ct_max: self.ct_max,
             ct_max_per_container: self.ct_max_per_container,
+            fast_path: self.fast_path == OnOff::On,
             allow_inbound: self.inbound_cidrs(),
         }
     }
@@ -480,4 +489,11 @@ mod tests {
             assert!(envs.iter().any(|x| x == e), "{e} missing");
         }
     }
+}
+
+/// A switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }

@@ -167,6 +167,13 @@ impl Topology {
             self.cgroup.display().to_string(),
         ]
         .into_iter()
+        // NETNS_TEST_FAST_PATH=on|off runs a suite in the other datapath mode
+        // (`cargo xtask test` runs the NAT suites in both).
+        .chain(
+            std::env::var("NETNS_TEST_FAST_PATH")
+                .ok()
+                .map(|v| format!("--fast-path={v}")),
+        )
         .chain(self.extra.iter().cloned())
         .collect()
     }

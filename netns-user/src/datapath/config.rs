@@ -26,6 +26,8 @@ pub struct DatapathConfig {
     pub ct_max: Option<u32>,
     /// Conntrack pairs one container may hold (0: no limit).
     pub ct_per_container: u32,
+    /// Translated packets bypass the host stack.
+    pub fast_path: bool,
     /// `--allow-inbound`: what the inbound trie holds after [`Datapath::ensure_loaded`].
     pub allow_inbound: Vec<Cidr>,
 }
@@ -46,6 +48,8 @@ pub struct Settings {
     pub timeouts: Timeouts,
     pub ct_per_container: u32,
     pub port_seed: u32,
+    /// Translated packets bypass the host stack (`--fast-path on`).
+    pub fast_path: bool,
 }
 
 impl Settings {
@@ -61,7 +65,8 @@ impl Settings {
             nat_port_min: self.nat_ports.0,
             nat_port_max: self.nat_ports.1,
             bridge_mac: self.bridge_mac,
-            _pad: [0; 2],
+            fast_path: self.fast_path as u8,
+            _pad: 0,
             netns_cookie: self.netns_cookie,
             timeouts: self.timeouts,
             ct_per_container: self.ct_per_container,
@@ -84,6 +89,7 @@ impl Settings {
             timeouts: c.timeouts,
             ct_per_container: c.ct_per_container,
             port_seed: c.port_seed,
+            fast_path: c.fast_path != 0,
         }
     }
 }
@@ -119,6 +125,7 @@ impl DatapathConfig {
             timeouts: Timeouts::default(),
             ct_per_container: self.ct_per_container,
             port_seed: 0,
+            fast_path: self.fast_path,
         })
     }
 }
@@ -195,6 +202,7 @@ mod tests {
             timeouts: Timeouts::default(),
             ct_per_container: 100,
             port_seed: 7,
+            fast_path: true,
         };
         let raw = s.to_raw();
         assert_eq!(raw.subnet, u32::from(Ipv4Addr::new(172, 19, 0, 0)).to_be());

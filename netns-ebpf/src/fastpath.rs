@@ -1,0 +1,156 @@
+//! The fast path (`--fast-path on`): packets the datapath translates skip the host's
+//! bridge, IP forwarding, netfilter and backlog queue. From the uplink a packet for a
+//! container is delivered into the container's namespace (`bpf_redirect_peer`); from
+//! a container it is translated at its bridge port and sent to the uplink with the
+//! next hop `bpf_fib_lookup` found (`bpf_redirect_neigh` when the neighbour is not
+//! resolved yet); between containers it goes to the other container's veth peer.
+//! Anything the lookup cannot settle (no route via the uplink, a packet too big for
+//! its MTU, TTL about to expire) takes the stack's path, which answers with the right
+//! ICMP error.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::bpf_fib_lookup as fib_lookup,
+    programs::TcContext,
+};
+use netns_common::{Config, Stat};
+
+use crate::{
+    maps::ENDPOINTS,
+    packet::{self, ETH_HLEN, Ipv4Hdr},
+    stats::{self, Verdict},
+};
+
+/// `skb->mark` of a packet the fast path already translated and sent to the uplink:
+/// the uplink's egress program passes it untouched (and clears the mark).
+pub const MARK: u32 = 0x6e65_7473;
+
+const AF_INET: u8 = 2;
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
+
+/// Where the fast path sends a packet.
+pub enum Fast {
+    /// Into the namespace of the container behind this host veth.
+    Peer(u32),
+    /// Out of this interface, MACs already set.
+    Out(u32),
+    /// Out of this interface, the kernel resolves the next hop's MAC.
+    Neigh(u32),
+}
+
+impl Fast {
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Fast::Peer(i) => Verdict::RedirectPeer(i),
+            Fast::Out(i) => Verdict::Redirect(i),
+            Fast::Neigh(i) => Verdict::RedirectNeigh(i),
+        }
+    }
+}
+
+/// Decrements the TTL, fixing the header checksum. False (nothing changed) when it
+/// would expire: the stack sends the time-exceeded error then.
+#[inline(always)]
+fn dec_ttl(ctx: &TcContext) -> bool {
+    let Ok(w) = ctx.load::<u16>(IP_TTL_OFF) else {
+        return false;
+    };
+    let ttl = (u16::from_be(w) >> 8) as u8;
+    if ttl <= 1 {
+        return false;
+    }
+    let nw = (u16::from_be(w) - 0x100).to_be();
+    if ctx
+        .l3_csum_replace(packet::IP_CSUM_OFF, w as u64, nw as u64, 2)
+        .is_err()
+    {
+        return false;
+    }
+    ctx.store(IP_TTL_OFF, &nw, 0).is_ok()
+}
+
+/// Uplink ingress, after translation: a packet now addressed to a container goes
+/// straight into its namespace.
+#[inline(always)]
+pub fn to_container(ctx: &TcContext, cfg: &Config, daddr: u32) -> Option<Fast> {
+    if cfg.fast_path == 0 {
+        return None;
+    }
+    let ep = *unsafe { ENDPOINTS.get(&daddr) }?;
+    if packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac).is_err() || !dec_ttl(ctx) {
+        return None;
+    }
+    stats::inc(Stat::FastIn);
+    Some(Fast::Peer(ep.ifindex))
+}
+
+/// A container's packet to another container on the bridge (addressed to its MAC):
+/// straight to that container's veth peer.
+#[inline(always)]
+pub fn to_neighbour(cfg: &Config, dst_mac: &[u8; 6], daddr: u32) -> Option<Fast> {
+    if cfg.fast_path == 0 {
+        return None;
+    }
+    let ep = unsafe { ENDPOINTS.get(&daddr) }?;
+    if ep.mac != *dst_mac {
+        return None;
+    }
+    stats::inc(Stat::FastLocal);
+    Some(Fast::Peer(ep.ifindex))
+}
+
+/// The route of a container's packet to the gateway: the uplink and the next hop's
+/// MACs, or None when the stack must handle it (another interface, fragmentation
+/// needed, no route, TTL expiring).
+/// A function of its own: the lookup's parameter block stays off the caller's stack.
+#[inline(never)]
+pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12]) -> Option<Fast> {
+    if cfg.fast_path == 0 || ip.ttl <= 1 {
+        return None;
+    }
+    // SAFETY: zeroed is a valid bpf_fib_lookup; the IPv4 members are filled in.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = ip.proto;
+    p.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    p.ifindex = cfg.bridge_ifindex;
+    p.__bindgen_anon_2.tos = ip.tos;
+    p.__bindgen_anon_3.ipv4_src = ip.saddr;
+    p.__bindgen_anon_4.ipv4_dst = ip.daddr;
+    // SAFETY: helper call with a valid context and parameter block.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    } as u32;
+    if p.ifindex != cfg.uplink_ifindex {
+        return None;
+    }
+    macs[..6].copy_from_slice(&p.dmac);
+    macs[6..].copy_from_slice(&p.smac);
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Some(Fast::Out(p.ifindex)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Some(Fast::Neigh(p.ifindex)),
+        _ => None,
+    }
+}
+
+/// After the packet was translated: the MACs, the TTL, the mark.
+#[inline(always)]
+pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &[u8; 12]) -> Option<Fast> {
+    // Marked first: translated, it must not be translated again at the uplink, even
+    // if it falls back to the stack below.
+    // SAFETY: writing a field of the context the kernel handed us (writable in TC).
+    unsafe { (*ctx.skb.skb).mark = MARK };
+    if let Fast::Out(_) = fast {
+        ctx.store(0, macs, 0).ok()?;
+    }
+    if !dec_ttl(ctx) {
+        return None;
+    }
+    stats::inc(Stat::FastOut);
+    Some(fast)
+}
