@@ -112,7 +112,7 @@ pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = ip.proto;
-    p.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
+    p.__bindgen_anon_1.tot_len = wire_len(ctx, ip);
     p.ifindex = cfg.bridge_ifindex;
     p.__bindgen_anon_2.tos = ip.tos;
     p.__bindgen_anon_3.ipv4_src = ip.saddr;
@@ -136,6 +136,30 @@ pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12
         BPF_FIB_LKUP_RET_NO_NEIGH => Some(Fast::Neigh(p.ifindex)),
         _ => None,
     }
+}
+
+/// The length of the packets that will be on the wire: a GSO packet (a container's
+/// TCP sends 64 KiB at a time) is checked by the size of its segments, as the
+/// kernel's forwarding does, not by its total length.
+#[inline(always)]
+fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
+    let tot = u16::from_be(ip.tot_len);
+    // SAFETY: reading fields of the context the kernel handed us.
+    let (segs, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    if segs <= 1 || size == 0 {
+        return tot;
+    }
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    let l4 = if ip.proto == netns_common::IPPROTO_TCP {
+        match ctx.load::<u8>(ETH_HLEN + ihl + 12) {
+            Ok(doff) => ((doff >> 4) as u32) * 4,
+            Err(_) => return tot,
+        }
+    } else {
+        8
+    };
+    let seg = ihl as u32 + l4 + size;
+    if seg < tot as u32 { seg as u16 } else { tot }
 }
 
 /// After the packet was translated: the MACs, the TTL, the mark.

@@ -172,6 +172,7 @@ impl Topology {
         .chain(
             std::env::var("NETNS_TEST_FAST_PATH")
                 .ok()
+                .filter(|_| !self.extra.iter().any(|f| f.starts_with("--fast-path")))
                 .map(|v| format!("--fast-path={v}")),
         )
         .chain(self.extra.iter().cloned())
