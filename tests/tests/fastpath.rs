@@ -5,8 +5,8 @@
 //! to the other veth peer (`fast_local`); what the stack must answer (TTL expiring,
 //! too big for the route) still goes the stack's way.
 //!
-//! Every test builds its topology with `--fast-path on` (one with `off`, to compare);
-//! under a `NETNS_TEST_FAST_PATH` of the other mode it is skipped. The observers are the peers (data hashed on
+//! Every test builds its topology with `--fast-path on` (one with `off`, to compare).
+//! The observers are the peers (data hashed on
 //! both ends, what a socket's error queue says, the TTL a datagram arrives with),
 //! AF_PACKET captures, the host namespace's own counters (`Ip: ForwDatagrams`: what the
 //! stack forwarded; a bridge port's TX packets: what the bridge delivered), and the
@@ -25,18 +25,10 @@ use netns_tests::{Container, Topology};
 /// The bridge the topology's hooks make (the default `--bridge`).
 const BRIDGE: &str = "netns0";
 
-/// A topology with `--fast-path MODE`. `NETNS_TEST_FAST_PATH` (which runs other suites
-/// in either mode) adds its own `--fast-path`: the same mode is kept, the other one is
-/// a run this test cannot make (None, and the test says it is skipped).
-fn topology(mode: &str) -> Option<Topology> {
-    match std::env::var("NETNS_TEST_FAST_PATH") {
-        Ok(v) if v == mode => Some(Topology::new()),
-        Ok(v) => {
-            eprintln!("skipped: this test needs --fast-path {mode}, NETNS_TEST_FAST_PATH={v}");
-            None
-        }
-        Err(_) => Some(Topology::with_flags(&["--fast-path", mode])),
-    }
+/// A topology with `--fast-path MODE` (an explicit flag wins over
+/// `NETNS_TEST_FAST_PATH`, which runs other suites in either mode).
+fn topology(mode: &str) -> Topology {
+    Topology::with_flags(&["--fast-path", mode])
 }
 
 fn out(o: &Output) -> String {
@@ -292,7 +284,7 @@ fn min_packets(bytes: usize) -> u64 {
 #[test]
 fn bulk_tcp_both_ways_through_masquerade_and_a_port_forward_takes_the_fast_path() {
     const N: usize = 100 << 20;
-    let Some(t) = topology("on") else { return };
+    let t = topology("on");
     let c = Container::start(&t);
     t.netns(&["port", "add", &c.id, "8300:7300/tcp"]);
     let s0 = t.stats();
@@ -339,7 +331,7 @@ fn bulk_tcp_both_ways_through_masquerade_and_a_port_forward_takes_the_fast_path(
 
 #[test]
 fn too_big_for_the_uplink_mtu_gets_frag_needed_and_tcp_still_works() {
-    let Some(t) = topology("on") else { return };
+    let t = topology("on");
     // Both containers start with the uplink's MTU (1500); then the wan link shrinks to
     // 1280 on both ends. wan advertises a 1460-byte MSS all the same (advmss on its
     // route), so the container's TCP sends segments too big for the link.
@@ -434,7 +426,7 @@ fn too_big_for_the_uplink_mtu_gets_frag_needed_and_tcp_still_works() {
 
 #[test]
 fn ttl_one_gets_time_exceeded_from_the_gateway_and_ttls_drop_by_one() {
-    let Some(t) = topology("on") else { return };
+    let t = topology("on");
     let c = annotated(&t, "8320:7320/udp");
     let sink = udp_log(t.wan.cmd("python3"), 7321);
     let s0 = t.stats();
@@ -525,7 +517,7 @@ fn neighbour(t: &Topology, addr: &str, dev: &str) -> String {
 
 #[test]
 fn the_first_packet_needs_no_neighbour_entry_either_way() {
-    let Some(t) = topology("on") else { return };
+    let t = topology("on");
     // Right after the container starts: a port forward from the annotation, no
     // neighbour entry for the container on the bridge, none for wan on the uplink.
     let c = annotated(&t, "8330:7330/udp");
@@ -628,7 +620,7 @@ fn container_to_container(t: &Topology, n: usize) -> (u64, u64) {
 #[test]
 fn container_to_container_goes_port_to_port_on_the_fast_path() {
     const N: usize = 20 << 20;
-    let Some(t) = topology("on") else { return };
+    let t = topology("on");
     let (local, bridged) = container_to_container(&t, N);
     let want = min_packets(2 * N);
     assert!(
@@ -644,7 +636,7 @@ fn container_to_container_goes_port_to_port_on_the_fast_path() {
 #[test]
 fn container_to_container_with_the_fast_path_off_goes_through_the_bridge() {
     const N: usize = 20 << 20;
-    let Some(t) = topology("off") else { return };
+    let t = topology("off");
     let (local, bridged) = container_to_container(&t, N);
     assert_eq!(local, 0, "fast_local stays 0 with --fast-path off");
     let want = min_packets(2 * N);
@@ -657,7 +649,7 @@ fn container_to_container_with_the_fast_path_off_goes_through_the_bridge() {
 #[test]
 fn hairpin_through_the_uplink_address_still_works() {
     const N: usize = 10 << 20;
-    let Some(t) = topology("on") else { return };
+    let t = topology("on");
     let target = annotated(&t, "8350:7350/tcp, 8350:7350/udp");
     let other = Container::start(&t);
     let _who =
