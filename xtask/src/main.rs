@@ -89,6 +89,9 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 /// release binary does not have.
 const TEST_FEATURES: &str = "netns-user/fault-injection";
 
+/// Integration suites `cargo xtask test` runs a second time with `--fast-path on`.
+const FAST_PATH_SUITES: [&str; 5] = ["nat", "portmap", "safety", "conntrack", "hook"];
+
 fn build_with(release: bool, extra: &[&str]) -> anyhow::Result<PathBuf> {
     let mut args = vec!["build", "-p", "netns-user", "--bins"];
     args.extend_from_slice(extra);
@@ -101,10 +104,15 @@ fn build_with(release: bool, extra: &[&str]) -> anyhow::Result<PathBuf> {
 
 /// Runs `cargo test`, echoing its output, and closes with one summary line over all
 /// test binaries (the last binary cargo runs is often an empty doc-test one).
-fn test_with_summary(args: &[&str], netns_bin: &Path) -> anyhow::Result<()> {
+fn test_with_summary(
+    args: &[&str],
+    netns_bin: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .envs(env.iter().copied())
         // The integration tests run this binary.
         .env("NETNS_BIN", netns_bin)
         .current_dir(root())
@@ -235,8 +243,23 @@ fn main() -> anyhow::Result<()> {
                 "--features",
                 TEST_FEATURES,
             ];
+            let full = args.is_empty();
             a.extend(args.iter().map(String::as_str));
-            test_with_summary(&a, &bin)?;
+            let first = test_with_summary(&a, &bin, &[]);
+            // The NAT, port-forward, hairpin and conntrack suites again in the other
+            // datapath mode (the fast path), on the same build.
+            let second = if full {
+                println!("again with the fast path on:");
+                let mut b = vec!["test", "-p", "netns-tests", "--no-fail-fast"];
+                for t in FAST_PATH_SUITES {
+                    b.extend(["--test", t]);
+                }
+                test_with_summary(&b, &bin, &[("NETNS_TEST_FAST_PATH", "on")])
+            } else {
+                Ok(())
+            };
+            first?;
+            second?;
         }
         Cmd::Demo => {
             preflight()?;
