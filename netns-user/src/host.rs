@@ -98,6 +98,26 @@ pub fn cgroup(cfg: &NetConfig) -> Result<Option<PathBuf>, CgroupError> {
     cgroup::resolve(&cfg.cgroup)
 }
 
+/// The fast path skips netfilter's FORWARD chain: one line when rules there name the
+/// bridge or the subnet (they will not see translated traffic).
+fn warn_bypassed_forward_rules(cfg: &NetConfig) {
+    let g = &cfg.gateway;
+    let mask = u32::MAX.checked_shl(32 - u32::from(g.prefix_len)).unwrap_or(0);
+    let subnet = format!(
+        "{}/{}",
+        std::net::Ipv4Addr::from(u32::from(g.addr) & mask),
+        g.prefix_len
+    );
+    let rules = crate::network::forward_rules::mentioning(&[cfg.bridge.clone(), subnet]);
+    if let Some(first) = rules.first() {
+        log::warn!(
+            "--fast-path on bypasses netfilter FORWARD for translated traffic; {} rule(s) there              name {} or its subnet and will not see it (e.g. `{first}`); --fast-path off keeps them              in the path",
+            rules.len(),
+            cfg.bridge
+        );
+    }
+}
+
 /// Loads the datapath (or opens its pins and refreshes its config), attaches the
 /// socket programs, and reserves the NAT port range so host sockets never pick a
 /// masquerade port as their ephemeral port. `lock`: the state lock, when there is a
@@ -113,6 +133,9 @@ pub fn load_datapath(
         dp.attach_cgroup(&cg)?;
     }
     reserve::nat_range(lock, cfg.nat_ports.min, cfg.nat_ports.max)?;
+    if cfg.fast_path {
+        warn_bypassed_forward_rules(cfg);
+    }
     // A fresh datapath (first load, an upgrade from an older layout, after `datapath
     // unload`) knows none of the containers the state directory holds: re-derive them.
     if dp.freshly_loaded()

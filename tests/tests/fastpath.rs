@@ -673,3 +673,28 @@ fn hairpin_through_the_uplink_address_still_works() {
         "hairpinned port to port: {s1}"
     );
 }
+
+/// The fast path bypasses netfilter's FORWARD chain: loading it says so, once, when
+/// rules there name the bridge; with no such rule, or with the fast path off, nothing.
+#[test]
+fn loading_the_fast_path_warns_about_forward_rules_it_bypasses() {
+    let load = |t: &Topology| {
+        let o = t.netns_cmd(&["load"]).output().unwrap();
+        assert!(o.status.success(), "{}", both(&o));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let on = topology("on");
+    assert!(!load(&on).contains("bypasses netfilter FORWARD"));
+    // A rule in this test's own host namespace only.
+    let o = on.host_sh(&format!("iptables -A FORWARD -i {BRIDGE} -j ACCEPT"));
+    assert!(o.status.success(), "{}", both(&o));
+    let msg = load(&on);
+    assert!(
+        msg.contains("bypasses netfilter FORWARD") && msg.contains(BRIDGE),
+        "{msg}"
+    );
+    let off = topology("off");
+    let o = off.host_sh(&format!("iptables -A FORWARD -i {BRIDGE} -j ACCEPT"));
+    assert!(o.status.success(), "{}", both(&o));
+    assert!(!load(&off).contains("bypasses netfilter FORWARD"));
+}

@@ -5,6 +5,7 @@
 
 pub mod addrs;
 pub mod bridge;
+pub mod forward_rules;
 pub mod netlink;
 pub mod portset;
 pub mod sysctl;
