@@ -191,9 +191,9 @@ pub struct CtEntry {
     /// Bits of [`ct_flags`].
     pub flags: u8,
     pub _pad: u8,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at a tick's resolution) at creation.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns` at the last packet in this direction.
+    /// The same clock at the last packet in this direction.
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,

@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
-    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     maps::LruHashMap,
     programs::TcContext,
 };
@@ -46,8 +46,10 @@ pub fn key(pkt: &Packet, dir: u8) -> CtKey {
 
 #[inline(always)]
 fn now_ns() -> u64 {
+    // The coarse clock (CLOCK_MONOTONIC_COARSE, a tick's resolution): a few ns instead
+    // of a clocksource read per packet; timeouts are in seconds.
     // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// What a lookup found.
