@@ -714,3 +714,213 @@ fn the_cli_refuses_without_capabilities() {
         "ls lists the container: {ls:?}"
     );
 }
+
+/// Binds argv[1] (SO_REUSEADDR), sends argv[3] to argv[2] (`addr:port`) up to 8 times
+/// and prints the first answer, or "none".
+const UDP_ASK: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+h, p = sys.argv[2].rsplit(":", 1)
+s.settimeout(0.3)
+for i in range(8):
+    s.sendto(sys.argv[3].encode(), (h, int(p)))
+    try:
+        print(s.recv(100).decode().strip()); break
+    except Exception:
+        pass
+else:
+    print("none")
+"#;
+
+/// Answers every datagram on each port of argv[2:] with "argv[1] DATA".
+const UDP_TAG: &str = r#"
+import select, socket, sys
+socks = []
+for p in sys.argv[2:]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(p))); socks.append(s)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        d, a = s.recvfrom(1000)
+        s.sendto(sys.argv[1].encode() + b" " + d, a)
+"#;
+
+fn udp_ask(mut cmd: std::process::Command, sport: u16, to: &str, what: &str) -> String {
+    out(&cmd
+        .args(["-c", UDP_ASK, &sport.to_string(), to, what])
+        .output()
+        .expect("python3"))
+}
+
+fn udp_tag(mut cmd: std::process::Command, tag: &str, ports: &[u16]) -> ChildGuard {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let g = ChildGuard::spawn(cmd.args(["-c", UDP_TAG, tag]).args(&ports));
+    // Bound once `ss` shows it (the caller's namespace).
+    std::thread::sleep(Duration::from_millis(300));
+    g
+}
+
+fn ct_flows(t: &Topology) -> Vec<serde_json::Value> {
+    serde_json::from_str(&t.netns(&["conntrack", "ls", "--json"])).expect("conntrack ls --json")
+}
+
+/// Halves in both conntrack tables (the kernel's view, bpftool) made for the endpoint
+/// generation `generation`.
+fn ct_entries_of_generation(t: &Topology, generation: u32) -> usize {
+    let at = std::mem::offset_of!(netns_common::CtEntry, generation);
+    [maps::CONNTRACK, maps::CT_NEW]
+        .iter()
+        .flat_map(|m| t.map_dump(m))
+        .filter(|e| e.value.get(at..at + 4) == Some(&generation.to_ne_bytes()[..]))
+        .count()
+}
+
+#[test]
+fn a_stopped_containers_flows_leave_conntrack_ls_and_never_reach_the_next_on_its_address() {
+    // One container address in a /30: the next container gets the stopped one's.
+    let t = Topology::with_flags(&["--ip", "172.19.0.1/30"]);
+    let mut ann = BTreeMap::new();
+    ann.insert("netns.ports".to_owned(), "7601:7601/udp".to_owned());
+    let old = Container::start_with(&t, &ann, &[]).expect("start");
+    let ip = old.ip();
+    let old_gen = netns_common::endpoint_generation(&old.id);
+    let wan_srv = udp_tag(t.wan.cmd("python3"), "wan", &[7602]);
+    let old_srv = udp_tag(old.cmd("python3"), "old", &[7601]);
+    // Three flows: out (SNAT, from 42600), in through the port forward (DNAT, the peer
+    // at 42601), and a ping nothing meets again.
+    assert_eq!(
+        udp_ask(old.cmd("python3"), 42600, &format!("{WAN_IP}:7602"), "out"),
+        "wan out"
+    );
+    assert_eq!(
+        udp_ask(
+            t.wan.cmd("python3"),
+            42601,
+            &format!("{UPLINK_IP}:7601"),
+            "in"
+        ),
+        "old in"
+    );
+    assert!(
+        old.exec(&["ping", "-c", "1", "-W", "2", WAN_IP])
+            .status
+            .success()
+    );
+    let fl = ct_flows(&t);
+    let mine: Vec<&serde_json::Value> = fl.iter().filter(|f| f["owner"] == ip.as_str()).collect();
+    assert!(
+        mine.len() >= 3,
+        "control: its three flows are listed: {fl:#?}"
+    );
+    let snat = mine
+        .iter()
+        .find(|f| f["original"]["sport"] == 42600)
+        .unwrap_or_else(|| panic!("{fl:#?}"));
+    assert!(
+        snat["kind"] == "snat" && snat["assured"] == true && snat["replied"] == true,
+        "{snat}"
+    );
+    let nat_port = snat["translated"]["sport"].as_u64().unwrap();
+    assert!(
+        mine.iter()
+            .any(|f| f["kind"] == "dnat" && f["original"]["sport"] == 42601),
+        "{fl:#?}"
+    );
+    drop(old_srv);
+    let d = old.delete();
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    // None of its flows is listed, in JSON or text...
+    let fl = ct_flows(&t);
+    assert!(
+        !fl.iter().any(|f| f["owner"] == ip.as_str()),
+        "a stopped container's flows are listed: {fl:#?}"
+    );
+    let text = t.netns(&["conntrack", "ls"]);
+    assert!(
+        !text.contains(&format!("owner={ip} ")) && !text.contains(&format!("{ip}:")),
+        "{text}"
+    );
+    // ...although the stop did not walk the tables: its entries are stale, not gone.
+    assert!(
+        ct_entries_of_generation(&t, old_gen) >= 2,
+        "control: the stopped container's entries are still in the tables (stale)"
+    );
+    let stale_before = stats(&t)["ct_stale"].as_u64().unwrap();
+    // A new container on the same address, listening where the old flows led.
+    let new = Container::start(&t);
+    assert_eq!(new.ip(), ip, "the /30 has one container address");
+    let new_srv = udp_tag(new.cmd("python3"), "new", &[7601, 42600]);
+    // The peers go on with the old flows: the new container must get none of it (there
+    // is no port forward to it, and the old flows are stale).
+    drop(wan_srv);
+    assert_eq!(
+        udp_ask(
+            t.wan.cmd("python3"),
+            42601,
+            &format!("{UPLINK_IP}:7601"),
+            "late-in"
+        ),
+        "none",
+        "the old port-forward flow reached the new container"
+    );
+    assert_eq!(
+        udp_ask(
+            t.wan.cmd("python3"),
+            7602,
+            &format!("{UPLINK_IP}:{nat_port}"),
+            "late-reply"
+        ),
+        "none",
+        "a reply of the old masqueraded flow reached the new container"
+    );
+    assert!(
+        stats(&t)["ct_stale"].as_u64().unwrap() > stale_before,
+        "the datapath met stale entries and dropped them"
+    );
+    // The same tuples now make the new container's own flows.
+    t.netns(&["port", "add", &new.id, "7601:7601/udp"]);
+    assert_eq!(
+        udp_ask(
+            t.wan.cmd("python3"),
+            42601,
+            &format!("{UPLINK_IP}:7601"),
+            "again"
+        ),
+        "new again"
+    );
+    let _wan_srv = udp_tag(t.wan.cmd("python3"), "wan", &[7602]);
+    assert_eq!(
+        udp_ask(new.cmd("python3"), 42600, &format!("{WAN_IP}:7602"), "out2"),
+        "wan out2"
+    );
+    let fl = ct_flows(&t);
+    let f = fl
+        .iter()
+        .find(|f| f["original"]["sport"] == 42600)
+        .unwrap_or_else(|| panic!("{fl:#?}"));
+    assert!(
+        f["owner"] == ip.as_str() && f["age_secs"].as_u64().unwrap() <= 5,
+        "a fresh flow of the new container: {f}"
+    );
+    // The rest of the old container's entries (its ping, met by nothing): a sweep
+    // deletes them, and only them.
+    let gc: serde_json::Value = serde_json::from_str(&t.netns(&["gc", "--json"])).unwrap();
+    assert!(
+        gc["conntrack"]["stale"].as_u64().unwrap() >= 1,
+        "gc swept the stale ping flow: {gc}"
+    );
+    assert_eq!(
+        ct_entries_of_generation(&t, old_gen),
+        0,
+        "no entry of the stopped container left after gc: {gc}"
+    );
+    assert_eq!(
+        ct_flows(&t).len(),
+        fl.len(),
+        "the new container's flows stay: {gc}"
+    );
+    drop(new_srv);
+}

@@ -339,6 +339,8 @@ fn mapped_ports_are_reserved_and_busy_ports_reported() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("in use on the host"));
 }
 
+/// Adding a mapping flushes the flows that used its host port: the new target gets
+/// the peer's next datagram, not the old one.
 #[test]
 fn remapping_a_udp_port_flushes_stale_flows() {
     let t = Topology::new();
@@ -353,6 +355,37 @@ fn remapping_a_udp_port_flushes_stale_flows() {
     t.netns(&["port", "rm", "-", "5353:53/udp"]);
     t.netns(&["port", "add", &b.id, "5353:53/udp"]);
     expect(|| t.wan_sh(&q), &format!("B peer={WAN_IP}"));
+}
+
+/// Removing a mapping forwards no new flow, and leaves the ones that came through it to
+/// end or expire, as removing an iptables DNAT rule leaves its conntrack entries: no
+/// conntrack walk on `port rm` (nor when a container stops).
+#[test]
+fn removing_a_mapping_forwards_no_new_flow_and_lets_existing_ones_end() {
+    let t = Topology::new();
+    let a = Container::start(&t);
+    let _sa = servers(&a, 53, "A");
+    t.netns(&["port", "add", &a.id, "5300:53/udp"]);
+    let q = udp_from(UPLINK_IP, 5300, 40100);
+    expect(|| t.wan_sh(&q), &format!("A peer={WAN_IP}"));
+    t.netns(&["port", "rm", &a.id, "5300:53/udp"]);
+    assert!(!t.netns(&["port", "ls"]).contains("5300"));
+    // The peer's flow goes on...
+    assert_eq!(out(&t.wan_sh(&q)), format!("A peer={WAN_IP}"));
+    let fl: Vec<serde_json::Value> =
+        serde_json::from_str(&t.netns(&["conntrack", "ls", "--json"])).unwrap();
+    assert!(
+        fl.iter().any(|f| f["kind"] == "dnat"
+            && f["original"]["sport"] == 40100
+            && f["original"]["dport"] == 5300
+            && f["owner"] == a.ip().as_str()),
+        "{fl:#?}"
+    );
+    // ...a new one is not forwarded.
+    assert_eq!(out(&t.wan_sh(&udp_from(UPLINK_IP, 5300, 40101))), "");
+    // And a flush ends it.
+    t.netns(&["conntrack", "flush"]);
+    assert_eq!(out(&t.wan_sh(&q)), "");
 }
 
 /// Every verb answers `--json`, the mutating ones included, with what it did.

@@ -1,7 +1,8 @@
 //! `netns conntrack ls [--json] | flush`: the datapath's flows, one line per flow (both
-//! halves joined), like `conntrack -L`.
+//! halves joined), like `conntrack -L`, from both tables (`NETNS_CT`, assured, and
+//! `NETNS_CTNEW`, unreplied). Flows the datapath treats as absent (expired, or of a
+//! container that is gone: stale) are hidden unless `all`.
 
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 
@@ -10,7 +11,8 @@ use serde::Serialize;
 
 use super::CommandError;
 use crate::cli::{ConntrackCommand, GlobalArgs};
-use crate::datapath::{ConntrackEntry, ConntrackKey, CtState, Datapath, Dir, FlowKind, Tuple, gc};
+use crate::datapath::gc::{self, Pair, Snapshot, Verdict};
+use crate::datapath::{CtState, Datapath, FlowKind, Tuple};
 
 #[derive(Debug, Serialize)]
 pub struct Endpoints {
@@ -39,13 +41,24 @@ pub struct Flow {
     pub original: Endpoints,
     pub translated: Endpoints,
     pub state: &'static str,
+    /// The container the flow belongs to.
+    pub owner: Ipv4Addr,
+    /// In the main table: TCP handshake done, or a reply seen (else unreplied).
+    pub assured: bool,
+    /// A packet of the reply direction was seen.
+    pub replied: bool,
+    /// UDP: a stream (replied, active after 2 s: the `udp_stream` timeout).
+    pub stream: bool,
+    /// "live", or (listed with `--all` only) "expired" or "stale" (its container is
+    /// gone or its address is another's): what the datapath treats as absent.
+    pub status: &'static str,
     pub age_secs: u64,
     pub idle_secs: u64,
     pub packets: u64,
     pub bytes: u64,
     pub reply_packets: u64,
     pub reply_bytes: u64,
-    /// The other half is missing (evicted); the collector purges it.
+    /// One half is missing (evicted) and cannot be rebuilt; the collector purges it.
     pub orphan: bool,
 }
 
@@ -67,48 +80,56 @@ fn state_name(proto: u8, s: CtState) -> &'static str {
     }
 }
 
-/// Is this half the one the flow's first packet created?
-fn is_original(e: &ConntrackEntry, gateway: Ipv4Addr) -> bool {
-    match e.kind {
-        FlowKind::Snat => e.key.dir == Dir::UplinkEgress,
-        FlowKind::Dnat => e.key.dir == Dir::UplinkIngress,
-        // Hairpin: the original half rewrites the source to the gateway.
-        FlowKind::Hairpin => *e.xlat.src.ip() == gateway && *e.key.tuple.src.ip() != gateway,
+fn status_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Expired => "expired",
+        Verdict::Stale => "stale",
+        Verdict::Live | Verdict::Orphan => "live",
     }
 }
 
-pub fn flows(dp: &Datapath) -> Result<Vec<Flow>, CommandError> {
-    let cfg = dp.config()?;
-    let entries = dp.conntrack_entries()?;
-    let map: HashMap<ConntrackKey, &ConntrackEntry> = entries.iter().map(|e| (e.key, e)).collect();
-    let now = gc::monotonic_ns();
-    let mut out = Vec::new();
-    for v in &entries {
-        let k = &v.key;
-        let partner = map.get(&v.partner_key()).copied();
-        if !is_original(v, cfg.gateway) && partner.is_some() {
-            continue;
-        }
-        let last = partner.map_or(v.last_seen_ns, |p| p.last_seen_ns.max(v.last_seen_ns));
-        out.push(Flow {
-            proto: proto_name(k.proto),
-            kind: match v.kind {
-                FlowKind::Snat => "snat",
-                FlowKind::Dnat => "dnat",
-                FlowKind::Hairpin => "hairpin",
-            },
-            original: k.tuple.into(),
-            translated: v.xlat.into(),
-            state: state_name(k.proto, gc::flow_state(v, partner)),
-            age_secs: now.saturating_sub(v.created_ns) / 1_000_000_000,
-            idle_secs: now.saturating_sub(last) / 1_000_000_000,
-            packets: v.packets,
-            bytes: v.bytes,
-            reply_packets: partner.map_or(0, |p| p.packets),
-            reply_bytes: partner.map_or(0, |p| p.bytes),
-            orphan: partner.is_none(),
-        });
+/// A flow as `ls` shows it, from the side of the packet that opened it (a lone reverse
+/// half shows the flow it belongs to).
+fn flow(p: &Pair, now: u64) -> Flow {
+    let any = p.any();
+    let proto = p.fwd_key.proto;
+    let flags = p.flags();
+    Flow {
+        proto: proto_name(proto),
+        kind: match any.kind {
+            FlowKind::Snat => "snat",
+            FlowKind::Dnat => "dnat",
+            FlowKind::Hairpin => "hairpin",
+        },
+        original: p.fwd_key.tuple.into(),
+        // The opening half rewrites to what its partner's key reverses.
+        translated: p.rev_key.tuple.reversed().into(),
+        state: state_name(proto, gc::flow_state(any, p.fwd.and(p.rev).as_ref())),
+        owner: any.owner,
+        assured: p.assured(),
+        replied: flags.replied,
+        stream: flags.stream,
+        status: status_name(p.verdict),
+        age_secs: now.saturating_sub(any.created_ns) / 1_000_000_000,
+        idle_secs: now.saturating_sub(p.last_seen_ns()) / 1_000_000_000,
+        packets: p.fwd.map_or(0, |e| e.packets),
+        bytes: p.fwd.map_or(0, |e| e.bytes),
+        reply_packets: p.rev.map_or(0, |e| e.packets),
+        reply_bytes: p.rev.map_or(0, |e| e.bytes),
+        orphan: p.orphan(),
     }
+}
+
+/// The flows of both tables; with `all` also those the datapath treats as absent.
+pub fn flows(dp: &Datapath, all: bool) -> Result<Vec<Flow>, CommandError> {
+    let t = dp.config()?.timeouts;
+    let snap = Snapshot::read(dp)?;
+    let now = gc::monotonic_ns();
+    let mut out: Vec<Flow> = gc::pairs(&snap, &t, now)
+        .iter()
+        .filter(|p| all || !p.verdict.absent())
+        .map(|p| flow(p, now))
+        .collect();
     out.sort_by(|a, b| {
         (&a.proto, a.original.src, a.original.sport).cmp(&(
             &b.proto,
@@ -119,34 +140,73 @@ pub fn flows(dp: &Datapath) -> Result<Vec<Flow>, CommandError> {
     Ok(out)
 }
 
+fn write_flow(out: &mut impl std::io::Write, f: &Flow) -> std::io::Result<()> {
+    let o = &f.original;
+    let t = &f.translated;
+    let mut marks: Vec<&str> = Vec::new();
+    if f.assured {
+        marks.push("assured");
+    }
+    if f.replied {
+        marks.push("replied");
+    }
+    if f.stream {
+        marks.push("stream");
+    }
+    if f.orphan {
+        marks.push("orphan");
+    }
+    if f.status != "live" {
+        marks.push(f.status);
+    }
+    writeln!(
+        out,
+        "{:<4} {:<7} {:<11} src={}:{} dst={}:{} -> src={}:{} dst={}:{} owner={} age={}s idle={}s packets={}/{} bytes={}/{}{}",
+        f.proto,
+        f.kind,
+        f.state,
+        o.src,
+        o.sport,
+        o.dst,
+        o.dport,
+        t.src,
+        t.sport,
+        t.dst,
+        t.dport,
+        f.owner,
+        f.age_secs,
+        f.idle_secs,
+        f.packets,
+        f.reply_packets,
+        f.bytes,
+        f.reply_bytes,
+        if marks.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", marks.join(","))
+        }
+    )
+}
+
 pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
     let dp = Datapath::open_required(&g.bpffs_dir)?;
     let out = &mut std::io::stdout().lock();
     match cmd {
         ConntrackCommand::Ls => {
-            let flows = flows(&dp)?;
+            let flows = flows(&dp, false)?;
             if g.json {
                 serde_json::to_writer_pretty(&mut *out, &flows)
                     .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
             } else {
                 for f in &flows {
-                    let o = &f.original;
-                    let t = &f.translated;
-                    writeln!(
-                        out,
-                        "{:<4} {:<7} {:<11} src={}:{} dst={}:{} -> src={}:{} dst={}:{} age={}s idle={}s packets={}/{} bytes={}/{}{}",
-                        f.proto, f.kind, f.state, o.src, o.sport, o.dst, o.dport, t.src, t.sport, t.dst, t.dport,
-                        f.age_secs, f.idle_secs, f.packets, f.reply_packets, f.bytes, f.reply_bytes,
-                        if f.orphan { " [orphan]" } else { "" }
-                    )
-                    .map_err(CommandError::Output)?;
+                    write_flow(out, f).map_err(CommandError::Output)?;
                 }
                 writeln!(out, "{} flow(s)", flows.len()).map_err(CommandError::Output)?;
             }
         }
         ConntrackCommand::Flush => {
-            let n = dp.purge_conntrack(|_| true)?;
+            let n = dp.flush_conntrack()?;
             if g.json {
                 return super::print_json(out, &serde_json::json!({ "deleted": n }));
             }
@@ -159,6 +219,75 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::{ConntrackEntry, ConntrackKey, CtFlags, CtTable, Dir};
+
+    fn t(s: &str, d: &str) -> Tuple {
+        Tuple {
+            src: s.parse().unwrap(),
+            dst: d.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_flow_is_shown_from_its_opening_side_with_owner_and_flags() {
+        let owner = Ipv4Addr::new(172, 19, 0, 2);
+        // A port forward's reply half alone (its opening half evicted, no copy).
+        let rev = ConntrackEntry {
+            key: ConntrackKey {
+                tuple: t("172.19.0.2:80", "198.51.100.1:40000"),
+                proto: IPPROTO_TCP,
+                dir: Dir::UplinkEgress,
+            },
+            table: CtTable::Main,
+            xlat: t("198.51.100.2:8080", "198.51.100.1:40000"),
+            state: CtState::Established,
+            kind: FlowKind::Dnat,
+            flags: CtFlags {
+                replied: true,
+                ..CtFlags::default()
+            },
+            owner,
+            generation: 3,
+            created_ns: 0,
+            last_seen_ns: 9_000_000_000,
+            packets: 4,
+            bytes: 400,
+        };
+        let snap = Snapshot::new(
+            vec![rev],
+            vec![],
+            std::collections::HashMap::from([(owner, 3)]),
+        );
+        let t0 = netns_common::Timeouts::default();
+        let pairs = gc::pairs(&snap, &t0, 10_000_000_000);
+        let f = flow(&pairs[0], 10_000_000_000);
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(
+            (&v["original"], &v["translated"]),
+            (
+                &serde_json::json!({"src": "198.51.100.1", "sport": 40000, "dst": "198.51.100.2", "dport": 8080}),
+                &serde_json::json!({"src": "198.51.100.1", "sport": 40000, "dst": "172.19.0.2", "dport": 80}),
+            )
+        );
+        assert_eq!(v["owner"], "172.19.0.2");
+        assert_eq!(
+            (&v["assured"], &v["replied"], &v["orphan"], &v["status"]),
+            (&true.into(), &true.into(), &true.into(), &"live".into())
+        );
+        assert_eq!((f.packets, f.reply_packets, f.idle_secs), (0, 4, 1));
+        let mut line = Vec::new();
+        write_flow(&mut line, &f).unwrap();
+        let line = String::from_utf8(line).unwrap();
+        assert!(
+            line.contains("owner=172.19.0.2 ") && line.ends_with("[assured,replied,orphan]\n"),
+            "{line}"
+        );
+        // Its container gone: stale, hidden unless --all.
+        let gone = Snapshot::new(vec![rev], vec![], Default::default());
+        let p = &gc::pairs(&gone, &t0, 10_000_000_000)[0];
+        assert!(p.verdict.absent());
+        assert_eq!(flow(p, 10_000_000_000).status, "stale");
+    }
 
     #[test]
     fn protocol_names() {

@@ -1,5 +1,6 @@
-//! `netns gc [--json] [--interval S] [--daemon] [--timeouts k=v,...]`: expire conntrack
-//! entries and reconcile the state directory ([`crate::reconcile`], full mode), once, or
+//! `netns gc [--json] [--interval S] [--daemon] [--timeouts k=v,...]`: sweep conntrack
+//! (expired and stale flows, orphan halves, dangling copies, per-container counts: see
+//! [`gc::sweep`]) and reconcile the state directory ([`crate::reconcile`], full mode), once, or
 //! every S seconds until the datapath is gone (`--interval`), or as the collector service
 //! (`--daemon`: every `--interval` or `--gc-interval` seconds, in the foreground, until
 //! stopped). Both loops take gc.lock: one collector per state directory.
@@ -80,8 +81,16 @@ pub fn run(g: &GlobalArgs, a: &GcArgs) -> Result<(), CommandError> {
         match rep.conntrack {
             Some(r) => writeln!(
                 out,
-                "{} entries, {} flows expired, {} orphans purged",
-                r.entries, r.expired, r.orphans
+                "{} entries, {} flows expired, {} stale, {} orphans purged ({} entries and {} \
+                 copies deleted, {} refreshed since the walk and kept, {} counts corrected)",
+                r.entries,
+                r.expired,
+                r.stale,
+                r.orphans,
+                r.deleted,
+                r.copies,
+                r.refreshed,
+                r.recounted
             ),
             None => writeln!(
                 out,

@@ -13,9 +13,15 @@ pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
         .into_iter()
         .map(|(s, v)| (s.name().to_owned(), v, s.is_drop()))
         .collect();
-    let entries = dp.conntrack_entries()?.len() as u64;
-    stats.push(("ct_entries".into(), entries, false));
-    stats.push(("ct_evicted".into(), dp.ct_evictions()?, false));
+    // Both tables: `ct_entries` the main one (assured pairs, the one --ct-max sizes),
+    // `ct_entries_unreplied` the other; the copies kept to rebuild lost halves; and the
+    // evictions from both.
+    let sizes = dp.conntrack_sizes()?;
+    stats.push(("ct_entries".into(), sizes.main as u64, false));
+    stats.push(("ct_entries_unreplied".into(), sizes.new as u64, false));
+    stats.push(("ct_kept".into(), sizes.kept as u64, false));
+    let live = (sizes.main + sizes.new) as u64;
+    stats.push(("ct_evicted".into(), dp.ct_evictions(live)?, false));
     let out = &mut std::io::stdout().lock();
     if json {
         let m: serde_json::Map<String, serde_json::Value> = stats

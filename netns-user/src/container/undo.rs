@@ -64,8 +64,10 @@ impl UndoOps for RealOps<'_> {
     async fn undo(&mut self, u: &Undo) -> Result<(), StepError> {
         match u {
             Undo::PortMaps(ms) => Ok(portmap::remove(self.lock, self.dp.as_deref(), ms)?),
+            // No conntrack walk: the container's flows are stale once its endpoint is
+            // gone (see `Datapath::retire_endpoint`).
             Undo::Endpoint(ip) => match self.dp.as_deref_mut() {
-                Some(dp) => Ok(dp.remove_endpoint(*ip)?),
+                Some(dp) => Ok(dp.retire_endpoint(*ip)?),
                 None => Ok(()),
             },
             Undo::Port(idx) => match self.dp.as_deref_mut() {
@@ -108,7 +110,9 @@ pub fn teardown_plan(
 }
 
 /// Removes the port forwards, datapath entries and veth of a lease (not the lease
-/// itself); returns how many parts failed (each is logged).
+/// itself); returns how many parts failed (each is logged). The conntrack tables are
+/// not read: the container's flows are stale once its endpoint is gone, so a stop
+/// costs the same whatever the tables hold.
 pub async fn teardown(
     cfg: &NetConfig,
     lock: &Locked<'_>,

@@ -18,9 +18,13 @@
 //! | `loader` | load and pin the object, reload, unload, the bpffs mount and the loader lock |
 //! | `attach` | TCX and cgroup links: attach, detach, `check` |
 //! | `status` | what `netns datapath status` reports |
-//! | `config`, `endpoints`, `ports`, `conntrack`, `inbound`, `stats` | one typed map each |
-//! | [`gc`] | conntrack expiry |
+//! | `config`, `endpoints`, `ports`, `inbound`, `stats` | one typed map each |
+//! | `conntrack` | the conntrack maps: both tables, the copies, the per-container counts |
+//! | [`gc`] | what the datapath treats as absent (expired, stale), the sweep |
 //! | `old`, `pins`, `sys` | older layouts, pin paths, the bpf(2) calls aya lacks |
+//!
+//! Hash maps are read with BPF_MAP_LOOKUP_BATCH, one pass over their buckets
+//! ([`sys::lookup_batch`]), never key by key.
 //!
 //! The typed maps take and return host-order values and netns types (`Ipv4Addr`,
 //! `SocketAddrV4`, [`Proto`]); byte order is converted in those modules only, and no
@@ -50,7 +54,10 @@ use nix::fcntl::Flock;
 pub use crate::config::Cidr;
 pub use attach::{CheckFailure, CheckReport};
 pub use config::{DatapathConfig, Settings};
-pub use conntrack::{ConntrackEntry, ConntrackKey, CtState, Dir, FlowKind, Tuple};
+pub use conntrack::{
+    ConntrackEntry, ConntrackKeep, ConntrackKey, ConntrackSizes, CtFlags, CtState, CtTable, Dir,
+    FlowKind, Tuple,
+};
 pub use endpoints::{BridgePort, BridgePorts, Endpoint, Endpoints};
 pub use ports::{PortForward, PortForwardKey, PortForwards, Proto};
 pub use status::{Attach, LinkStatus, MapStatus, ProgramStatus, Status};
@@ -183,21 +190,18 @@ fn absent_ok<T>(
     }
 }
 
-/// Every entry of a hash map; one deleted (or evicted) while listing is skipped.
+/// Every entry of a hash map, in one pass over its buckets ([`sys::lookup_batch`]): one
+/// deleted (or evicted) while listing is skipped, and the walk ends whatever changes.
 fn hash_entries<K: aya::Pod, V: aya::Pod>(
     m: &aya::maps::HashMap<MapData, K, V>,
     what: &str,
 ) -> Result<Vec<(K, V)>, DatapathError> {
-    let mut out = Vec::new();
-    for r in m.iter() {
-        out.extend(absent_ok(r, what)?);
-    }
-    Ok(out)
+    sys::lookup_batch(m).map_err(io(what))
 }
 
-/// How many keys a hash map holds now (no value is read).
+/// How many entries a hash map holds now (0 if it cannot be read).
 fn key_count<K: aya::Pod, V: aya::Pod>(m: &aya::maps::HashMap<MapData, K, V>) -> usize {
-    m.keys().filter(Result::is_ok).count()
+    sys::lookup_batch(m).map_or(0, |v| v.len())
 }
 
 /// An open, loaded datapath (pinned maps opened from bpffs).

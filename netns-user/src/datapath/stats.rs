@@ -44,22 +44,23 @@ impl Datapath {
             .collect()
     }
 
-    /// Least-recently-used entries the kernel evicted from the full conntrack table:
-    /// everything inserted minus everything deleted minus what is there now.
-    pub fn ct_evictions(&self) -> Result<u64, DatapathError> {
+    /// Least-recently-used entries the kernel evicted from the full conntrack tables:
+    /// everything inserted minus everything deleted minus what is there now (`live`:
+    /// the entries of both tables). An estimate: a removal of a pair one of whose halves
+    /// was already gone counts two.
+    pub fn ct_evictions(&self, live: u64) -> Result<u64, DatapathError> {
         let s: HashMap<Stat, u64> = self.stats()?.into_iter().collect();
-        let live = self.conntrack_entries()?.len() as u64;
         Ok(evictions(&s, live))
     }
 }
 
 fn evictions(s: &HashMap<Stat, u64>, live: u64) -> u64 {
     let inserted = 2 * s[&Stat::CtCreated] + s[&Stat::CtRebuilt];
-    // A host reclaim deletes both halves of the container's pair.
-    let removed = s[&Stat::CtRetired]
-        + s[&Stat::DropCtInsert]
-        + s[&Stat::CtUserRemoved]
-        + 2 * s[&Stat::CtHostReclaimed];
+    // Each of these removes both halves of a pair; a promotion moves a pair between
+    // the tables (both counted in `live`).
+    let pairs =
+        s[&Stat::CtHostReclaimed] + s[&Stat::CtExpired] + s[&Stat::CtStale] + s[&Stat::CtReopened];
+    let removed = s[&Stat::CtRetired] + s[&Stat::CtUserRemoved] + 2 * pairs;
     inserted.saturating_sub(removed).saturating_sub(live)
 }
 
@@ -71,10 +72,14 @@ mod tests {
     fn evictions_from_counters() {
         let mut s: HashMap<Stat, u64> = Stat::ALL.iter().map(|s| (*s, 0)).collect();
         s.insert(Stat::CtCreated, 10);
+        s.insert(Stat::CtRebuilt, 2);
         s.insert(Stat::CtUserRemoved, 4);
         s.insert(Stat::CtHostReclaimed, 1);
-        // 20 inserted, 6 removed, 10 live: 4 evicted.
-        assert_eq!(evictions(&s, 10), 4);
+        s.insert(Stat::CtExpired, 1);
+        s.insert(Stat::CtStale, 1);
+        s.insert(Stat::CtPromoted, 5);
+        // 22 inserted, 10 removed, 8 live: 4 evicted.
+        assert_eq!(evictions(&s, 8), 4);
         assert_eq!(evictions(&s, 100), 0);
     }
 }

@@ -5,7 +5,9 @@ use std::fmt;
 use std::path::PathBuf;
 
 use aya::programs::ProgramInfo;
-use netns_common::{CtEntry, CtKey, FragKey, FragPorts, LAYOUT_VERSION, SockKey, SockOrig, maps};
+use netns_common::{
+    CtCount, CtEntry, CtKeep, CtKey, FragKey, FragPorts, LAYOUT_VERSION, SockKey, SockOrig, maps,
+};
 use serde::Serialize;
 
 use super::attach::{ifname, pinned_links};
@@ -178,6 +180,9 @@ impl Datapath {
         let mut out = Vec::new();
         for name in [
             maps::CONNTRACK,
+            maps::CT_NEW,
+            maps::CT_KEEP,
+            maps::CT_COUNT,
             maps::ENDPOINTS,
             maps::BRIDGE_PORTS,
             maps::PORTS,
@@ -191,10 +196,17 @@ impl Datapath {
             let info = data
                 .info()
                 .map_err(map_err(format!("map info of {name}")))?;
-            // Counted by key: no value is read (the conntrack table can be large).
+            // Counted with one batch walk each (the conntrack tables can be large, and
+            // a GET_NEXT_KEY walk starts over when an entry goes under it).
             let entries = match name {
-                maps::CONNTRACK => {
+                maps::CONNTRACK | maps::CT_NEW => {
                     key_count(&self.hash_map::<CtKey, CtEntry>(name, true, "conntrack map")?)
+                }
+                maps::CT_KEEP => {
+                    key_count(&self.hash_map::<CtKey, CtKeep>(name, false, "conntrack copies")?)
+                }
+                maps::CT_COUNT => {
+                    key_count(&self.hash_map::<u32, CtCount>(name, false, "conntrack counts")?)
                 }
                 maps::ENDPOINTS => self.endpoints()?.len(),
                 maps::BRIDGE_PORTS => self.bridge_ports()?.len(),

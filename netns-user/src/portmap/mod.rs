@@ -2,9 +2,17 @@
 //! mappings and the host's own sockets, the persisted table, and the datapath's port map.
 //!
 //! Every change is all-or-nothing: a batch is validated in full before the first map
-//! entry is written, and a failed write rolls back what the batch wrote. Conntrack
-//! entries that use a mapped host port are flushed when the mapping is added and when
-//! it is removed, so a remapped port never keeps delivering stale (UDP) flows.
+//! entry is written, and a failed write rolls back what the batch wrote.
+//!
+//! Conntrack: removing a mapping leaves the flows that came through it alone, as
+//! removing an iptables DNAT rule leaves its conntrack entries: they go on until they
+//! end or expire (the datapath expires them by itself), and no new flow is forwarded.
+//! So `port rm`, and the removal of a stopped container's mappings, never read the
+//! conntrack tables (their cost does not grow with them). Adding a mapping flushes the
+//! flows that use its host port, so a port remapped to another container never keeps
+//! delivering the old target's (UDP) flows: one bounded pass over the tables
+//! (BPF_MAP_LOOKUP_BATCH, see `Datapath::conntrack_entries`). A stopped container's
+//! own flows need no flush at all: they are stale once its endpoint is gone.
 
 mod spec;
 mod validate;
@@ -238,8 +246,10 @@ fn host_port_of(e: &ConntrackEntry) -> (u8, u16) {
     }
 }
 
-/// Deletes every conntrack pair that uses one of the host ports of `ms`: one pass over
-/// the table with a set lookup per entry, whatever the number of mappings.
+/// Deletes every conntrack pair that uses one of the host ports of `ms`, with its
+/// copies: one pass over each table (a batch walk, which ends after one pass over the
+/// buckets whatever the traffic does meanwhile) with a set lookup per entry, whatever
+/// the number of mappings.
 pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathError> {
     if ms.is_empty() {
         return Ok(0);
@@ -280,13 +290,14 @@ pub fn install(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
     Ok(())
 }
 
-/// Removes mappings from the datapath (absent entries are fine) and their flows.
+/// Removes mappings from the datapath (absent entries are fine). Flows that came
+/// through them are left to end or expire (see the module documentation): no
+/// conntrack walk.
 pub fn uninstall(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
     let mut map = dp.port_forwards()?;
     for m in ms {
         map.remove(m.key())?;
     }
-    flush_conntrack(dp, ms)?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! by the next run: see `cleanup_stale`). No timing assertions: this is a report.
 
 mod connrate;
+mod ctfill;
 mod report;
 mod sys;
 mod topo;
@@ -39,7 +40,9 @@ struct Opts {
     /// Seconds per measurement (sockperf, iperf3, connection rate).
     #[arg(long, default_value_t = 2)]
     duration: u64,
-    /// Container starts for workload 6 (each: netns prestart+poststop, CNI ADD+DEL).
+    /// Container starts for workload 6 (each: netns prestart+poststop, CNI ADD+DEL),
+    /// with an empty conntrack table and again with 60,000 entries (`--only start`
+    /// runs workload 6 alone).
     #[arg(long, default_value_t = 50)]
     starts: usize,
     /// Repetitions of each batch install in workload 5.
@@ -354,7 +357,36 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
             "workload 6: container network start, {} times each",
             o.starts
         ));
-        starts(o.starts, "", cni.as_ref(), tag, &beds, res)?;
+        // The connectivity check left flows: an empty table means flushed.
+        if let Some(b) = beds.iter().find(|b| b.kind() == Kind::Ebpf) {
+            let r = b.t.netns_run(&["conntrack", "flush"]).and_then(|_| {
+                let n = ctfill::entries(b.t.netns()?)?;
+                if n != 0 {
+                    bail!("{n} entries left");
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                res.notes.push(format!(
+                    "6. flushing conntrack before the starts failed: {}",
+                    first_line(&e)
+                ));
+            }
+        }
+        let empty = starts(o.starts, "", cni.as_ref(), tag, &beds, res)?;
+        if let Some(b) = beds.iter().find(|b| b.kind() == Kind::Ebpf) {
+            step(&format!(
+                "workload 6: the same with {} conntrack entries",
+                report::thousands(FULL_TABLE_PAIRS as u64 * 2)
+            ));
+            if let Err(e) = full_table_starts(o.starts, &empty, cni.as_ref(), tag, b, &beds, res) {
+                eprintln!("  full-table starts: {e:#}");
+                res.notes.push(format!(
+                    "6. starts with a full conntrack table failed: {}",
+                    first_line(&e)
+                ));
+            }
+        }
     }
     if o.wants("install") {
         step("workload 5: installing 10,000 port mappings");
@@ -450,9 +482,10 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
         }
     }
 
-    // The same control-plane operations with the conntrack table the traffic left.
+    // Port add/rm again with the conntrack table the traffic left (the starts were
+    // measured with a table of a known size, in workload 6).
     if let Some(b) = beds.iter().find(|b| b.kind() == Kind::Ebpf)
-        && (o.wants("start") || o.wants("install"))
+        && o.wants("install")
         && (o.wants("conn") || o.wants("udp") || o.wants("latency") || o.wants("tcp"))
     {
         let ct = match conntrack_entries(b) {
@@ -461,7 +494,7 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
         };
         let when = format!("after the traffic ({ct} conntrack entries)");
         step(&format!("control plane again, {when}"));
-        if o.wants("install") {
+        {
             let r = (|| -> anyhow::Result<()> {
                 let a = |cmd: &str| {
                     vec![
@@ -498,13 +531,6 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
                     first_line(&e)
                 ));
             }
-        } else if netns_port_count(b).unwrap_or(0) > 1000 {
-            let _ =
-                b.t.netns_run(&["port", "rm", "a", "10000-19998:10000-19998/tcp"]);
-        }
-        if o.wants("start") {
-            let n = (o.starts / 5).max(3);
-            starts(n, &format!(", {when}"), None, tag, &beds, res)?;
         }
     }
     step("cleaning up");
@@ -1061,8 +1087,83 @@ fn install_10k(b: &mut Bed) -> anyhow::Result<()> {
     }
 }
 
+/// Conntrack pairs of container a written for the second half of workload 6: 60,000
+/// entries, the table size at which a stop used to cost 250 ms (a user-space walk).
+const FULL_TABLE_PAIRS: u32 = 30_000;
+
+/// Poststop with a full conntrack table may take at most this many times its time with
+/// an empty one (it must not walk the table).
+pub const POSTSTOP_GOAL: f64 = 1.5;
+
+/// Workload 6 again with 60,000 conntrack entries (container a's assured flows, written
+/// into the maps: see `ctfill`): prestart and poststop of as many fresh containers,
+/// then the ratio of the poststop medians to `empty` (the poststops with an empty
+/// table) against [`POSTSTOP_GOAL`]. The entries are flushed afterwards (timed), so
+/// the later workloads start from an empty table as before.
+fn full_table_starts(
+    count: usize,
+    empty: &[f64],
+    cni: Option<&Cni>,
+    tag: &str,
+    b: &Bed,
+    beds: &[Bed],
+    res: &mut Results,
+) -> anyhow::Result<()> {
+    let t = b.t.netns()?;
+    let before = ctfill::entries(t)?;
+    if before != 0 {
+        bail!("the conntrack tables hold {before} entries before the fill, not 0");
+    }
+    let owner: std::net::Ipv4Addr = b.ctr_ip().parse()?;
+    ctfill::fill(t, owner, UPLINK_IP.parse()?, FULL_TABLE_PAIRS)?;
+    let entries = ctfill::entries(t)?;
+    let when = format!(", {} conntrack entries", report::thousands(entries as u64));
+    // CNI calls alternate with the hooks as in the first run (same conditions), but
+    // are not reported again.
+    let full = starts(count, &when, cni, tag, beds, res)?;
+    let after = ctfill::entries(t)?;
+    if after != entries {
+        bail!("the table changed during the starts: {entries} entries, then {after}");
+    }
+    if let (Some(e), Some(f)) = (sys::median(empty), sys::median(&full)) {
+        let ratio = f / e;
+        res.poststop = Some(report::PoststopGoal {
+            empty_p50: e,
+            full_p50: f,
+            entries,
+            ratio,
+        });
+        println!(
+            "  poststop p50: {} with 0 entries, {} with {}: {ratio:.2}x (goal <= {POSTSTOP_GOAL}x: {})",
+            fmt_secs(e),
+            fmt_secs(f),
+            report::thousands(entries as u64),
+            if ratio <= POSTSTOP_GOAL {
+                "PASS"
+            } else {
+                "FAIL"
+            }
+        );
+    }
+    let flush = timed(b, &["conntrack".into(), "flush".into()])?;
+    res.starts.push((
+        format!(
+            "netns conntrack flush, {} entries and their copies",
+            report::thousands(entries as u64)
+        ),
+        vec![flush.as_secs_f64()],
+        "once".into(),
+    ));
+    let left = ctfill::entries(t)?;
+    if left != 0 {
+        bail!("{left} conntrack entries left after `netns conntrack flush`");
+    }
+    Ok(())
+}
+
 /// Workload 6: the netns hook (prestart, poststop) vs the CNI bridge plugin (ADD, DEL),
-/// alternating, each on a fresh `unshare -n sleep` namespace.
+/// alternating, each on a fresh `unshare -n sleep` namespace. Returns the poststop
+/// samples (seconds).
 fn starts(
     count: usize,
     when: &str,
@@ -1070,7 +1171,7 @@ fn starts(
     tag: &str,
     beds: &[Bed],
     res: &mut Results,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<f64>> {
     let eb = beds.iter().find(|b| b.kind() == Kind::Ebpf);
     let (mut pre, mut post, mut add, mut del) = (vec![], vec![], vec![], vec![]);
     let mut ebpf_err = None;
@@ -1092,7 +1193,7 @@ fn starts(
         }
         if let (Some(c), None) = (cni, &cni_err) {
             let r = (|| -> anyhow::Result<()> {
-                let id = format!("{tag}s{i}");
+                let id = format!("{tag}s{i}{}", if when.is_empty() { "" } else { "x" });
                 let sl = c.spawn_sleeper(&id)?;
                 add.push(c.call("ADD", &id, sl.pid())?.as_secs_f64());
                 del.push(c.call("DEL", &id, sl.pid())?.as_secs_f64());
@@ -1138,7 +1239,7 @@ fn starts(
         ));
     }
     if !when.is_empty() {
-        return Ok(());
+        return Ok(post);
     }
     if cni.is_some() {
         res.starts.push((
@@ -1165,7 +1266,7 @@ fn starts(
         sys::median(&pre).map_or("n/a".into(), fmt_secs),
         sys::median(&add).map_or("n/a".into(), fmt_secs)
     );
-    Ok(())
+    Ok(post)
 }
 
 /// Per-packet cost of the datapath's programs: BPF run-time statistics (switched on

@@ -95,8 +95,33 @@ pub struct Results {
     pub install: Vec<(String, Option<f64>, String)>,
     /// Workload 6 rows: what, samples (seconds), note.
     pub starts: Vec<(String, Vec<f64>, String)>,
+    /// Workload 6: poststop with an empty and a full conntrack table.
+    pub poststop: Option<PoststopGoal>,
     /// Extra observations (profiles, errors that did not stop the run).
     pub notes: Vec<String>,
+}
+
+/// The poststop medians (seconds) with 0 and `entries` conntrack entries.
+#[derive(Debug, Clone, Copy)]
+pub struct PoststopGoal {
+    pub empty_p50: f64,
+    pub full_p50: f64,
+    pub entries: usize,
+    pub ratio: f64,
+}
+
+impl PoststopGoal {
+    pub fn line(&self) -> String {
+        let goal = super::POSTSTOP_GOAL;
+        format!(
+            "6. netns poststop: p50 {} with 0 conntrack entries, {} with {}: {:.2}x, goal <= {goal}x: {}.",
+            fmt_secs(self.empty_p50),
+            fmt_secs(self.full_p50),
+            thousands(self.entries as u64),
+            self.ratio,
+            if self.ratio <= goal { "PASS" } else { "FAIL" }
+        )
+    }
 }
 
 impl Results {
@@ -298,6 +323,9 @@ impl Results {
                     }
                 );
             }
+        }
+        if let Some(p) = &self.poststop {
+            let _ = writeln!(s, "- {}", p.line());
         }
         for n in &self.notes {
             let _ = writeln!(s, "- {n}");
