@@ -242,8 +242,8 @@ pub struct ConntrackEntry {
     /// stale.
     pub owner: Ipv4Addr,
     pub generation: u32,
-    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) at creation and at the last
-    /// packet in this direction.
+    /// CLOCK_MONOTONIC_COARSE nanoseconds (`bpf_ktime_get_coarse_ns`) at creation and
+    /// at the last packet in this direction.
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub packets: u64,

@@ -51,9 +51,10 @@ pub struct GcReport {
     pub recounted: usize,
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: what `bpf_ktime_get_ns` returns.
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the datapath's clock
+/// (`bpf_ktime_get_coarse_ns`), which stamps the entries.
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }

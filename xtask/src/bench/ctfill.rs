@@ -40,8 +40,9 @@ fn open<const K: usize, const V: usize>(
     HashMap::try_from(m).with_context(|| format!("{name} as a hash map"))
 }
 
+/// The datapath's clock (`bpf_ktime_get_coarse_ns`).
 fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
