@@ -793,7 +793,13 @@ fn create_pair(pkt: &Packet, xlat: &mut Tuple, spec: &PairSpec, len: u32) -> Res
 /// neither a flow nor a host socket has it: `host_owned` says whether one has, asked
 /// by the caller so that the socket lookup's frame is not stacked on this one).
 #[inline(never)]
-pub fn create_snat(pkt: &Packet, cfg: &Config, len: u32, host_owned: bool, out: &mut Tuple) -> Result<(), Stat> {
+pub fn create_snat(
+    pkt: &Packet,
+    cfg: &Config,
+    len: u32,
+    host_owned: bool,
+    out: &mut Tuple,
+) -> Result<(), Stat> {
     let (nat_addr, min, max) = (cfg.uplink_addr, cfg.nat_port_min, cfg.nat_port_max);
     let orig = pkt.tuple;
     let owner = owner_of(orig.saddr)?;

@@ -173,7 +173,9 @@ fn egress_translate(ctx: &TcContext) -> Result<u32, Stat> {
 
 #[inline(always)]
 fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
-    let Some(cfg) = config() else { return Ok(false) };
+    let Some(cfg) = config() else {
+        return Ok(false);
+    };
     if cfg.uplink_addr == 0 {
         return Ok(false);
     }

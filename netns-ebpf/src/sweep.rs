@@ -27,12 +27,19 @@ struct Owner {
 /// One half met by a sweep: removed when its container is gone (its partner is too,
 /// when the walk gets there); counted when it is a live forward half of the owner.
 /// Kept small: this frame sits on top of the deepest call chain (pair creation).
-extern "C" fn count_cb(map: *mut c_void, key: *mut CtKey, val: *mut CtEntry, ctx: *mut Owner) -> i64 {
+extern "C" fn count_cb(
+    map: *mut c_void,
+    key: *mut CtKey,
+    val: *mut CtEntry,
+    ctx: *mut Owner,
+) -> i64 {
     // SAFETY: the kernel passes a valid key, value and our context.
     let (v, o) = unsafe { (&*val, &*ctx) };
     if conntrack::stale(v) {
         // SAFETY: deleting from the map being walked (allowed for hash maps).
-        unsafe { bpf_map_delete_elem(map, key.cast()) };
+        if unsafe { bpf_map_delete_elem(map, key.cast()) } == 0 {
+            crate::stats::inc(netns_common::Stat::CtStale);
+        }
         return 0;
     }
     if v.flags & ct_flags::FWD != 0 && v.owner == o.addr && v.generation == o.generation {

@@ -180,8 +180,14 @@ pub enum PortCommand {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum ConntrackCommand {
-    /// List flows: protocol, original and translated tuples, state, age, packets/bytes.
-    Ls,
+    /// List flows: protocol, original and translated tuples, state, age, packets/bytes,
+    /// owner and flags. Flows the datapath treats as gone (expired, or of a container
+    /// that is gone) are hidden unless --all.
+    Ls {
+        /// Also list expired and stale flows (still in the maps until met or swept).
+        #[arg(long)]
+        all: bool,
+    },
     /// Delete every entry.
     Flush,
 }

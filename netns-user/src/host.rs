@@ -102,7 +102,9 @@ pub fn cgroup(cfg: &NetConfig) -> Result<Option<PathBuf>, CgroupError> {
 /// bridge or the subnet (they will not see translated traffic).
 fn warn_bypassed_forward_rules(cfg: &NetConfig) {
     let g = &cfg.gateway;
-    let mask = u32::MAX.checked_shl(32 - u32::from(g.prefix_len)).unwrap_or(0);
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(g.prefix_len))
+        .unwrap_or(0);
     let subnet = format!(
         "{}/{}",
         std::net::Ipv4Addr::from(u32::from(g.addr) & mask),

@@ -308,7 +308,7 @@ fn run(dp: &mut Datapath, c: &Change) -> Result<bool, DatapathError> {
     let done = |()| true;
     match c {
         Change::RemoveForward { forward } => dp.port_forwards()?.remove(*forward),
-        Change::RemoveEndpoint { ip } => dp.remove_endpoint(*ip).map(done),
+        Change::RemoveEndpoint { ip } => dp.retire_endpoint(*ip).map(done),
         Change::RemoveBridgePort { ifindex } => dp.bridge_ports()?.remove(*ifindex),
         Change::WriteEndpoint { ip, endpoint } => dp.endpoints()?.insert(*ip, *endpoint).map(done),
         Change::WriteBridgePort { ifindex, port } => {

@@ -192,8 +192,8 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
     let dp = Datapath::open_required(&g.bpffs_dir)?;
     let out = &mut std::io::stdout().lock();
     match cmd {
-        ConntrackCommand::Ls => {
-            let flows = flows(&dp, false)?;
+        ConntrackCommand::Ls { all } => {
+            let flows = flows(&dp, *all)?;
             if g.json {
                 serde_json::to_writer_pretty(&mut *out, &flows)
                     .map_err(|e| CommandError::Output(e.into()))?;

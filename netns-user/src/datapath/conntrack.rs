@@ -499,22 +499,6 @@ impl Datapath {
         Ok(n)
     }
 
-    /// Deletes every conntrack entry matching `pred`, and the other half of each (when it
-    /// pairs with it), with their copies; returns how many entries went. A walk of both
-    /// tables: container teardown does not need it (its entries are stale).
-    pub fn purge_conntrack(
-        &self,
-        pred: impl Fn(&ConntrackEntry) -> bool,
-    ) -> Result<usize, DatapathError> {
-        let entries = self.conntrack_entries()?;
-        let mut doomed = HashSet::new();
-        for e in entries.iter().filter(|e| pred(e)) {
-            doomed.insert(e.key);
-            doomed.insert(e.partner_key());
-        }
-        self.delete_conntrack(&doomed)
-    }
-
     /// Empties the conntrack tables, the copies and the per-container counts; returns
     /// how many entries (halves) went from the tables.
     pub fn flush_conntrack(&self) -> Result<usize, DatapathError> {
@@ -586,14 +570,7 @@ impl Datapath {
     /// made a stop cost grow with the table, 250 ms at 59,000 entries, and a
     /// GET_NEXT_KEY walk may not end under churn.)
     pub fn retire_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        let mut eps = self.endpoints()?;
-        if let Some(ep) = eps.get(ip)? {
-            let mut bp = self.bridge_ports()?;
-            if bp.get(ep.ifindex)?.is_some_and(|p| p.ip == ip) {
-                bp.remove(ep.ifindex)?;
-            }
-        }
-        eps.remove(ip)?;
+        self.remove_endpoint(ip)?;
         self.remove_ct_count(ip)?;
         Ok(())
     }

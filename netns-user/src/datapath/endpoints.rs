@@ -174,11 +174,6 @@ impl Datapath {
             }
         }
         eps.remove(ip)?;
-        self.purge_conntrack(|e| {
-            [e.key.tuple.src, e.key.tuple.dst, e.xlat.src, e.xlat.dst]
-                .iter()
-                .any(|a| *a.ip() == ip)
-        })?;
         Ok(())
     }
 }

@@ -67,7 +67,10 @@ mod tests {
                     -A FORWARD -d 172.19.0.0/16 -j DROP\nCOMMIT\n";
         assert_eq!(
             iptables_forward(save, &needles()),
-            ["-A FORWARD -i netns0 -j ACCEPT", "-A FORWARD -d 172.19.0.0/16 -j DROP"]
+            [
+                "-A FORWARD -i netns0 -j ACCEPT",
+                "-A FORWARD -d 172.19.0.0/16 -j DROP"
+            ]
         );
     }
 
