@@ -697,4 +697,13 @@ fn loading_the_fast_path_warns_about_forward_rules_it_bypasses() {
     let o = off.host_sh(&format!("iptables -A FORWARD -i {BRIDGE} -j ACCEPT"));
     assert!(o.status.success(), "{}", both(&o));
     assert!(!load(&off).contains("bypasses netfilter FORWARD"));
+    // `datapath status` says which path is active.
+    let mode = |t: &Topology| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&t.netns(&["--json", "datapath", "status"])).unwrap();
+        v["fast_path"].clone()
+    };
+    assert_eq!(mode(&on), true);
+    assert_eq!(mode(&off), false);
+    assert!(on.netns(&["datapath", "status"]).contains("fast path: on"));
 }

@@ -104,11 +104,7 @@ fn build_with(release: bool, extra: &[&str]) -> anyhow::Result<PathBuf> {
 
 /// Runs `cargo test`, echoing its output, and closes with one summary line over all
 /// test binaries (the last binary cargo runs is often an empty doc-test one).
-fn test_with_summary(
-    args: &[&str],
-    netns_bin: &Path,
-    env: &[(&str, &str)],
-) -> anyhow::Result<()> {
+fn test_with_summary(args: &[&str], netns_bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)

@@ -16,6 +16,19 @@ fn write_status(out: &mut impl std::io::Write, st: &Status) -> std::io::Result<(
         st.pins.display(),
         st.layout_version
     )?;
+    writeln!(
+        out,
+        "fast path: {}; flows per container: {}",
+        if st.fast_path {
+            "on (translated packets bypass the host stack and netfilter FORWARD)"
+        } else {
+            "off"
+        },
+        match st.ct_max_per_container {
+            0 => "no limit".to_owned(),
+            n => n.to_string(),
+        }
+    )?;
     writeln!(out, "programs:")?;
     for p in &st.programs {
         match (p.id, &p.prog_type) {

@@ -40,6 +40,10 @@ impl fmt::Display for Attach {
 pub struct Status {
     pub pins: PathBuf,
     pub layout_version: u32,
+    /// `--fast-path`: translated packets bypass the host stack.
+    pub fast_path: bool,
+    /// `--ct-max-per-container` (0: no limit).
+    pub ct_max_per_container: u32,
     pub programs: Vec<ProgramStatus>,
     pub links: Vec<LinkStatus>,
     pub maps: Vec<MapStatus>,
@@ -112,9 +116,12 @@ fn prog_type_name(debug: &str) -> String {
 
 impl Datapath {
     pub fn status(&self) -> Result<Status, DatapathError> {
+        let cfg = self.config()?;
         Ok(Status {
             pins: self.pins.root().to_owned(),
             layout_version: LAYOUT_VERSION,
+            fast_path: cfg.fast_path,
+            ct_max_per_container: cfg.ct_per_container,
             programs: self.program_status(),
             links: self.link_status()?,
             maps: self.map_status()?,
@@ -252,6 +259,8 @@ mod tests {
         let st = Status {
             pins: "/sys/fs/bpf/netns/v2".into(),
             layout_version: 2,
+            fast_path: true,
+            ct_max_per_container: 100,
             programs: vec![
                 ProgramStatus {
                     name: "netns_uplink_egress".into(),
