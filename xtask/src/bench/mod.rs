@@ -1,8 +1,9 @@
-//! `cargo xtask bench`: eBPF vs iptables vs no NAT, side by side (issue 6).
+//! `cargo xtask bench`: eBPF vs iptables vs no NAT, side by side (issue 6, issue 12).
 //!
-//! Three identical private topologies (see `topo`), each workload run against the
-//! three in turn (no NAT, iptables, eBPF, no NAT, ...) for several rounds; medians and
-//! ratios to the no-NAT ceiling are printed and written to docs/BENCHMARKS.md.
+//! Five private topologies (see `topo`), each workload run against the five in turn
+//! (no NAT, iptables, eBPF, eBPF fast path, floor, no NAT, ...) for several rounds;
+//! medians and ratios to no NAT and to the floor are printed and written to
+//! docs/BENCHMARKS.md.
 //! Nothing runs in the root network namespace: every namespace is `nb<pid>…`, made
 //! here and deleted at the end, also on error or Ctrl-C (and, should xtask be killed,
 //! by the next run: see `cleanup_stale`). No timing assertions: this is a report.
@@ -25,7 +26,8 @@ use report::{Metric, Results, fmt_secs};
 use sys::run as sh_run;
 use sys::{Bg, check, run_raw, run_to};
 use topo::{
-    CTR_TCP, CTR_UDP, Cni, FWD_TCP, FWD_UDP, Kind, Topo, UPLINK_IP, WAN_IP, WAN_IPERF, WAN_UDP,
+    BASE_MAPPINGS, CTR_TCP, CTR_TCP_PP, CTR_UDP, Cni, FWD_TCP, FWD_TCP_PP, FWD_UDP, Kind, Topo,
+    UPLINK_IP, WAN_IP, WAN_IPERF, WAN_UDP,
 };
 
 #[derive(Parser, Debug)]
@@ -78,7 +80,7 @@ struct Opts {
     /// measuring) during UDP rate runs.
     #[arg(long)]
     profile: bool,
-    /// Comma-separated subset of: latency,udp,tcp,conn,install,start [default: all].
+    /// Comma-separated subset of: latency,tcprr,udp,c2c,tcp,conn,install,start [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -104,7 +106,7 @@ impl Bed {
     }
     /// Where wan reaches container a's `ctr_port`: the port forward, or (no NAT) directly.
     fn inbound(&self, fwd_port: u16, ctr_port: u16) -> (String, u16) {
-        if self.kind() == Kind::NoNat {
+        if self.kind().direct() {
             (self.ctr_ip().to_owned(), ctr_port)
         } else {
             (UPLINK_IP.to_owned(), fwd_port)
@@ -156,13 +158,16 @@ fn cleanup_stale() {
                 let _ = sh_run(sys::cmd("ip").args(["netns", "del", ns]));
             }
         }
-        let _ = fs::remove_dir_all(topo::bpffs_dir(&tag));
-        let state = e.path().join("e").join("state");
-        for p in netns_tests::util::pids_with_arg(&state.display().to_string()) {
-            sys::terminate_pid(p);
-        }
-        if let Some(cg) = topo::cgroup_dir(&tag) {
-            let _ = fs::remove_dir(cg);
+        for k in [Kind::Ebpf, Kind::EbpfFast] {
+            let ntag = Topo::netns_tag(&tag, k);
+            let _ = fs::remove_dir_all(topo::bpffs_dir(&ntag));
+            let state = e.path().join(k.letter().to_string()).join("state");
+            for p in netns_tests::util::pids_with_arg(&state.display().to_string()) {
+                sys::terminate_pid(p);
+            }
+            if let Some(cg) = topo::cgroup_dir(&ntag) {
+                let _ = fs::remove_dir(cg);
+            }
         }
         let _ = fs::remove_dir_all(e.path());
     }
@@ -279,26 +284,28 @@ fn step(s: &str) {
 
 fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyhow::Result<()> {
     let self_exe = std::env::current_exe()?;
-    step(&format!("building three topologies ({tag}*)"));
+    step(&format!("building five topologies ({tag}*)"));
     let mut beds: Vec<Bed> = Vec::new();
     for k in Kind::ALL {
         check()?;
         let t = match k {
             Kind::NoNat => Topo::no_nat(tag, tmp),
             Kind::Iptables => Topo::iptables(tag, tmp),
-            Kind::Ebpf => {
+            Kind::Floor => Topo::floor(tag, tmp),
+            Kind::Ebpf | Kind::EbpfFast => {
                 if bin.exists() {
-                    Topo::ebpf(tag, tmp, bin)
+                    Topo::ebpf(tag, tmp, bin, k == Kind::EbpfFast)
                 } else {
                     Err(anyhow::anyhow!("{} does not exist", bin.display()))
                 }
             }
         };
+        let optional = !matches!(k, Kind::NoNat | Kind::Iptables);
         let t = match t {
             Ok(t) => t,
-            Err(e) if k == Kind::Ebpf => {
-                eprintln!("eBPF topology unavailable: {e:#}");
-                let why = format!("eBPF topology failed: {}", first_line(&e));
+            Err(e) if optional => {
+                eprintln!("{} topology unavailable: {e:#}", k.label());
+                let why = format!("{} topology failed: {}", k.label(), first_line(&e));
                 for m in Metric::ALL {
                     res.na(m, k, "topology failed");
                 }
@@ -309,10 +316,10 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
         };
         match start_servers(t, &self_exe) {
             Ok(b) => beds.push(b),
-            Err(e) if k == Kind::Ebpf => {
-                eprintln!("eBPF servers failed: {e:#}");
+            Err(e) if optional => {
+                eprintln!("{} servers failed: {e:#}", k.label());
                 res.notes
-                    .push(format!("eBPF: servers failed: {}", first_line(&e)));
+                    .push(format!("{}: servers failed: {}", k.label(), first_line(&e)));
             }
             Err(e) => return Err(e),
         }
@@ -330,13 +337,15 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
                 println!("  {}: ok", beds[i].kind().label());
                 i += 1;
             }
-            Err(e) if beds[i].kind() == Kind::Ebpf => {
-                eprintln!("  eBPF: {e:#}");
+            Err(e) if !matches!(beds[i].kind(), Kind::NoNat | Kind::Iptables) => {
+                let k = beds[i].kind();
+                eprintln!("  {}: {e:#}", k.label());
                 for m in Metric::ALL {
-                    res.na(m, Kind::Ebpf, "no connectivity");
+                    res.na(m, k, "no connectivity");
                 }
                 res.notes.push(format!(
-                    "eBPF: connectivity check failed: {}",
+                    "{}: connectivity check failed: {}",
+                    k.label(),
                     first_line(&e)
                 ));
                 beds.remove(i);
@@ -394,7 +403,13 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
     }
 
     let d = o.duration;
-    if o.wants("latency") || o.wants("udp") || o.wants("tcp") || o.wants("conn") {
+    if o.wants("latency")
+        || o.wants("tcprr")
+        || o.wants("udp")
+        || o.wants("c2c")
+        || o.wants("tcp")
+        || o.wants("conn")
+    {
         for r in 1..=o.rounds {
             step(&format!(
                 "round {r}/{}: workloads 1-4 (1 mapping)",
@@ -414,12 +429,33 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
                     res.push(Metric::LatInP99, k, i99);
                     let _ = write!(line, " lat out {p50:.1}/{p99:.1} in {i50:.1}/{i99:.1} µs;");
                 }
+                if o.wants("tcprr") {
+                    let (p50, p99) = tcp_rr(b, false, d, o.blocking_latency)?;
+                    res.push(Metric::TcpRrOutP50, k, p50);
+                    res.push(Metric::TcpRrOutP99, k, p99);
+                    let (i50, i99) = tcp_rr(b, true, d, o.blocking_latency)?;
+                    res.push(Metric::TcpRrInP50, k, i50);
+                    res.push(Metric::TcpRrInP99, k, i99);
+                    let _ = write!(
+                        line,
+                        " tcp rr out {p50:.1}/{p99:.1} in {i50:.1}/{i99:.1} µs;"
+                    );
+                }
                 if o.wants("udp") {
                     let out = udp_rate(b, false, d)?;
                     let inb = udp_rate(b, true, d)?;
                     res.push(Metric::UdpOut, k, out);
                     res.push(Metric::UdpIn, k, inb);
                     let _ = write!(line, " udp {:.0}k/{:.0}k msg/s;", out / 1e3, inb / 1e3);
+                }
+                if o.wants("c2c") {
+                    if b.t.ctrs.len() < 2 {
+                        res.na(Metric::UdpC2c, k, "one container");
+                    } else {
+                        let r = c2c_rate(b, d)?;
+                        res.push(Metric::UdpC2c, k, r);
+                        let _ = write!(line, " c2c {:.0}k msg/s;", r / 1e3);
+                    }
                 }
                 if o.wants("tcp") {
                     let up = iperf(b, false, d)?;
@@ -564,19 +600,33 @@ fn start_servers(mut t: Topo, self_exe: &Path) -> anyhow::Result<Bed> {
 /// container a (its address, CTR_UDP). `nonblocked` makes it spin (so it must not
 /// outlive the measurement).
 fn udp_server(b: &Bed, inbound: bool, nonblocked: bool) -> anyhow::Result<Bg> {
-    let (mut c, ip, port) = if inbound {
-        (b.t.ctrs[0].cmd("sockperf"), b.ctr_ip().to_owned(), CTR_UDP)
-    } else {
-        (b.t.wan().cmd("sockperf"), WAN_IP.to_owned(), WAN_UDP)
+    sock_server(b, inbound, nonblocked, false)
+}
+
+/// `udp_server`, or with `tcp` a sockperf --tcp server (container a: CTR_TCP_PP, wan:
+/// WAN_IP:WAN_UDP), ready once it listens.
+fn sock_server(b: &Bed, inbound: bool, nonblocked: bool, tcp: bool) -> anyhow::Result<Bg> {
+    let (mut c, ip, port) = match (inbound, tcp) {
+        (true, false) => (b.t.ctrs[0].cmd("sockperf"), b.ctr_ip().to_owned(), CTR_UDP),
+        (true, true) => (
+            b.t.ctrs[0].cmd("sockperf"),
+            b.ctr_ip().to_owned(),
+            CTR_TCP_PP,
+        ),
+        (false, _) => (b.t.wan().cmd("sockperf"), WAN_IP.to_owned(), WAN_UDP),
     };
     c.args(["server", "-i", &ip, "-p", &port.to_string()]);
+    if tcp {
+        c.arg("--tcp");
+    }
     if nonblocked {
         c.arg("--nonblocked");
     }
     let mut s = Bg::spawn(
         &mut c,
         &b.t.tmp.join(format!(
-            "sockperf-{}.log",
+            "sockperf-{}{}.log",
+            if tcp { "tcp-" } else { "" },
             if inbound { "in" } else { "out" }
         )),
     )?;
@@ -586,12 +636,14 @@ fn udp_server(b: &Bed, inbound: bool, nonblocked: bool) -> anyhow::Result<Bg> {
     let needle = format!("{:08X}:{port:04X}", u32::from_le_bytes(octets.octets()));
     loop {
         s.ensure_alive()?;
-        let udp = fs::read_to_string(format!("/proc/{}/net/udp", s.pid())).unwrap_or_default();
-        if udp
-            .lines()
-            .skip(1)
-            .any(|l| l.split_whitespace().nth(1).is_some_and(|a| a == needle))
-        {
+        let table = if tcp { "tcp" } else { "udp" };
+        let socks =
+            fs::read_to_string(format!("/proc/{}/net/{table}", s.pid())).unwrap_or_default();
+        if socks.lines().skip(1).any(|l| {
+            let mut w = l.split_whitespace();
+            // TCP: in the LISTEN state (0A).
+            w.nth(1).is_some_and(|a| a == needle) && (!tcp || w.nth(1) == Some("0A"))
+        }) {
             break;
         }
         if start.elapsed() > Duration::from_secs(5) {
@@ -654,6 +706,8 @@ fn smoke(b: &mut Bed, self_exe: &Path) -> anyhow::Result<()> {
     let mut c = b.t.ctrs[0].cmd("iperf3");
     c.args(["-c", WAN_IP, "-p", &WAN_IPERF.to_string(), "-t", "1", "-J"]);
     parse_iperf(&run_to(&mut c, Duration::from_secs(15))?.stdout).context("container → wan TCP")?;
+    tcp_rr(b, false, 1, true).context("container → wan TCP request/response")?;
+    tcp_rr(b, true, 1, true).context("wan → container TCP request/response (port forward)")?;
     Ok(())
 }
 
@@ -709,6 +763,31 @@ fn sockperf_client(
     c
 }
 
+/// TCP request/response (sockperf ping-pong --tcp, 64 B), a server per measurement
+/// like the UDP one: container a → wan, or wan → the port forward 8082 (no NAT, floor: the
+/// container directly). (p50, p99) in µs, half the round trip.
+fn tcp_rr(b: &mut Bed, inbound: bool, d: u64, blocking: bool) -> anyhow::Result<(f64, f64)> {
+    let (ip, port) = if inbound {
+        b.inbound(FWD_TCP_PP, CTR_TCP_PP)
+    } else {
+        (WAN_IP.to_owned(), WAN_UDP)
+    };
+    let _server = sock_server(b, inbound, !blocking, true)?;
+    let mut c = sockperf_client(b, inbound, "ping-pong", &ip, port, d);
+    c.arg("--tcp");
+    if !blocking {
+        c.arg("--nonblocked");
+    }
+    let out = run_to(&mut c, Duration::from_secs(d + 15))?;
+    parse_sockperf_pp(&out.stdout).with_context(|| {
+        format!(
+            "{} TCP request/response {}",
+            b.kind().label(),
+            if inbound { "in" } else { "out" }
+        )
+    })
+}
+
 fn latency(b: &mut Bed, inbound: bool, d: u64, blocking: bool) -> anyhow::Result<(f64, f64)> {
     let (ip, port) = if inbound {
         b.inbound(FWD_UDP, CTR_UDP)
@@ -760,9 +839,60 @@ fn udp_rate(b: &mut Bed, inbound: bool, d: u64) -> anyhow::Result<f64> {
     let out = run_to(&mut c, Duration::from_secs(d + 15))?.stdout;
     std::thread::sleep(Duration::from_millis(50));
     let after = udp_in_datagrams(rx_pid)?;
-    // "Total of 150096 messages sent in 2.001 sec"
-    let (sent, secs) = out
-        .lines()
+    let (sent, secs) = sockperf_total(&out)?;
+    let delivered = (after - before) as f64;
+    Ok(delivered.min(sent) / secs)
+}
+
+/// 64-byte UDP from container a to container b over the bridge for `d` s (sockperf
+/// throughput; server in b on CTR_UDP); datagrams delivered per second of sending.
+fn c2c_rate(b: &mut Bed, d: u64) -> anyhow::Result<f64> {
+    let dst = b.t.ctrs[1].ip.clone();
+    let mut c = b.t.ctrs[1].cmd("sockperf");
+    c.args(["server", "-i", &dst, "-p", &CTR_UDP.to_string()]);
+    let mut server = Bg::spawn(&mut c, &b.t.tmp.join("sockperf-c2c.log"))?;
+    let octets: std::net::Ipv4Addr = dst.parse()?;
+    let needle = format!("{:08X}:{CTR_UDP:04X}", u32::from_le_bytes(octets.octets()));
+    let start = Instant::now();
+    loop {
+        server.ensure_alive()?;
+        let udp = fs::read_to_string(format!("/proc/{}/net/udp", server.pid())).unwrap_or_default();
+        if udp
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1).is_some_and(|a| a == needle))
+        {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            bail!("sockperf server in container b did not bind");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rx_pid = server.pid();
+    let mut c = b.t.ctrs[0].cmd("sockperf");
+    c.args([
+        "throughput",
+        "-i",
+        &dst,
+        "-p",
+        &CTR_UDP.to_string(),
+        "-m",
+        "64",
+        "-t",
+        &d.to_string(),
+    ]);
+    let before = udp_in_datagrams(rx_pid)?;
+    let out = run_to(&mut c, Duration::from_secs(d + 15))?.stdout;
+    std::thread::sleep(Duration::from_millis(50));
+    let after = udp_in_datagrams(rx_pid)?;
+    let (sent, secs) = sockperf_total(&out)?;
+    Ok(((after - before) as f64).min(sent) / secs)
+}
+
+/// "Total of 150096 messages sent in 2.001 sec" → (messages, seconds).
+fn sockperf_total(out: &str) -> anyhow::Result<(f64, f64)> {
+    out.lines()
         .find_map(|l| {
             let r = l.split("Total of ").nth(1)?;
             let mut w = r.split_whitespace();
@@ -770,9 +900,7 @@ fn udp_rate(b: &mut Bed, inbound: bool, d: u64) -> anyhow::Result<f64> {
             let s: f64 = w.nth(3)?.parse().ok()?;
             Some((n, s))
         })
-        .with_context(|| format!("no total in sockperf throughput output: {out}"))?;
-    let delivered = (after - before) as f64;
-    Ok(delivered.min(sent) / secs)
+        .with_context(|| format!("no total in sockperf throughput output: {out}"))
 }
 
 fn parse_iperf(out: &str) -> anyhow::Result<f64> {
@@ -996,8 +1124,11 @@ fn install(o: &Opts, beds: &mut [Bed], res: &mut Results) -> anyhow::Result<()> 
         check()?;
         t.push(iptables_restore(b, &full)?);
         let n = nat_rule_count(b)?;
-        if n != 10002 {
-            bail!("iptables shows {n} PREROUTING rules, expected 10,002");
+        if n != 10000 + BASE_MAPPINGS {
+            bail!(
+                "iptables shows {n} PREROUTING rules, expected {}",
+                10000 + BASE_MAPPINGS
+            );
         }
         iptables_restore(b, &reset)?;
     }
@@ -1066,21 +1197,27 @@ fn iptables_version() -> String {
 /// iptables they come first, so the measured rule is the 10,000th.
 fn install_10k(b: &mut Bed) -> anyhow::Result<()> {
     match b.kind() {
-        Kind::NoNat => Ok(()),
+        Kind::NoNat | Kind::Floor => Ok(()),
         Kind::Iptables => {
             let ip = b.ctr_ip().to_owned();
             iptables_restore(b, &nat_restore(&ip, 9999, true))?;
             let n = nat_rule_count(b)?;
-            if n != 10001 {
-                bail!("{n} PREROUTING rules, expected 10,001 (10,000 TCP + 1 UDP)");
+            if n != 9999 + BASE_MAPPINGS {
+                bail!(
+                    "{n} PREROUTING rules, expected {} (9,999 + the base ones)",
+                    9999 + BASE_MAPPINGS
+                );
             }
             Ok(())
         }
-        Kind::Ebpf => {
+        Kind::Ebpf | Kind::EbpfFast => {
             b.t.netns_run(&["port", "add", "a", "10000-19998:10000-19998/tcp"])?;
             let n = netns_port_count(b)?;
-            if n != 10001 {
-                bail!("netns port ls shows {n} mappings, expected 10,001 (10,000 TCP + 1 UDP)");
+            if n != 9999 + BASE_MAPPINGS {
+                bail!(
+                    "netns port ls shows {n} mappings, expected {} (9,999 + the base ones)",
+                    9999 + BASE_MAPPINGS
+                );
             }
             Ok(())
         }
@@ -1401,14 +1538,18 @@ fn document(o: &Opts, bin: &Path, res: &Results, elapsed: Duration, load: &str) 
     );
     let _ = writeln!(
         s,
-        "Three identical private topologies, each a \"host\" namespace with bridge br0 172.19.0.1/16, \
+        "Five private topologies. Four are a \"host\" namespace with bridge br0 172.19.0.1/16, \
          containers a (172.19.0.2) and b, and an uplink veth 198.51.100.2/24 to a \"wan\" namespace \
-         198.51.100.1/24: **no NAT** (routed; wan routes 172.19.0.0/16 back: the ceiling), **iptables** \
-         (`MASQUERADE` for 172.19.0.0/16 not leaving by br0, `DNAT` in PREROUTING), **eBPF** (made by the \
-         real `netns` hook for two `unshare -n sleep` containers, port forwards by `netns port add`). \
-         Each measurement runs against the three in turn, several rounds, so drift hits all alike. \
-         Port forward: uplink 8080/tcp → container a 5001, 8081/udp → 5002. Nothing runs in the root \
-         network namespace.\n"
+         198.51.100.1/24: **no NAT** (routed; wan routes 172.19.0.0/16 back; its bridge is the plain \
+         bridge of workload 2b), **iptables** (`MASQUERADE` for 172.19.0.0/16 not leaving by br0, `DNAT` \
+         in PREROUTING), **eBPF** (made by the real `netns` hook for two `unshare -n sleep` containers, \
+         port forwards by `netns port add`, `--fast-path off`), **eBPF fast** (the same with \
+         `--fast-path on`: translated packets bypass the host stack). The fifth, **floor**, is the \
+         physical floor: container a's veth plugged straight into wan (172.19.0.1/16 there), no host \
+         in between, no NAT; it has no container b. \
+         Each measurement runs against the five in turn, several rounds, so drift hits all alike. \
+         Port forward: uplink 8080/tcp → container a 5001, 8081/udp → 5002, 8082/tcp → 5003 (TCP \
+         request/response). Nothing runs in the root network namespace.\n"
     );
     s.push_str(&res.markdown(o.rounds));
     s

@@ -12,8 +12,13 @@ pub enum Metric {
     LatOutP99,
     LatInP50,
     LatInP99,
+    TcpRrOutP50,
+    TcpRrOutP99,
+    TcpRrInP50,
+    TcpRrInP99,
     UdpOut,
     UdpIn,
+    UdpC2c,
     TcpUp,
     TcpDown,
     Conn1,
@@ -21,13 +26,18 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 10] = [
+    pub const ALL: [Metric; 15] = [
         Metric::LatOutP50,
         Metric::LatOutP99,
         Metric::LatInP50,
         Metric::LatInP99,
+        Metric::TcpRrOutP50,
+        Metric::TcpRrOutP99,
+        Metric::TcpRrInP50,
+        Metric::TcpRrInP99,
         Metric::UdpOut,
         Metric::UdpIn,
+        Metric::UdpC2c,
         Metric::TcpUp,
         Metric::TcpDown,
         Metric::Conn1,
@@ -40,8 +50,13 @@ impl Metric {
             Metric::LatOutP99 => "1. UDP latency p99, container → wan (SNAT)",
             Metric::LatInP50 => "1. UDP latency p50, wan → container (port forward)",
             Metric::LatInP99 => "1. UDP latency p99, wan → container (port forward)",
+            Metric::TcpRrOutP50 => "1b. TCP request/response p50, container → wan (SNAT)",
+            Metric::TcpRrOutP99 => "1b. TCP request/response p99, container → wan (SNAT)",
+            Metric::TcpRrInP50 => "1b. TCP request/response p50, wan → container (port forward)",
+            Metric::TcpRrInP99 => "1b. TCP request/response p99, wan → container (port forward)",
             Metric::UdpOut => "2. UDP 64 B delivered, container → wan (SNAT)",
             Metric::UdpIn => "2. UDP 64 B delivered, wan → container (port forward)",
+            Metric::UdpC2c => "2b. UDP 64 B delivered, container a → container b (bridge)",
             Metric::TcpUp => "3. TCP bulk, container → wan (iperf3)",
             Metric::TcpDown => "3. TCP bulk, wan → container (iperf3 -R)",
             Metric::Conn1 => "4. TCP connections, port forward, 1 mapping",
@@ -51,18 +66,31 @@ impl Metric {
 
     pub fn unit(self) -> &'static str {
         match self {
-            Metric::LatOutP50 | Metric::LatOutP99 | Metric::LatInP50 | Metric::LatInP99 => "µs",
-            Metric::UdpOut | Metric::UdpIn => "msg/s",
+            Metric::LatOutP50
+            | Metric::LatOutP99
+            | Metric::LatInP50
+            | Metric::LatInP99
+            | Metric::TcpRrOutP50
+            | Metric::TcpRrOutP99
+            | Metric::TcpRrInP50
+            | Metric::TcpRrInP99 => "µs",
+            Metric::UdpOut | Metric::UdpIn | Metric::UdpC2c => "msg/s",
             Metric::TcpUp | Metric::TcpDown => "Gbit/s",
             Metric::Conn1 | Metric::Conn10k => "conn/s",
         }
     }
 
-    pub fn higher_is_better(self) -> bool {
-        !matches!(
-            self,
-            Metric::LatOutP50 | Metric::LatOutP99 | Metric::LatInP50 | Metric::LatInP99
-        )
+    /// The issue-12 goal for this figure, as variant / no NAT: (at least, bound) for
+    /// rates, (at most, bound) for latencies.
+    pub fn goal(self) -> Option<(bool, f64)> {
+        match self {
+            Metric::UdpOut | Metric::UdpIn | Metric::UdpC2c => Some((true, 1.25)),
+            Metric::LatOutP50 | Metric::LatInP50 | Metric::TcpRrOutP50 | Metric::TcpRrInP50 => {
+                Some((false, 0.95))
+            }
+            Metric::TcpUp | Metric::TcpDown => Some((true, 1.00)),
+            _ => None,
+        }
     }
 
     fn fmt(self, v: f64) -> String {
@@ -166,7 +194,12 @@ impl Results {
     /// variant / no NAT: the median of per-round ratios when both have every round
     /// (the rounds are interleaved, so this cancels drift), else the ratio of medians.
     pub fn ratio_val(&self, m: Metric, k: Kind) -> Option<f64> {
-        let (v, base) = (self.vals.get(&(m, k))?, self.vals.get(&(m, Kind::NoNat))?);
+        self.ratio_to(m, k, Kind::NoNat)
+    }
+
+    /// variant / `base` (median of per-round ratios, as `ratio_val`).
+    pub fn ratio_to(&self, m: Metric, k: Kind, base: Kind) -> Option<f64> {
+        let (v, base) = (self.vals.get(&(m, k))?, self.vals.get(&(m, base))?);
         if v.len() == base.len() && !v.is_empty() && base.iter().all(|b| *b > 0.0) {
             return median(&v.iter().zip(base).map(|(a, b)| a / b).collect::<Vec<_>>());
         }
@@ -176,8 +209,8 @@ impl Results {
         }
     }
 
-    fn ratio(&self, m: Metric, k: Kind) -> String {
-        self.ratio_val(m, k)
+    fn ratio(&self, m: Metric, k: Kind, base: Kind) -> String {
+        self.ratio_to(m, k, base)
             .map_or("–".to_owned(), |r| format!("{r:.2}"))
     }
 
@@ -188,25 +221,13 @@ impl Results {
             s,
             "### Datapath (workloads 1–4): median of {rounds} interleaved rounds, ± half the min–max spread\n"
         );
-        let mut rows = vec![vec![
-            "workload".to_owned(),
-            "unit".to_owned(),
-            "no NAT".to_owned(),
-            "iptables".to_owned(),
-            "eBPF".to_owned(),
-            "iptables / no NAT".to_owned(),
-            "eBPF / no NAT".to_owned(),
-        ]];
+        let mut head = vec!["workload".to_owned(), "unit".to_owned()];
+        head.extend(Kind::ALL.iter().map(|k| k.label().to_owned()));
+        let mut rows = vec![head];
         for m in Metric::ALL {
-            rows.push(vec![
-                m.label().to_owned(),
-                m.unit().to_owned(),
-                self.cell(m, Kind::NoNat),
-                self.cell(m, Kind::Iptables),
-                self.cell(m, Kind::Ebpf),
-                self.ratio(m, Kind::Iptables),
-                self.ratio(m, Kind::Ebpf),
-            ]);
+            let mut r = vec![m.label().to_owned(), m.unit().to_owned()];
+            r.extend(Kind::ALL.iter().map(|k| self.cell(m, *k)));
+            rows.push(r);
         }
         let mut flat = vec!["4. 10,000 / 1 mapping".to_owned(), "ratio".to_owned()];
         for k in Kind::ALL {
@@ -217,11 +238,35 @@ impl Results {
                 },
             );
         }
-        flat.extend(["".to_owned(), "".to_owned()]);
         rows.push(flat);
         s.push_str(&table(&rows));
+
+        let _ = writeln!(
+            s,
+            "\n### Ratios: median of the per-round ratios to no NAT and to the floor\n"
+        );
+        let others = [Kind::Iptables, Kind::Ebpf, Kind::EbpfFast];
+        let mut head = vec!["workload".to_owned()];
+        for k in others.iter().chain([&Kind::Floor]) {
+            head.push(format!("{} / no NAT", k.label()));
+        }
+        for k in [&Kind::NoNat].into_iter().chain(others.iter()) {
+            head.push(format!("{} / floor", k.label()));
+        }
+        let mut rows = vec![head];
+        for m in Metric::ALL {
+            let mut r = vec![m.label().to_owned()];
+            for k in others.iter().chain([&Kind::Floor]) {
+                r.push(self.ratio(m, *k, Kind::NoNat));
+            }
+            for k in [&Kind::NoNat].into_iter().chain(others.iter()) {
+                r.push(self.ratio(m, *k, Kind::Floor));
+            }
+            rows.push(r);
+        }
+        s.push_str(&table(&rows));
         s.push_str(
-            "\nRatios are variant / no NAT, the median of the per-round ratios (each round measures the three \
+            "\nRatios are variant / no NAT (or / floor), the median of the per-round ratios (each round measures the five \
              back to back): above 1 is slower for latency, below 1 is slower for rates. \
              Latency is sockperf's (half the round trip). \"Delivered\" counts datagrams that reached the \
              receiving socket (UdpInDatagrams of the receiver's namespace) per second of sending. In the \
@@ -267,41 +312,32 @@ impl Results {
             s,
             "\n### Against the goals (computed from the numbers above)\n"
         );
-        for m in [
-            Metric::LatOutP50,
-            Metric::LatInP50,
-            Metric::UdpOut,
-            Metric::UdpIn,
-            Metric::TcpUp,
-            Metric::TcpDown,
-        ] {
-            if let Some(e) = self.ratio_val(m, Kind::Ebpf) {
-                let cost = if m.higher_is_better() {
-                    1.0 - e
-                } else {
-                    e - 1.0
+        for k in [Kind::Ebpf, Kind::EbpfFast] {
+            for m in Metric::ALL {
+                let Some((at_least, bound)) = m.goal() else {
+                    continue;
                 };
-                let verdict = if cost <= 0.05 {
-                    "within 5% of no NAT"
-                } else {
-                    "NOT within 5% of no NAT"
-                };
-                let ipt = match self.ratio_val(m, Kind::Iptables) {
-                    Some(i) => {
-                        let ic = if m.higher_is_better() {
-                            1.0 - i
-                        } else {
-                            i - 1.0
-                        };
-                        format!("; iptables {:+.1}%", ic * 100.0)
+                let (cmp, line) = match self.ratio_val(m, k) {
+                    Some(r) => {
+                        let met = if at_least { r >= bound } else { r <= bound };
+                        let floor = self
+                            .ratio_to(m, k, Kind::Floor)
+                            .map_or(String::new(), |f| format!("; {f:.2} of the floor"));
+                        (
+                            if met { "PASS" } else { "FAIL" },
+                            format!("{r:.2}x no NAT{floor}"),
+                        )
                     }
-                    None => String::new(),
+                    None => ("not measured", String::new()),
                 };
                 let _ = writeln!(
                     s,
-                    "- {}: eBPF {verdict} (cost {:+.1}%{ipt}; + = worse than no NAT).",
+                    "- issue 12, {}: {} {} ({}{} {bound:.2}x no NAT): {cmp}.",
                     m.label(),
-                    cost * 100.0
+                    k.label(),
+                    line,
+                    if line.is_empty() { "" } else { "goal " },
+                    if at_least { ">=" } else { "<=" },
                 );
             }
         }

@@ -1,4 +1,4 @@
-//! The three private topologies (and a fourth host namespace for the CNI plugin):
+//! The five private topologies (and one more host namespace for the CNI plugin):
 //!
 //! ```text
 //!  [ctr a 172.19.0.2]--veth--+
@@ -11,7 +11,12 @@
 //! iptables: MASQUERADE + DNAT rules in the host namespace;
 //! eBPF: the integration tests' own `Topology` (state dir, pins, cgroup, the netns
 //! flags), the network made by the real `netns` hook for two `unshare -n sleep`
-//! "containers".
+//! "containers" (`--fast-path off`); eBPF fast: the same with `--fast-path on`;
+//! floor: no host in the path, container a's veth peer is in wan:
+//!
+//! ```text
+//!  [ctr a 172.19.0.2 eth0]==veth==fl0 172.19.0.1/16 [wan] (also wan0 198.51.100.1/24)
+//! ```
 //! Everything is named `nb<pid>…` and removed on drop.
 
 use std::fs;
@@ -34,6 +39,15 @@ pub const FWD_TCP: u16 = 8080;
 pub const CTR_TCP: u16 = 5001;
 pub const FWD_UDP: u16 = 8081;
 pub const CTR_UDP: u16 = 5002;
+/// Host port forwarded (TCP) to container a's CTR_TCP_PP: the TCP request/response
+/// server (the connection-rate server has CTR_TCP).
+pub const FWD_TCP_PP: u16 = 8082;
+pub const CTR_TCP_PP: u16 = 5003;
+/// Port mappings every topology with NAT has (8080/tcp, 8081/udp, 8082/tcp).
+pub const BASE_MAPPINGS: usize = 3;
+/// Address of the wan side of the floor topology's container veth (the container's
+/// gateway there).
+pub const FLOOR_WAN_IP: &str = "172.19.0.1";
 /// Servers in the wan namespace.
 pub const WAN_UDP: u16 = 11111;
 pub const WAN_IPERF: u16 = 5201;
@@ -43,23 +57,41 @@ pub enum Kind {
     NoNat,
     Iptables,
     Ebpf,
+    /// eBPF with `--fast-path on` (translated packets bypass the host stack).
+    EbpfFast,
+    /// The physical floor: container a's veth plugged straight into wan (no host).
+    Floor,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::NoNat, Kind::Iptables, Kind::Ebpf];
+    pub const ALL: [Kind; 5] = [
+        Kind::NoNat,
+        Kind::Iptables,
+        Kind::Ebpf,
+        Kind::EbpfFast,
+        Kind::Floor,
+    ];
     pub fn label(self) -> &'static str {
         match self {
             Kind::NoNat => "no NAT",
             Kind::Iptables => "iptables",
             Kind::Ebpf => "eBPF",
+            Kind::EbpfFast => "eBPF fast",
+            Kind::Floor => "floor",
         }
     }
-    fn letter(self) -> char {
+    pub fn letter(self) -> char {
         match self {
             Kind::NoNat => 'n',
             Kind::Iptables => 'i',
             Kind::Ebpf => 'e',
+            Kind::EbpfFast => 'f',
+            Kind::Floor => 'p',
         }
+    }
+    /// Wan reaches the container's own address (no port forward).
+    pub fn direct(self) -> bool {
+        matches!(self, Kind::NoNat | Kind::Floor)
     }
 }
 
@@ -181,7 +213,7 @@ impl Topo {
         Ok(out.elapsed)
     }
 
-    /// Host + wan + uplink (the harness's), common to the three, with the sysctls the
+    /// Host + wan + uplink (the harness's), common to the five, with the sysctls the
     /// benchmark needs.
     fn setup(kind: Kind, net: Net, tmp: PathBuf) -> anyhow::Result<Topo> {
         fs::create_dir_all(&tmp)?;
@@ -248,6 +280,39 @@ impl Topo {
         Ok(t)
     }
 
+    /// The floor: host and wan as for the others (the host is left unused), and
+    /// container a's veth with its peer in wan (FLOOR_WAN_IP/16 there): the
+    /// container reaches wan's address in one veth hop, no bridge, no forwarding.
+    pub fn floor(tag: &str, tmp: &Path) -> anyhow::Result<Topo> {
+        let kind = Kind::Floor;
+        let prefix = format!("{tag}{}", kind.letter());
+        let (host, wan) = harness::host_and_wan(&prefix, sys::spawner)?;
+        let mut t = Topo::setup(
+            kind,
+            Net::Manual { host, wan },
+            tmp.join(kind.letter().to_string()),
+        )?;
+        let ns = NamedNetns::create(&format!("{prefix}a"), sys::spawner)?;
+        let ip = "172.19.0.2".to_owned();
+        let wan = t.wan();
+        wan.try_ip(&[
+            "link", "add", "fl0", "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        wan.try_ip(&["addr", "add", &format!("{FLOOR_WAN_IP}/16"), "dev", "fl0"])?;
+        wan.try_ip(&["link", "set", "fl0", "up"])?;
+        ns.try_ip(&["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+        ns.try_ip(&["link", "set", "eth0", "up"])?;
+        ns.try_ip(&["route", "add", "default", "via", FLOOR_WAN_IP])?;
+        t.ctrs.push(Container {
+            id: "a".into(),
+            ip,
+            ns_path: ns.path(),
+            _ns: Some(ns),
+            sleeper: None,
+        });
+        Ok(t)
+    }
+
     pub fn iptables(tag: &str, tmp: &Path) -> anyhow::Result<Topo> {
         let t = Topo::manual(Kind::Iptables, tag, tmp)?;
         let ip = t.ctrs[0].ip.clone();
@@ -280,6 +345,9 @@ impl Topo {
             format!(
                 "-t nat -A PREROUTING -d {UPLINK_IP} -p udp --dport {FWD_UDP} -j DNAT --to-destination {ctr_ip}:{CTR_UDP}"
             ),
+            format!(
+                "-t nat -A PREROUTING -d {UPLINK_IP} -p tcp --dport {FWD_TCP_PP} -j DNAT --to-destination {ctr_ip}:{CTR_TCP_PP}"
+            ),
         ]
     }
 
@@ -287,20 +355,34 @@ impl Topo {
         run(self.host().cmd("iptables").arg("-w").args(args))
     }
 
-    pub fn ebpf(tag: &str, tmp: &Path, bin: &Path) -> anyhow::Result<Topo> {
-        let kind = Kind::Ebpf;
+    /// The bpffs/cgroup tag of a netns topology: the run's tag for eBPF (as before),
+    /// with the kind's letter for the others.
+    pub fn netns_tag(tag: &str, kind: Kind) -> String {
+        if kind == Kind::Ebpf {
+            tag.to_owned()
+        } else {
+            format!("{tag}{}", kind.letter())
+        }
+    }
+
+    /// `fast`: the datapath with `--fast-path on` (Kind::EbpfFast).
+    pub fn ebpf(tag: &str, tmp: &Path, bin: &Path, fast: bool) -> anyhow::Result<Topo> {
+        let kind = if fast { Kind::EbpfFast } else { Kind::Ebpf };
+        let ntag = Topo::netns_tag(tag, kind);
         let cfg = harness::Config {
             tag: format!("{tag}{}", kind.letter()),
-            // Its state dir, tmp/e/state, is how `cleanup_stale` finds a killed run's
-            // collector.
+            // Its state dir, tmp/<letter>/state, is how `cleanup_stale` finds a killed
+            // run's collector.
             tmp: tmp.join(kind.letter().to_string()),
-            bpffs_dir: bpffs_dir(tag),
-            cgroup: cgroup_dir(tag).context("the eBPF topology needs a cgroup2 mount")?,
+            bpffs_dir: bpffs_dir(&ntag),
+            cgroup: cgroup_dir(&ntag).context("the eBPF topology needs a cgroup2 mount")?,
             extra: vec![
                 "--bridge".into(),
                 BRIDGE.into(),
                 "--ip".into(),
                 format!("{GW}/16"),
+                "--fast-path".into(),
+                if fast { "on" } else { "off" }.into(),
             ],
             spawner: sys::spawner,
             bin: Some(bin.to_owned()),
@@ -321,6 +403,7 @@ impl Topo {
             "a",
             &format!("{FWD_TCP}:{CTR_TCP}/tcp"),
             &format!("{FWD_UDP}:{CTR_UDP}/udp"),
+            &format!("{FWD_TCP_PP}:{CTR_TCP_PP}/tcp"),
         ])?;
         Ok(t)
     }
