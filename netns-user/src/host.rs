@@ -101,16 +101,8 @@ pub fn cgroup(cfg: &NetConfig) -> Result<Option<PathBuf>, CgroupError> {
 /// The fast path skips netfilter's FORWARD chain: one line when rules there name the
 /// bridge or the subnet (they will not see translated traffic).
 fn warn_bypassed_forward_rules(cfg: &NetConfig) {
-    let g = &cfg.gateway;
-    let mask = u32::MAX
-        .checked_shl(32 - u32::from(g.prefix_len))
-        .unwrap_or(0);
-    let subnet = format!(
-        "{}/{}",
-        std::net::Ipv4Addr::from(u32::from(g.addr) & mask),
-        g.prefix_len
-    );
-    let rules = crate::network::forward_rules::mentioning(&[cfg.bridge.clone(), subnet]);
+    let needles = [cfg.bridge.clone(), cfg.gateway.subnet()];
+    let rules = crate::network::forward_rules::mentioning(&needles);
     if let Some(first) = rules.first() {
         log::warn!(
             "--fast-path on bypasses netfilter FORWARD for translated traffic; {} rule(s) there              name {} or its subnet and will not see it (e.g. `{first}`); --fast-path off keeps them              in the path",
