@@ -58,8 +58,8 @@ pub enum Lookup {
     Hit(u8),
     /// No live flow: the caller may create one.
     Miss,
-    /// The packet must not pass (a blind RST).
-    Drop(Stat),
+    /// A TCP RST outside the window: it must not pass (`tcp_blind_rst`).
+    BlindRst,
 }
 
 /// Which table a half lives in.
@@ -187,7 +187,7 @@ pub fn lookup(pkt: &Packet, d: u8, len: u32, xlat: &mut Tuple) -> Lookup {
     let r = netns_ct_lookup(pkt, d as u32, len, xlat as *mut Tuple);
     match r >> 16 {
         0 if r & 0x100 != 0 => Lookup::Hit(r as u8),
-        1 => Lookup::Drop(Stat::TcpBlindRst),
+        1 => Lookup::BlindRst,
         _ => Lookup::Miss,
     }
 }
@@ -206,7 +206,7 @@ pub extern "C" fn netns_ct_lookup(pkt: *const Packet, d: u32, len: u32, xlat: *m
     match lookup_inner(pkt, d as u8, len, xlat) {
         Lookup::Miss => 0,
         Lookup::Hit(kind) => 0x100 | kind as u32,
-        Lookup::Drop(_) => 1 << 16,
+        Lookup::BlindRst => 1 << 16,
     }
 }
 
@@ -325,7 +325,7 @@ fn found(
         return Lookup::Miss;
     }
     if tcp && flags & TCP_RST != 0 && !rst_in_window(pkt, unsafe { &*e }, t, &pk) {
-        return Lookup::Drop(Stat::TcpBlindRst);
+        return Lookup::BlindRst;
     }
     // SAFETY: as above.
     unsafe {
@@ -361,7 +361,7 @@ fn found(
         partner_flags |= ct_flags::STREAM;
     }
     if tcp {
-        let s = next_tcp_state(state, flags, fl & ct_flags::FWD != 0);
+        let s = next_tcp_state(state, flags);
         if s != state {
             state = s;
             partner_state = Some(s);
@@ -493,7 +493,7 @@ fn rst_in_window(pkt: &Packet, e: &CtEntry, t: Table, pk: &CtKey) -> bool {
 /// A coarse TCP state, the same on both halves: SYN -> NEW, SYN|ACK -> ESTABLISHED,
 /// FIN -> FIN_WAIT, RST -> CLOSE.
 #[inline(always)]
-fn next_tcp_state(cur: u8, flags: u8, _fwd: bool) -> u8 {
+fn next_tcp_state(cur: u8, flags: u8) -> u8 {
     if flags & TCP_RST != 0 {
         ct_state::CLOSE
     } else if flags & TCP_FIN != 0 {
@@ -884,52 +884,73 @@ pub fn create_dnat(
         dport: target_port,
     };
     let rk = CtKey::new(xlat.reversed(), pkt.proto, dir::UPLINK_EGRESS);
-    match holder(&rk, &orig) {
-        // This very flow, its forward half lost (a retransmitted SYN finds it): the
-        // half is restored, nothing counted twice.
+    let fk = key(pkt, dir::UPLINK_INGRESS);
+    // A holder of the reverse key that is not this flow is the container's own flow
+    // on that very tuple (it opened it to the peer): never overwritten.
+    let pair = FixedPair {
+        kind: ct_kind::DNAT,
+        owner,
+        collision: Stat::DropCtInsert,
+        now,
+        len,
+    };
+    insert_fixed_pair(cfg, pkt, &rk, &fk, xlat, &pair)?;
+    *out = xlat;
+    Ok(())
+}
+
+/// A pair whose ports are given (port forward, address-only masquerade): nothing to
+/// choose, only to claim.
+struct FixedPair {
+    kind: u8,
+    owner: (u32, u32),
+    /// The drop when another flow holds the reverse key.
+    collision: Stat,
+    now: u64,
+    /// The creating packet's length (accounted to the forward half).
+    len: u32,
+}
+
+/// Makes the pair of reverse key `rk` and forward key `fk` (translating to `xlat`) in
+/// the unreplied table, charged to the owner's budget. A reverse half of this very flow
+/// (its forward half lost: a retransmitted SYN, a later packet) is adopted and the
+/// forward half restored, nothing counted twice; another holder is a collision, and so
+/// is a reverse insert that another CPU won.
+#[inline(always)]
+fn insert_fixed_pair(
+    cfg: &Config,
+    pkt: &Packet,
+    rk: &CtKey,
+    fk: &CtKey,
+    xlat: Tuple,
+    pair: &FixedPair,
+) -> Result<(), Stat> {
+    let (kind, owner, now, len) = (pair.kind, pair.owner, pair.now, pair.len);
+    match holder(rk, &pkt.tuple) {
         Some((Some(t), true)) => {
-            let fwd = entry(1, xlat, pkt, ct_kind::DNAT, owner, now, len, true)?;
-            if table(t)
-                .insert(&key(pkt, dir::UPLINK_INGRESS), fwd, BPF_NOEXIST as u64)
-                .is_ok()
-            {
+            let fwd = entry(1, xlat, pkt, kind, owner, now, len, true)?;
+            if table(t).insert(fk, fwd, BPF_NOEXIST as u64).is_ok() {
                 stats::inc(Stat::CtRebuilt);
             }
-            *out = xlat;
             return Ok(());
         }
-        // The container's own flow on that very tuple (it opened it to the peer):
-        // never overwritten.
-        Some(_) => return Err(Stat::DropCtInsert),
+        Some(_) => return Err(pair.collision),
         None => {}
     }
     charge(cfg, owner, now)?;
-    let rev = entry(
-        0,
-        orig.reversed(),
-        pkt,
-        ct_kind::DNAT,
-        owner,
-        now,
-        len,
-        false,
-    )?;
-    if CT_NEW.insert(&rk, rev, BPF_NOEXIST as u64).is_err() {
+    let rev = entry(0, pkt.tuple.reversed(), pkt, kind, owner, now, len, false)?;
+    if CT_NEW.insert(rk, rev, BPF_NOEXIST as u64).is_err() {
         uncount(owner.0, owner.1);
-        return Err(Stat::DropCtInsert);
+        return Err(pair.collision);
     }
-    let fwd = entry(1, xlat, pkt, ct_kind::DNAT, owner, now, len, true)?;
-    if CT_NEW
-        .insert(&key(pkt, dir::UPLINK_INGRESS), fwd, BPF_NOEXIST as u64)
-        .is_err()
-    {
+    let fwd = entry(1, xlat, pkt, kind, owner, now, len, true)?;
+    if CT_NEW.insert(fk, fwd, BPF_NOEXIST as u64).is_err() {
         // Another CPU made this flow first: its pair stands.
-        let _ = CT_NEW.remove(&rk);
+        let _ = CT_NEW.remove(rk);
         uncount(owner.0, owner.1);
         return Err(Stat::DropCtInsert);
     }
     stats::inc(Stat::CtCreated);
-    *out = xlat;
     Ok(())
 }
 
@@ -956,38 +977,14 @@ pub fn create_addr_only(
     };
     let rk = CtKey::new(xlat.reversed(), pkt.proto, dir::UPLINK_INGRESS);
     let fk = key(pkt, dir::UPLINK_EGRESS);
-    match holder(&rk, &orig) {
-        Some((Some(t), true)) => {
-            let fwd = entry(1, xlat, pkt, ct_kind::SNAT, owner, now, len, true)?;
-            let _ = table(t).insert(&fk, fwd, BPF_NOEXIST as u64);
-            *out = xlat;
-            return Ok(());
-        }
-        Some(_) => return Err(Stat::DropProtoCollision),
-        None => {}
-    }
-    charge(cfg, owner, now)?;
-    let rev = entry(
-        0,
-        orig.reversed(),
-        pkt,
-        ct_kind::SNAT,
+    let pair = FixedPair {
+        kind: ct_kind::SNAT,
         owner,
+        collision: Stat::DropProtoCollision,
         now,
         len,
-        false,
-    )?;
-    if CT_NEW.insert(&rk, rev, BPF_NOEXIST as u64).is_err() {
-        uncount(owner.0, owner.1);
-        return Err(Stat::DropProtoCollision);
-    }
-    let fwd = entry(1, xlat, pkt, ct_kind::SNAT, owner, now, len, true)?;
-    if CT_NEW.insert(&fk, fwd, BPF_NOEXIST as u64).is_err() {
-        let _ = CT_NEW.remove(&rk);
-        uncount(owner.0, owner.1);
-        return Err(Stat::DropCtInsert);
-    }
-    stats::inc(Stat::CtCreated);
+    };
+    insert_fixed_pair(cfg, pkt, &rk, &fk, xlat, &pair)?;
     *out = xlat;
     Ok(())
 }

@@ -237,7 +237,7 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
             });
             Some(xlat)
         }
-        Lookup::Drop(s) => return Err(s),
+        Lookup::BlindRst => return Err(Stat::TcpBlindRst),
         Lookup::Miss => None,
     };
     let new = match hit {
@@ -367,7 +367,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
             });
             xlat
         }
-        Lookup::Drop(s) => return Err(s),
+        Lookup::BlindRst => return Err(Stat::TcpBlindRst),
         Lookup::Miss => match forward_target(ctx, &pkt, to_uplink) {
             Some(t) => {
                 conntrack::create_dnat(&pkt, t.addr, t.port, len, &mut xlat)?;
@@ -551,7 +551,7 @@ fn hairpin(ctx: &TcContext, cfg: &Config, out: &mut u32) -> Result<u32, Stat> {
     let mut xlat = Tuple::default();
     let new = match conntrack::lookup(pkt, dir::BRIDGE, len, &mut xlat) {
         Lookup::Hit(_) => xlat,
-        Lookup::Drop(s) => return Err(s),
+        Lookup::BlindRst => return Err(Stat::TcpBlindRst),
         Lookup::Miss => {
             let Some(t) = portfwd::lookup(pkt.tuple.daddr, pkt.tuple.dport, pkt.proto) else {
                 return Ok(0);
