@@ -10,6 +10,9 @@ use std::str::FromStr;
 /// iproute2 keeps named network namespaces here; our state must never live there.
 pub const IPROUTE2_NETNS_DIR: &str = "/run/netns";
 
+/// The container's interface name unless a CNI runtime names another.
+pub const DEFAULT_IFNAME: &str = "eth0";
+
 /// What every container's network is made from (the global flags, typed).
 #[derive(Debug, Clone)]
 pub struct NetConfig {
