@@ -33,6 +33,8 @@ pub struct NetConfig {
     pub ct_max: Option<u32>,
     /// Translated packets bypass the host stack (bridge, forwarding, netfilter).
     pub fast_path: bool,
+    /// Conntrack entries count packets and bytes.
+    pub ct_counters: bool,
     /// Conntrack flows per container (None: a quarter of the table size, 0: no limit).
     pub ct_max_per_container: Option<u32>,
     /// Sources that may reach container addresses directly (routed setups).

@@ -45,6 +45,7 @@ pub struct NetConf {
     #[serde(default)]
     pub allow_inbound: Vec<String>,
     pub fast_path: Option<bool>,
+    pub ct_counters: Option<bool>,
     pub ct_max: Option<u32>,
     pub ct_max_per_container: Option<u32>,
     /// Delegated to the IPAM plugin it names when present.
@@ -153,6 +154,12 @@ impl NetConf {
             "fastPath",
             "--fast-path",
             self.fast_path
+                .map(|on| if on { "on" } else { "off" }.to_owned()),
+        );
+        opt(
+            "ctCounters",
+            "--ct-counters",
+            self.ct_counters
                 .map(|on| if on { "on" } else { "off" }.to_owned()),
         );
         for c in &self.allow_inbound {

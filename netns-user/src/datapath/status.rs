@@ -44,6 +44,8 @@ pub struct Status {
     pub fast_path: bool,
     /// `--ct-max-per-container` (0: no limit).
     pub ct_max_per_container: u32,
+    /// `--ct-counters`: conntrack entries count packets and bytes.
+    pub ct_counters: bool,
     pub programs: Vec<ProgramStatus>,
     pub links: Vec<LinkStatus>,
     pub maps: Vec<MapStatus>,
@@ -122,6 +124,7 @@ impl Datapath {
             layout_version: LAYOUT_VERSION,
             fast_path: cfg.fast_path,
             ct_max_per_container: cfg.ct_per_container,
+            ct_counters: cfg.ct_counters,
             programs: self.program_status(),
             links: self.link_status()?,
             maps: self.map_status()?,
@@ -261,6 +264,7 @@ mod tests {
             layout_version: 2,
             fast_path: true,
             ct_max_per_container: 100,
+            ct_counters: false,
             programs: vec![
                 ProgramStatus {
                     name: "netns_uplink_egress".into(),
