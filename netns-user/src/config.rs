@@ -39,6 +39,8 @@ pub struct NetConfig {
     pub ct_max_per_container: Option<u32>,
     /// Sources that may reach container addresses directly (routed setups).
     pub allow_inbound: Vec<Cidr>,
+    /// Destinations container flows reach with their own address (no masquerade).
+    pub no_masquerade: Vec<Cidr>,
 }
 
 /// Errors of flag validation (shown by clap next to the offending flag).

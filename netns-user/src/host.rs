@@ -91,6 +91,7 @@ pub fn datapath_config(cfg: &NetConfig, uplink: &Uplink, bridge: &Link) -> Datap
             .ct_max_per_container
             .unwrap_or_else(|| cfg.ct_max.unwrap_or(netns_common::CT_MAX_ENTRIES) / 4),
         allow_inbound: cfg.allow_inbound.clone(),
+        no_masquerade: cfg.no_masquerade.clone(),
     }
 }
 

@@ -30,6 +30,15 @@ fn write_status(out: &mut impl std::io::Write, st: &Status) -> std::io::Result<(
         },
         if st.ct_counters { "on" } else { "off" }
     )?;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    writeln!(out, "allow inbound from: {}", list(&st.allow_inbound))?;
+    writeln!(out, "no masquerade to: {}", list(&st.no_masquerade))?;
     writeln!(out, "programs:")?;
     for p in &st.programs {
         match (p.id, &p.prog_type) {

@@ -32,6 +32,9 @@ pub struct DatapathConfig {
     pub ct_counters: bool,
     /// `--allow-inbound`: what the inbound trie holds after [`Datapath::ensure_loaded`].
     pub allow_inbound: Vec<Cidr>,
+    /// `--no-masquerade`: what the no-masquerade trie holds after
+    /// [`Datapath::ensure_loaded`].
+    pub no_masquerade: Vec<Cidr>,
 }
 
 /// The config the datapath runs with, in host order.
