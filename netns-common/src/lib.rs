@@ -280,7 +280,8 @@ pub struct Config {
     pub bridge_mac: [u8; 6],
     /// 1: translated packets bypass the host stack (`--fast-path on`).
     pub fast_path: u8,
-    pub _pad: u8,
+    /// 1: conntrack entries count packets and bytes (`--ct-counters on`).
+    pub ct_counters: u8,
     /// Cookie of the network namespace netns manages: socket hooks act only there.
     pub netns_cookie: u64,
     /// Conntrack timeouts (seconds): the datapath expires entries by them on lookup,

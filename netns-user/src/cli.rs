@@ -91,10 +91,17 @@ pub struct GlobalArgs {
     /// Fast path: translated packets skip the host's bridge, IP forwarding, netfilter
     /// (FORWARD chain, host conntrack) and backlog queue: delivered straight into the
     /// container's namespace from the uplink, sent straight to the uplink's next hop
-    /// from a container. "off" keeps the host stack's path. Set each time the
-    /// datapath is loaded.
-    #[arg(long, env = "NETNS_FAST_PATH", value_enum, default_value_t = OnOff::Off, global = true)]
+    /// from a container (the default). "off" keeps the host stack's path, and with it
+    /// the host's FORWARD rules. Set each time the datapath is loaded.
+    #[arg(long, env = "NETNS_FAST_PATH", value_enum, default_value_t = OnOff::On, global = true)]
     pub fast_path: OnOff,
+
+    /// Per-flow packet and byte counters in the conntrack table (`conntrack ls`). Off,
+    /// a packet of a known flow writes nothing to its entry but TCP's sequence
+    /// tracking and, once a second, the last-seen time. Set each time the datapath is
+    /// loaded.
+    #[arg(long, env = "NETNS_CT_COUNTERS", value_enum, default_value_t = OnOff::Off, global = true)]
+    pub ct_counters: OnOff,
 
     /// Seconds between the rounds (reconcile + conntrack sweep) of the collector service,
     /// `netns gc --daemon` (unless it gets --interval), and of `netns load --follow`.
@@ -267,6 +274,7 @@ impl GlobalArgs {
             ct_max: self.ct_max,
             ct_max_per_container: self.ct_max_per_container,
             fast_path: self.fast_path == OnOff::On,
+            ct_counters: self.ct_counters == OnOff::On,
             allow_inbound: self.inbound_cidrs(),
             no_masquerade: self.nomasq_cidrs(),
         }

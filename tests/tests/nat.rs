@@ -404,7 +404,7 @@ fn fragmented_udp_through_snat_and_a_port_forward_also_out_of_order() {
 
 #[test]
 fn conntrack_and_stats_cli_output() {
-    let t = Topology::new();
+    let t = Topology::with_flags(&["--ct-counters", "on"]);
     let c = Container::start(&t);
     let _echo = wan_server(&t, UDP_ECHO, 7108);
     c.sh(&format!(
@@ -442,6 +442,45 @@ fn conntrack_and_stats_cli_output() {
     }
     assert!(t.netns(&["conntrack", "flush"]).contains("deleted"));
     assert!(flows(&t).is_empty());
+}
+
+#[test]
+fn flow_counters_are_off_by_default_and_reloading_turns_them_on() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let _echo = wan_server(&t, UDP_ECHO, 7109);
+    let burst = |n: u32| {
+        c.sh(&format!(
+            "for i in $(seq {n}); do echo hi; sleep 0.05; done | timeout 5 socat -t 1 - UDP:{WAN_IP}:7109,sourceport=41001"
+        ))
+    };
+    burst(20);
+    let flow = || {
+        flows(&t)
+            .into_iter()
+            .find(|f| f["original"]["dport"] == 7109)
+            .expect("the UDP flow is listed")
+    };
+    let f = flow();
+    // Off: a hit writes no counter (only the creating packet is counted).
+    assert!(f["packets"].as_u64().unwrap() <= 1, "{f}");
+    assert_eq!(f["reply_packets"].as_u64(), Some(0), "{f}");
+    assert!(
+        t.netns(&["datapath", "status"])
+            .contains("flow counters: off")
+    );
+    // `load` applies the flag to the running datapath; the same flow counts on.
+    t.netns(&["--ct-counters", "on", "load"]);
+    assert!(
+        t.netns(&["datapath", "status"])
+            .contains("flow counters: on")
+    );
+    burst(20);
+    let g = flow();
+    assert!(
+        g["packets"].as_u64().unwrap() >= 15 && g["reply_packets"].as_u64().unwrap() >= 15,
+        "{g}"
+    );
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! `--json` prints an array sorted by id; each object has
 //! `id, pid, ip, prefix_len, gateway, host_veth, host_ifindex, mac, bridge,
 //! created` (RFC 3339, UTC), `created_unix` (seconds) and `complete` (false while a
-//! prestart is in progress or died half-way).
+//! prestart is in progress or died half-way), `ifname` (the interface in the
+//! container) and, for CNI attachments (pid 0), `cni` (`container_id`, `ifname`,
+//! `network`, `netns`, `ipam`).
 
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -29,6 +31,9 @@ pub struct Entry {
     pub created: String,
     pub created_unix: u64,
     pub complete: bool,
+    pub ifname: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cni: Option<ipam::CniAttachment>,
 }
 
 /// The listing `ls` prints; empty if the state directory does not exist.
@@ -41,6 +46,8 @@ pub fn entries(g: &GlobalArgs) -> Result<Vec<Entry>, CommandError> {
         .into_iter()
         .map(|(id, l)| Entry {
             id,
+            ifname: l.ifname().to_owned(),
+            cni: l.cni.clone(),
             pid: l.pid,
             ip: l.ip,
             prefix_len: l.prefix_len,
@@ -68,7 +75,7 @@ pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
     let w = list.iter().map(|e| e.id.len()).max().unwrap_or(0).max(2);
     let mut text = format!(
         "{:<w$}  {:>7}  {:<18}  {:<15}  CREATED\n",
-        "ID", "PID", "IP", "HOST VETH"
+        "ID", "PID/CNI", "IP", "HOST VETH"
     );
     for e in &list {
         let ip = format!("{}/{}", e.ip, e.prefix_len);
@@ -77,9 +84,14 @@ pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
         } else {
             format!("{} (incomplete)", e.created)
         };
+        let owner = if e.cni.is_some() {
+            "cni".to_owned()
+        } else {
+            e.pid.to_string()
+        };
         text.push_str(&format!(
-            "{:<w$}  {:>7}  {ip:<18}  {:<15}  {created}\n",
-            e.id, e.pid, e.host_veth
+            "{:<w$}  {owner:>7}  {ip:<18}  {:<15}  {created}\n",
+            e.id, e.host_veth
         ));
     }
     out.write_all(text.as_bytes()).map_err(CommandError::Output)

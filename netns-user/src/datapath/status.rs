@@ -44,6 +44,8 @@ pub struct Status {
     pub fast_path: bool,
     /// `--ct-max-per-container` (0: no limit).
     pub ct_max_per_container: u32,
+    /// `--ct-counters`: conntrack entries count packets and bytes.
+    pub ct_counters: bool,
     /// `--allow-inbound` CIDRs (the inbound trie).
     pub allow_inbound: Vec<String>,
     /// `--no-masquerade` CIDRs (the no-masquerade trie).
@@ -130,6 +132,7 @@ impl Datapath {
             layout_version: LAYOUT_VERSION,
             fast_path: cfg.fast_path,
             ct_max_per_container: cfg.ct_per_container,
+            ct_counters: cfg.ct_counters,
             allow_inbound: cidr_strings(self.inbound_entries()?),
             no_masquerade: cidr_strings(self.nomasq_entries()?),
             programs: self.program_status(),
@@ -273,6 +276,7 @@ mod tests {
             layout_version: 2,
             fast_path: true,
             ct_max_per_container: 100,
+            ct_counters: false,
             allow_inbound: vec!["172.19.0.0/16".into()],
             no_masquerade: vec!["172.19.0.0/16".into(), "10.0.0.0/8".into()],
             programs: vec![
