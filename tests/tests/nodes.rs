@@ -10,13 +10,15 @@
 //!                                              [lan host 198.51.100.50, 172.19.0.0/16 via node A]
 //! ```
 //! The lan namespace routes between the LAN and the wan but knows no pod route, so a
-//! pod reaches the wan only masqueraded.
+//! pod reaches the wan only masqueraded. The same checks run with runc containers
+//! (the OCI hook) and with `ip netns add` pods set up by the CNI plugin (ADD).
 
-use std::process::Output;
+use std::process::{Command, Output};
 
+use netns_tests::cni::{Cni, pod, with_ports};
 use netns_tests::ns::{NamedNetns, plain};
 use netns_tests::topo::{Config, UPLINK};
-use netns_tests::util::{ChildGuard, UDP_WHO, tcp_ask, tcp_who_server, udp_ask};
+use netns_tests::util::{ChildGuard, UDP_WHO, output, tcp_ask, tcp_who_server, udp_ask};
 use netns_tests::{Container, Topology, unique};
 
 const LAN_GW: &str = "198.51.100.1";
@@ -108,28 +110,79 @@ impl Nodes {
     }
 }
 
-#[test]
-fn host_gw_pods_talk_directly_masquerade_to_the_wan_and_the_lan_stays_out() {
-    let n = Nodes::new();
-    let pa = Container::start(&n.a);
-    let pb = Container::start(&n.b);
-    let (ipa, ipb) = (pa.ip(), pb.ip());
+/// What the checks need of a pod, whichever way it was made.
+trait Pod {
+    fn addr(&self) -> String;
+    /// A host tool in the pod's network namespace.
+    fn tool(&self, program: &str) -> Command;
+    fn wait_port(&self, proto: &str, port: u16);
+    /// `sh -c script` in the pod's network namespace.
+    fn run(&self, script: &str) -> Output {
+        output(self.tool("sh").arg("-c").arg(script))
+    }
+    /// A background server (`script` exec'ed) in the pod, killed on drop.
+    fn serve(&self, script: &str) -> ChildGuard {
+        ChildGuard::spawn(
+            self.tool("sh")
+                .arg("-c")
+                .arg(format!("exec {script}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+    }
+}
+
+impl Pod for Container<'_> {
+    fn addr(&self) -> String {
+        self.ip()
+    }
+    fn tool(&self, program: &str) -> Command {
+        self.cmd(program)
+    }
+    fn wait_port(&self, proto: &str, port: u16) {
+        self.wait_listen(proto, port);
+    }
+}
+
+/// A CNI pod: its namespace and the address ADD gave it.
+struct CniPod {
+    ns: NamedNetns,
+    addr: String,
+}
+
+impl Pod for CniPod {
+    fn addr(&self) -> String {
+        self.addr.clone()
+    }
+    fn tool(&self, program: &str) -> Command {
+        self.ns.cmd(program)
+    }
+    fn wait_port(&self, proto: &str, port: u16) {
+        self.ns.wait_listen(proto, port);
+    }
+}
+
+/// Pod to pod unmasqueraded and untracked, the wan masqueraded, a forward on node B
+/// (`forward_b` installs 8080 -> pod B:80 unless the pod was made with it) reached from
+/// the wan, the LAN host kept out.
+fn check(n: &Nodes, pa: &dyn Pod, pb: &dyn Pod, forward_b: impl FnOnce()) {
+    let (ipa, ipb) = (pa.addr(), pb.addr());
     assert!(
         ipa.starts_with("172.19.1.") && ipb.starts_with("172.19.2."),
         "{ipa} {ipb}"
     );
-    let _b_tcp = pb.spawn(&tcp_who_server(7301));
-    let _b_udp = ChildGuard::spawn(pb.cmd("python3").args(["-c", UDP_WHO, "7302"]));
-    let _a_tcp = pa.spawn(&tcp_who_server(7303));
-    pb.wait_listen("tcp", 7301);
-    pb.wait_listen("udp", 7302);
-    pa.wait_listen("tcp", 7303);
+    let _b_tcp = pb.serve(&tcp_who_server(7301));
+    let _b_udp = ChildGuard::spawn(pb.tool("python3").args(["-c", UDP_WHO, "7302"]));
+    let _a_tcp = pa.serve(&tcp_who_server(7303));
+    pb.wait_port("tcp", 7301);
+    pb.wait_port("udp", 7302);
+    pa.wait_port("tcp", 7303);
 
     // Pod to pod, both ways, TCP and UDP: the server sees the other pod's own address.
     let routed_before = counter(&n.a, "nomasq_out");
-    assert_eq!(out(&pa.sh(&tcp_ask(&ipb, 7301))), format!("peer={ipa}"));
-    assert_eq!(out(&pa.sh(&udp_ask(&ipb, 7302))), format!("peer={ipa}"));
-    assert_eq!(out(&pb.sh(&tcp_ask(&ipa, 7303))), format!("peer={ipb}"));
+    assert_eq!(out(&pa.run(&tcp_ask(&ipb, 7301))), format!("peer={ipa}"));
+    assert_eq!(out(&pa.run(&udp_ask(&ipb, 7302))), format!("peer={ipa}"));
+    assert_eq!(out(&pb.run(&tcp_ask(&ipa, 7303))), format!("peer={ipb}"));
     assert!(counter(&n.a, "nomasq_out") > routed_before);
     for (t, peer) in [(&n.a, &ipb), (&n.b, &ipa)] {
         let fl: Vec<serde_json::Value> =
@@ -148,43 +201,25 @@ fn host_gw_pods_talk_directly_masquerade_to_the_wan_and_the_lan_stays_out() {
             .arg(format!("exec {}", tcp_who_server(7304))),
     );
     n.wan.wait_listen("tcp", 7304);
-    assert_eq!(out(&pa.sh(&tcp_ask(WAN, 7304))), format!("peer={NODE_A}"));
-    assert_eq!(out(&pb.sh(&tcp_ask(WAN, 7304))), format!("peer={NODE_B}"));
+    assert_eq!(out(&pa.run(&tcp_ask(WAN, 7304))), format!("peer={NODE_A}"));
+    assert_eq!(out(&pb.run(&tcp_ask(WAN, 7304))), format!("peer={NODE_B}"));
 
     // A port forward on node B, from the wan: pod B sees the wan host itself.
-    let _b_fwd = pb.spawn(&tcp_who_server(80));
-    pb.wait_listen("tcp", 80);
-    n.b.netns(&["port", "add", &pb.id, "8080:80/tcp"]);
-    let o = n
-        .wan
-        .cmd("sh")
-        .arg("-c")
-        .arg(tcp_ask(NODE_B, 8080))
-        .output()
-        .expect("wan");
+    let _b_fwd = pb.serve(&tcp_who_server(80));
+    pb.wait_port("tcp", 80);
+    forward_b();
+    let o = output(n.wan.cmd("sh").arg("-c").arg(tcp_ask(NODE_B, 8080)));
     assert_eq!(out(&o), format!("peer={WAN}"));
 
     // The LAN host routes the pod range via node A: neither pod is reachable.
     let (drop_a, drop_b) = (counter(&n.a, "drop_inbound"), counter(&n.b, "drop_inbound"));
     for (ip, port) in [(&ipa, 7303), (&ipb, 7301)] {
-        let o = n
-            .lan_host
-            .cmd("sh")
-            .arg("-c")
-            .arg(format!(
-                "timeout 5 socat -u TCP:{ip}:{port},connect-timeout=2 STDOUT"
-            ))
-            .output()
-            .expect("lan host");
+        let o = output(n.lan_host.cmd("sh").arg("-c").arg(format!(
+            "timeout 5 socat -u TCP:{ip}:{port},connect-timeout=2 STDOUT"
+        )));
         assert_eq!(out(&o), "", "the LAN host reached pod {ip}");
     }
-    let o = n
-        .lan_host
-        .cmd("sh")
-        .arg("-c")
-        .arg(udp_ask(&ipb, 7302))
-        .output()
-        .expect("lan host");
+    let o = output(n.lan_host.cmd("sh").arg("-c").arg(udp_ask(&ipb, 7302)));
     assert_eq!(out(&o), "", "the LAN host reached pod B over UDP");
     assert!(
         counter(&n.a, "drop_inbound") > drop_a,
@@ -194,4 +229,50 @@ fn host_gw_pods_talk_directly_masquerade_to_the_wan_and_the_lan_stays_out() {
         counter(&n.b, "drop_inbound") > drop_b,
         "node B drops what node A forwarded"
     );
+}
+
+#[test]
+fn host_gw_with_runc_containers() {
+    let n = Nodes::new();
+    let pa = Container::start(&n.a);
+    let pb = Container::start(&n.b);
+    check(&n, &pa, &pb, || {
+        n.b.netns(&["port", "add", &pb.id, "8080:80/tcp"]);
+    });
+}
+
+/// The node's CNI configuration: what its hook flags say, as config keys.
+fn cni_conf(cni: &Cni<'_>, pod_gw: &str) -> serde_json::Value {
+    let mut c = cni.conf("1.1.0");
+    c["ip"] = format!("{pod_gw}/24").into();
+    c["cgroup"] = "none".into();
+    c["noMasquerade"] = serde_json::json!([PODS]);
+    c["allowInbound"] = serde_json::json!([PODS]);
+    c
+}
+
+fn cni_add(cni: &Cni<'_>, conf: &serde_json::Value) -> (String, CniPod) {
+    let ns = pod();
+    let id = unique("cid");
+    let r = cni.add(&id, &ns, conf);
+    let addr = r["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no address in the ADD result: {r}"))
+        .to_owned();
+    (id, CniPod { ns, addr })
+}
+
+#[test]
+fn host_gw_with_cni_pods() {
+    let n = Nodes::new();
+    let (cni_a, cni_b) = (Cni::new(&n.a), Cni::new(&n.b));
+    let conf_a = cni_conf(&cni_a, "172.19.1.1");
+    let conf_b = with_ports(&cni_conf(&cni_b, "172.19.2.1"), &[(8080, 80, "tcp")]);
+    let (id_a, pa) = cni_add(&cni_a, &conf_a);
+    let (id_b, pb) = cni_add(&cni_b, &conf_b);
+    // The mapping came with ADD (runtimeConfig.portMappings).
+    check(&n, &pa, &pb, || {});
+    cni_b.del(&id_b, Some(&pb.ns), &conf_b);
+    cni_a.del(&id_a, Some(&pa.ns), &conf_a);
 }
