@@ -372,13 +372,22 @@ const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 pub struct PortTarget {
     pub addr: u32,
     pub port: u16,
-    pub _pad: [u8; 2],
+    /// Bits of [`port_flags`].
+    pub flags: u8,
+    pub _pad: u8,
     /// The interface the mapping's host address belongs to: a packet matches only when
     /// it arrives there (0: a wildcard mapping, any host address; [`LOOPBACK_IFINDEX`]:
     /// a 127/8 mapping, reachable from host processes only).
     pub ifindex: u32,
 }
 const _: () = assert!(core::mem::size_of::<PortTarget>() == 12);
+
+/// [`PortTarget::flags`].
+pub mod port_flags {
+    /// The container runtime holds the host port itself (podman's conmon opens a
+    /// placeholder socket on every published port): a host bind of it is let through.
+    pub const RUNTIME_BINDS: u8 = 1;
+}
 
 /// `lo` is ifindex 1 in every network namespace.
 pub const LOOPBACK_IFINDEX: u32 = 1;

@@ -9,7 +9,9 @@
 //! its timeout, or of a container that is gone, is treated as absent where it is met.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
+    bindings::{
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock_tuple,
+    },
     helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     maps::LruHashMap,
     programs::TcContext,
@@ -628,10 +630,14 @@ fn charge(cfg: &Config, owner: (u32, u32), now: u64) -> Result<(), Stat> {
 }
 
 /// Does a socket of the host itself own `local` (source: the host's address and
-/// port, destination: the peer's), or listen on it? Then a reply to that port is the
-/// host's, not a container's.
+/// port, destination: the peer's)? With `listeners`, a socket that merely listens on
+/// (TCP) or is bound to (unconnected UDP) the port counts too: a masquerade port is
+/// then avoided, as a reply to it could be the host's. Without, only a connected
+/// socket of exactly this flow counts: a port forward beats a listener opened on its
+/// port later, as an iptables DNAT does (podman's conmon holds such placeholder
+/// sockets on every published port; `port add` refuses a port already in use).
 #[inline(never)]
-pub fn host_socket_owns(ctx: &TcContext, proto: u8, local: &Tuple) -> bool {
+pub fn host_socket_owns(ctx: &TcContext, proto: u8, local: &Tuple, listeners: bool) -> bool {
     let (local, port, peer, peer_port) = (local.saddr, local.sport, local.daddr, local.dport);
     // SAFETY: zeroed is a valid bpf_sock_tuple; we fill the IPv4 member.
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
@@ -651,9 +657,12 @@ pub fn host_socket_owns(ctx: &TcContext, proto: u8, local: &Tuple) -> bool {
         if sk.is_null() {
             return false;
         }
+        // A listening TCP socket is in LISTEN, an unconnected UDP one in CLOSE; a
+        // connected one of either is ESTABLISHED (or a later TCP state).
+        let state = (*sk).state;
         bpf_sk_release(sk.cast());
+        listeners || (state != BPF_TCP_LISTEN && state != BPF_TCP_CLOSE)
     }
-    true
 }
 
 /// Where a new source-translated pair lives, whose it is and how its port is chosen.

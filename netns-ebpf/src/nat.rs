@@ -295,7 +295,7 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
                         saddr: cfg.uplink_addr,
                         ..pkt.tuple
                     };
-                    let host_owned = conntrack::host_socket_owns(ctx, pkt.proto, &mine);
+                    let host_owned = conntrack::host_socket_owns(ctx, pkt.proto, &mine, true);
                     if host_owned {
                         stats::inc(Stat::PortHostSocket);
                     }
@@ -429,7 +429,8 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
 
 /// The port forward a new flow arriving on the uplink opens, if any: a mapping on the
 /// address it is sent to that belongs to this interface, or a wildcard one on the
-/// uplink's main address. A host socket that already owns the flow keeps it.
+/// uplink's main address. A connected host socket that already owns the flow keeps
+/// it; a listener on the port does not.
 #[inline(always)]
 fn forward_target(ctx: &TcContext, pkt: &Packet, to_uplink: bool) -> Option<PortTarget> {
     if pkt.l4 != L4::Ports || pkt.later_fragment {
@@ -440,7 +441,7 @@ fn forward_target(ctx: &TcContext, pkt: &Packet, to_uplink: bool) -> Option<Port
         return None;
     }
     let p = &pkt.tuple;
-    if conntrack::host_socket_owns(ctx, pkt.proto, &p.reversed()) {
+    if conntrack::host_socket_owns(ctx, pkt.proto, &p.reversed(), false) {
         stats::inc(Stat::HostSocketPassed);
         return None;
     }

@@ -142,7 +142,10 @@ pub fn check_bind(ctx: &SockAddrContext) -> i32 {
     }
     // A wildcard mapping reserves the port on every address. (A wildcard bind next to
     // a mapping on one address is allowed: it still gets the other addresses.)
-    if portfwd::lookup(addr, port, proto).is_some() {
+    if let Some(t) = portfwd::lookup(addr, port, proto) {
+        if t.flags & netns_common::port_flags::RUNTIME_BINDS != 0 {
+            return ALLOW;
+        }
         stats::inc(Stat::SockBindDenied);
         return DENY;
     }

@@ -624,3 +624,38 @@ fn parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
     assert!(host_veths(&t).is_empty());
     assert!(t.endpoints().is_empty());
 }
+
+#[test]
+fn the_runtime_may_hold_its_published_ports_and_the_forward_still_wins() {
+    let t = Topology::new();
+    let cni = Cni::new(&t);
+    let conf = with_ports(&cni.conf("1.0.0"), &[(8086, 80, "tcp"), (8086, 80, "udp")]);
+    let p = pod();
+    cni.add("hold", &p, &conf);
+    let _srv = ChildGuard::spawn(
+        p.cmd("sh")
+            .arg("-c")
+            .arg(format!("exec {}", tcp_who_server(80))),
+    );
+    p.wait_listen("tcp", 80);
+    // What podman's conmon does after ADD: a listener and an unconnected UDP socket on
+    // each published port, from a process the socket programs watch (the topology's
+    // cgroup). A hook mapping refuses such binds; a runtime's own mapping must not.
+    let procs = t.cgroup.join("cgroup.procs");
+    let _holder = ChildGuard::spawn(t.host.cmd("sh").arg("-c").arg(format!(
+        "echo $$ > {}; exec python3 -c 'import socket, time\n\
+         t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         t.bind((\"0.0.0.0\", 8086)); t.listen(64)\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((\"0.0.0.0\", 8086))\n\
+         time.sleep(60)'",
+        procs.display()
+    )));
+    t.host.wait_listen("tcp", 8086);
+    t.host.wait_listen("udp", 8086);
+    let o = t.wan_sh(&tcp_ask(UPLINK_IP, 8086));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("peer={WAN_IP}")),
+        "the forward must beat the runtime's placeholder listener: {o:?}"
+    );
+    cni.del("hold", Some(&p), &conf);
+}

@@ -122,6 +122,34 @@ fn from_outside_tcp_and_udp_the_container_sees_the_real_peer() {
 }
 
 #[test]
+fn a_host_listener_opened_later_on_a_mapped_port_does_not_take_its_flows() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let _s = servers(&c, 80, "c");
+    t.netns(&["port", "add", &c.id, "8085:80/tcp", "8085:80/udp"]);
+    // What podman's conmon does on every published port: a TCP listener that never
+    // accepts and an unconnected UDP socket, opened after the mapping exists.
+    let _holder = ChildGuard::spawn(t.host.cmd("python3").args([
+        "-c",
+        "import socket, time\n\
+         t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         t.bind(('0.0.0.0', 8085)); t.listen(64)\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('0.0.0.0', 8085))\n\
+         time.sleep(60)",
+    ]));
+    t.host.wait_listen("tcp", 8085);
+    t.host.wait_listen("udp", 8085);
+    expect(
+        || t.wan_sh(&tcp(UPLINK_IP, 8085)),
+        &format!("c peer={WAN_IP}"),
+    );
+    expect(
+        || t.wan_sh(&udp(UPLINK_IP, 8085)),
+        &format!("c peer={WAN_IP}"),
+    );
+}
+
+#[test]
 fn hairpin_from_another_container_and_from_itself() {
     let t = Topology::new();
     let target = Container::start(&t);

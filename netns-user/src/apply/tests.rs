@@ -30,6 +30,7 @@ fn mapping(id: &str, ip: Ipv4Addr, host_ip: Option<Ipv4Addr>, port: u16) -> Mapp
         host_ip,
         host_port: port,
         container_port: 80,
+        runtime_binds: false,
     }
 }
 

@@ -271,6 +271,7 @@ fn port_spec(m: &PortMapping) -> Result<Option<PortSpec>, CniError> {
         host: (host, host),
         container: (container, container),
         proto,
+        runtime_binds: true,
     }))
 }
 

@@ -71,6 +71,8 @@ pub struct PortForward {
     /// The interface `host_ip` belongs to: a packet matches only when it arrives there
     /// (0 for a wildcard, [`netns_common::LOOPBACK_IFINDEX`] for 127/8).
     pub ifindex: u32,
+    /// The container runtime binds the host port itself (CNI): host binds allowed.
+    pub runtime_binds: bool,
 }
 
 impl PortForward {
@@ -88,7 +90,12 @@ impl PortForward {
             PortTarget {
                 addr: u32::from(*self.target.ip()).to_be(),
                 port: self.target.port().to_be(),
-                _pad: [0; 2],
+                flags: if self.runtime_binds {
+                    netns_common::port_flags::RUNTIME_BINDS
+                } else {
+                    0
+                },
+                _pad: 0,
                 ifindex: self.ifindex,
             },
         )
@@ -102,6 +109,7 @@ impl PortForward {
             proto: Proto::from_number(k.proto)?,
             target: SocketAddrV4::new(Ipv4Addr::from(u32::from_be(t.addr)), u16::from_be(t.port)),
             ifindex: t.ifindex,
+            runtime_binds: t.flags & netns_common::port_flags::RUNTIME_BINDS != 0,
         })
     }
 }
@@ -189,6 +197,7 @@ mod tests {
             proto: Proto::Udp,
             target: "172.19.0.2:80".parse().unwrap(),
             ifindex: 5,
+            runtime_binds: true,
         };
         let (k, t) = f.to_raw();
         // Network order: the bytes in memory are the bytes on the wire.

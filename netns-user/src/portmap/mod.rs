@@ -49,6 +49,9 @@ pub struct Mapping {
     pub host_ip: Option<Ipv4Addr>,
     pub host_port: u16,
     pub container_port: u16,
+    /// The container runtime binds the host port itself (CNI `portMappings`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub runtime_binds: bool,
 }
 
 impl Mapping {
@@ -72,6 +75,7 @@ impl Mapping {
             proto: self.proto,
             target: SocketAddrV4::new(self.container_ip, self.container_port),
             ifindex,
+            runtime_binds: self.runtime_binds,
         })
     }
 
@@ -102,6 +106,7 @@ pub fn expand(container_id: &str, container_ip: Ipv4Addr, specs: &[PortSpec]) ->
                 host_ip: s.host_ip,
                 host_port: s.host.0 + i,
                 container_port: s.container.0 + i,
+                runtime_binds: s.runtime_binds,
             });
         }
     }

@@ -32,6 +32,9 @@ pub struct PortSpec {
     pub host: (u16, u16),
     pub container: (u16, u16),
     pub proto: Proto,
+    /// The container runtime holds the host port itself (a CNI runtime's
+    /// `portMappings`): its bind of the port is let through.
+    pub runtime_binds: bool,
 }
 
 fn parse_range(spec: &str, s: &str) -> Result<(u16, u16), SpecError> {
@@ -111,6 +114,7 @@ impl FromStr for PortSpec {
             host,
             container,
             proto,
+            runtime_binds: false,
         })
     }
 }
@@ -139,7 +143,8 @@ mod tests {
                 host_ip: None,
                 host: (8080, 8080),
                 container: (80, 80),
-                proto: Proto::Tcp
+                proto: Proto::Tcp,
+                runtime_binds: false,
             }
         );
         assert_eq!(
@@ -148,7 +153,8 @@ mod tests {
                 host_ip: Some(Ipv4Addr::LOCALHOST),
                 host: (5353, 5353),
                 container: (53, 53),
-                proto: Proto::Udp
+                proto: Proto::Udp,
+                runtime_binds: false,
             }
         );
         assert_eq!(spec("8000-8010:9000-9010/TCP").host, (8000, 8010));
