@@ -2,7 +2,8 @@
 //! shared/notes/real-clients.md describes it: private storage, run and tmp directories,
 //! a private containers.conf (CNI backend with a private config dir, for the default
 //! network), and the netns hook in a private hooks directory, configured through its
-//! `env` (podman gives a hook only that environment). Everything is removed on drop.
+//! `env` (podman gives a hook only that environment); or ([`Podman::with_cni`]) no hook
+//! and the netns CNI plugin as podman's network. Everything is removed on drop.
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -14,7 +15,7 @@ use crate::topo::{Topology, UPLINK};
 use crate::util::{output, run, unique, wait_for};
 
 /// The busybox applets the rootfs has.
-const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ip", "nc", "true"];
+const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ip", "nc", "true", "httpd"];
 
 /// The subnet of podman's own default network (CNI bridge) in [`Podman::new`]'s config:
 /// TEST-NET-3, and only ever inside the topology's private host namespace.
@@ -35,6 +36,49 @@ impl<'t> Podman<'t> {
     /// topology's extra flags as arguments. Panics if podman is missing: CI installs it
     /// (scripts/setup.sh), so a missing podman is a failure, not a skip.
     pub fn new(topo: &'t Topology) -> Podman<'t> {
+        let p = Self::setup(topo);
+        p.write_hook();
+        p.write_config();
+        p
+    }
+
+    /// Sets podman up for `topo` with the netns CNI plugin instead of the hook: the
+    /// network configuration list `conflist` (its `name` is podman's network name and
+    /// the default network) in a private `network_config_dir`, and a private
+    /// `cni_plugin_dirs` holding `netns` (the binary under test) and the reference
+    /// plugins a configuration may name. No hook: hooks.d stays empty.
+    pub fn with_cni(topo: &'t Topology, conflist: &serde_json::Value) -> Podman<'t> {
+        let p = Self::setup(topo);
+        let name = conflist["name"].as_str().expect("conflist name");
+        let bin = p.dir.join("cni-bin");
+        fs::create_dir_all(&bin).expect("cni-bin");
+        symlink(topo.bin(), bin.join("netns")).expect("plugin link");
+        for r in ["loopback", "host-local", "portmap"] {
+            let src = Path::new("/usr/lib/cni").join(r);
+            assert!(
+                src.exists(),
+                "{} is missing: `bash scripts/setup.sh` installs containernetworking-plugins",
+                src.display()
+            );
+            symlink(src, bin.join(r)).expect("reference plugin link");
+        }
+        let conf = format!(
+            "[network]\nnetwork_backend = \"cni\"\nnetwork_config_dir = \"{}\"\n\
+             cni_plugin_dirs = [\"{}\"]\ndefault_network = \"{name}\"\n",
+            p.dir.join("cni").display(),
+            bin.display()
+        );
+        fs::write(p.dir.join("containers.conf"), conf).expect("containers.conf");
+        fs::write(
+            p.dir.join(format!("cni/{name}.conflist")),
+            serde_json::to_vec_pretty(conflist).expect("json"),
+        )
+        .expect("conflist");
+        p
+    }
+
+    /// The directories and rootfs both set-ups share (no configuration yet).
+    fn setup(topo: &'t Topology) -> Podman<'t> {
         let version = Command::new("podman").arg("--version").output();
         assert!(
             version.as_ref().is_ok_and(|o| o.status.success()),
@@ -55,10 +99,7 @@ impl<'t> Podman<'t> {
         for d in ["root", "runroot", "tmp", "hooks.d", "cni", "cni-ipam"] {
             fs::create_dir_all(dir.join(d)).expect("podman dir");
         }
-        let p = Podman { topo, dir, rootfs };
-        p.write_hook();
-        p.write_config();
-        p
+        Podman { topo, dir, rootfs }
     }
 
     /// hooks.d/netns.json: prestart + poststop, the topology's settings in `env`.
