@@ -2,11 +2,68 @@
 //! network configuration list, a snapshot of the machine's own CNI/containerd
 //! directories (to prove they stay untouched), and HTTP from the wan namespace.
 
+use std::ffi::OsStr;
 use std::path::Path;
+use std::process::Command;
 
 use serde_json::{Value, json};
 
 use crate::topo::{GATEWAY, Topology, UPLINK};
+
+/// sh script run by `unshare -m --propagation private`: `$1` a private directory for a
+/// tmpfs holding overlay layers, then target/source pairs up to `--`, then the command
+/// to exec. Bind-mounts each source over its target; a missing target is created in an
+/// overlay (upper layer on that tmpfs) of its nearest existing ancestor (never "/"), so
+/// nothing is written to the machine's filesystem: it all lives in the new mount
+/// namespace, gone with its last process.
+const SHADOW_SCRIPT: &str = r#"set -eu
+layers=$1; shift
+mount -t tmpfs -o mode=0700 netns-test "$layers"
+n=0
+while [ "$1" != -- ]; do
+    target=$1; source=$2; shift 2
+    if [ ! -d "$target" ]; then
+        a=$(dirname "$target")
+        while [ ! -d "$a" ]; do a=$(dirname "$a"); done
+        if [ "$a" = / ]; then echo "shadow: no ancestor of $target to overlay" >&2; exit 1; fi
+        n=$((n + 1))
+        mkdir "$layers/u$n" "$layers/w$n"
+        mount -t overlay netns-test -o "lowerdir=$a,upperdir=$layers/u$n,workdir=$layers/w$n" "$a"
+        mkdir -p "$target"
+    fi
+    mount --bind "$source" "$target"
+done
+shift
+exec "$@"
+"#;
+
+/// `program` in the topology's host namespace and in a private mount namespace in
+/// which each `(target, source)` of `shadows` has the private directory `source`
+/// bind-mounted over the machine's `target` (made only inside that namespace if it is
+/// missing, see [`SHADOW_SCRIPT`]); `layers` is an empty private directory it needs.
+pub fn in_private_mounts(
+    topo: &Topology,
+    layers: &Path,
+    shadows: &[(&str, &Path)],
+    program: &[&OsStr],
+) -> Command {
+    let mut cmd = topo.host.cmd("unshare");
+    cmd.args([
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        SHADOW_SCRIPT,
+        "shadow",
+    ])
+    .arg(layers);
+    for (target, source) in shadows {
+        cmd.arg(target).arg(source);
+    }
+    cmd.arg("--").args(program);
+    cmd
+}
 
 /// The machine's directories a real client would use by default: none may change.
 pub const MACHINE_DIRS: &[&str] = &[
@@ -42,23 +99,24 @@ pub fn conflist(topo: &Topology, name: &str) -> Value {
     json!({ "cniVersion": "1.0.0", "name": name, "plugins": [plugin] })
 }
 
-/// What each of [`MACHINE_DIRS`] holds (None: absent), to compare before and after.
-pub fn machine_snapshot() -> Vec<(String, Option<Vec<String>>)> {
+/// What each of [`MACHINE_DIRS`] is: absent, or its entries and its modification
+/// time (which also catches a file made and removed again), to compare before and after.
+pub fn machine_snapshot() -> Vec<(String, Option<(Vec<String>, std::time::SystemTime)>)> {
     MACHINE_DIRS
         .iter()
         .map(|d| {
-            let entries = std::fs::read_dir(d).ok().map(|rd| {
-                let mut v: Vec<String> = rd
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect();
-                v.sort();
-                v
+            let state = std::fs::metadata(d).ok().map(|m| {
+                let mut entries: Vec<String> = std::fs::read_dir(d)
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                entries.sort();
+                (entries, m.modified().expect("mtime"))
             });
-            (
-                (*d).to_owned(),
-                entries.or_else(|| Path::new(d).exists().then(Vec::new)),
-            )
+            ((*d).to_owned(), state)
         })
         .collect()
 }

@@ -6,11 +6,12 @@
 //! - /etc/cni/net.d and /opt/cni/bin: where `ctr run --cni` (go-cni's defaults) reads the
 //!   network configuration and finds the plugins;
 //! - /run/containerd: the shim's socket (`/run/containerd/s/…`), runc's root and ctr's
-//!   fifos are there whatever `--state` says.
+//!   fifos are there whatever `--state` says;
+//! - /var/lib/cni: libcni's result cache.
 //!
-//! A mount point that does not exist on the machine is made inside an overlay (upper
-//! layer on a private tmpfs) of its nearest existing ancestor, mounted only in that
-//! mount namespace: the machine's filesystem is never written. `ctr` joins containerd's
+//! A mount point that does not exist on the machine is made inside an overlay of its
+//! nearest existing ancestor, mounted only in that mount namespace
+//! ([`in_private_mounts`]): the machine's filesystem is never written. `ctr` joins containerd's
 //! mount and network namespaces (`nsenter -t PID -m -n`). Drop kills the tasks,
 //! containerd, its shims and anything still running from the rootfs, then removes the
 //! directory; the mount namespace goes with its last process.
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::clients::in_private_mounts;
 use crate::podman::{Proc, processes_mentioning};
 use crate::topo::Topology;
 use crate::util::{ChildGuard, descendants, output, run, unique, wait_for};
@@ -48,31 +50,9 @@ const SHADOWED: &[(&str, &str)] = &[
     ("/etc/cni/net.d", "cni-conf"),
     ("/opt/cni/bin", "cni-bin"),
     ("/run/containerd", "run"),
+    // libcni's result cache (go-cni keeps libcni's default).
+    ("/var/lib/cni", "cni-cache"),
 ];
-
-/// sh script run by `unshare -m --propagation private`: `$1` the private tmpfs mount
-/// point for overlay layers, `$2` the containerd config, then target/source pairs.
-/// Bind-mounts each source over its target; a missing target is created in an overlay
-/// of its nearest existing ancestor (never "/"), so nothing is written to the machine.
-const SHADOW_SCRIPT: &str = r#"set -eu
-layers=$1; config=$2; shift 2
-mount -t tmpfs -o mode=0700 netns-test "$layers"
-n=0
-while [ $# -gt 0 ]; do
-    target=$1; source=$2; shift 2
-    if [ ! -d "$target" ]; then
-        a=$(dirname "$target")
-        while [ ! -d "$a" ]; do a=$(dirname "$a"); done
-        if [ "$a" = / ]; then echo "shadow: no ancestor of $target to overlay" >&2; exit 1; fi
-        n=$((n + 1))
-        mkdir "$layers/u$n" "$layers/w$n"
-        mount -t overlay netns-test -o "lowerdir=$a,upperdir=$layers/u$n,workdir=$layers/w$n" "$a"
-        mkdir -p "$target"
-    fi
-    mount --bind "$source" "$target"
-done
-exec containerd --config "$config"
-"#;
 
 /// One private containerd for a topology.
 pub struct Containerd<'t> {
@@ -132,21 +112,20 @@ impl<'t> Containerd<'t> {
         );
         fs::write(dir.join("config.toml"), config).expect("config.toml");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd.log");
-        let mut cmd = topo.host.cmd("unshare");
-        cmd.args([
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            SHADOW_SCRIPT,
-            "shadow",
-        ])
-        .arg(dir.join("layers"))
-        .arg(dir.join("config.toml"));
-        for (target, src) in SHADOWED {
-            cmd.arg(target).arg(dir.join(src));
-        }
+        let shadows: Vec<(&str, PathBuf)> =
+            SHADOWED.iter().map(|(t, d)| (*t, dir.join(d))).collect();
+        let shadows: Vec<(&str, &Path)> = shadows.iter().map(|(t, d)| (*t, d.as_path())).collect();
+        let config = dir.join("config.toml");
+        let mut cmd = in_private_mounts(
+            topo,
+            &dir.join("layers"),
+            &shadows,
+            &[
+                "containerd".as_ref(),
+                "--config".as_ref(),
+                config.as_os_str(),
+            ],
+        );
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);

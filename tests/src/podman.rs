@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::clients::in_private_mounts;
 use crate::topo::{Topology, UPLINK};
-use crate::util::{output, run, unique, wait_for};
+use crate::util::{ChildGuard, output, run, unique, wait_for};
 
 /// The busybox applets the rootfs has.
 const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ip", "nc", "true", "httpd"];
@@ -28,6 +29,10 @@ pub struct Podman<'t> {
     pub dir: PathBuf,
     /// A busybox-static rootfs for `--rootfs`.
     pub rootfs: PathBuf,
+    /// The process holding the private mount namespace every podman command joins
+    /// (podman keeps libcni's default result cache, /var/lib/cni: a private directory
+    /// is mounted over it there).
+    mounts: Option<ChildGuard>,
 }
 
 impl<'t> Podman<'t> {
@@ -96,10 +101,45 @@ impl<'t> Podman<'t> {
         for a in APPLETS {
             symlink("busybox", bin.join(a)).expect("applet link");
         }
-        for d in ["root", "runroot", "tmp", "hooks.d", "cni", "cni-ipam"] {
+        for d in [
+            "root",
+            "runroot",
+            "tmp",
+            "hooks.d",
+            "cni",
+            "cni-ipam",
+            "cni-cache",
+            "layers",
+        ] {
             fs::create_dir_all(dir.join(d)).expect("podman dir");
         }
-        Podman { topo, dir, rootfs }
+        let cache = dir.join("cni-cache");
+        let mut holder = in_private_mounts(
+            topo,
+            &dir.join("layers"),
+            &[("/var/lib/cni", &cache)],
+            &["sleep".as_ref(), "infinity".as_ref()],
+        );
+        holder.stdin(Stdio::null()).stdout(Stdio::null());
+        let mounts = ChildGuard::spawn(&mut holder);
+        // Ready once its mount namespace has the cache mounted.
+        let pid = mounts.0.id();
+        let ready = wait_for(Duration::from_secs(10), || {
+            let mi = fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+            mi.lines()
+                .any(|l| l.split(' ').nth(4) == Some("/var/lib/cni"))
+                .then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "the private mount namespace for podman did not come up"
+        );
+        Podman {
+            topo,
+            dir,
+            rootfs,
+            mounts: Some(mounts),
+        }
     }
 
     /// hooks.d/netns.json: prestart + poststop, the topology's settings in `env`.
@@ -163,10 +203,13 @@ impl<'t> Podman<'t> {
         .expect("podman.conflist");
     }
 
-    /// `podman <global flags> ARGS` in the topology's host namespace (nsenter).
+    /// `podman <global flags> ARGS` in the topology's host namespace and the private
+    /// mount namespace (nsenter).
     pub fn cmd(&self, args: &[&str]) -> Command {
         let d = |s: &str| self.dir.join(s).display().to_string();
-        let mut c = self.topo.host.cmd("podman");
+        let holder = self.mounts.as_ref().expect("mount namespace").0.id();
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &holder.to_string(), "-m", "-n", "podman"]);
         c.env("CONTAINERS_CONF", d("containers.conf"))
             .args(["--root", &d("root"), "--runroot", &d("runroot")])
             .args(["--tmpdir", &d("tmp"), "--hooks-dir", &d("hooks.d")])
@@ -265,6 +308,8 @@ impl Drop for Podman<'_> {
         for m in under {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
+        // The mount namespace goes with its holder.
+        drop(self.mounts.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -124,6 +124,7 @@ fn assert_plugin_state_empty(t: &Topology, when: &str) {
 
 #[test]
 fn podman_cni_backend_with_the_netns_plugin_publishes_a_port_and_cleans_up() {
+    let before = machine_snapshot();
     let t = Topology::new();
     let network = unique("pn");
     let p = Podman::with_cni(&t, &conflist(&t, &network));
@@ -192,6 +193,12 @@ fn podman_cni_backend_with_the_netns_plugin_publishes_a_port_and_cleans_up() {
         !text(&o.stdout).contains(&marker),
         "still served after rm: {}",
         text(&o.stdout)
+    );
+    drop(p);
+    assert_eq!(
+        machine_snapshot(),
+        before,
+        "the machine's CNI/containerd directories changed"
     );
     if let Some(problem) = inbound {
         panic!("{problem}");
