@@ -173,7 +173,7 @@ impl<'t> Containerd<'t> {
         .expect("conflist");
         let bin = self.dir.join("cni-bin");
         let _ = symlink(self.topo.bin(), bin.join("netns"));
-        for r in ["loopback", "host-local", "portmap"] {
+        for r in ["loopback", "host-local", "portmap", "bridge"] {
             let src = Path::new("/usr/lib/cni").join(r);
             assert!(
                 src.exists(),

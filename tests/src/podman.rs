@@ -58,7 +58,7 @@ impl<'t> Podman<'t> {
         let bin = p.dir.join("cni-bin");
         fs::create_dir_all(&bin).expect("cni-bin");
         symlink(topo.bin(), bin.join("netns")).expect("plugin link");
-        for r in ["loopback", "host-local", "portmap"] {
+        for r in ["loopback", "host-local", "portmap", "bridge"] {
             let src = Path::new("/usr/lib/cni").join(r);
             assert!(
                 src.exists(),

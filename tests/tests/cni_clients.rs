@@ -194,6 +194,27 @@ fn podman_cni_backend_with_the_netns_plugin_publishes_a_port_and_cleans_up() {
         "still served after rm: {}",
         text(&o.stdout)
     );
+
+    // In the foreground, exiting by itself: DEL comes from `podman container cleanup`,
+    // which conmon starts at the exit (before any rm).
+    let name = unique("pc");
+    let script = format!("ip -4 -o addr show dev eth0; nc {WAN_IP} 7500 </dev/null");
+    let o = p.run(
+        &["--name", &name, "--network", &network],
+        &["sh", "-c", &script],
+    );
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "podman run: {out} {}", text(&o.stderr));
+    assert_bridge_address(inet(&out));
+    assert!(out.contains(&format!("peer={UPLINK_IP}")), "{out}");
+    if let Err(left) = p.wait_no_processes(Duration::from_secs(30)) {
+        panic!("after the container exited: processes left: {left:#?}");
+    }
+    assert_plugin_state_empty(&t, "after the container exited");
+    let rm = p.output(&["rm", &name]);
+    assert!(rm.status.success(), "podman rm: {}", text(&rm.stderr));
+    assert_plugin_state_empty(&t, "after exit and podman rm");
+
     drop(p);
     assert_eq!(
         machine_snapshot(),
