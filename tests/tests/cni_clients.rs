@@ -274,7 +274,7 @@ fn inbound_problem(
 }
 
 #[test]
-fn ctr_run_cni_with_the_netns_plugin_gets_eth0_masquerades_and_del_cleans_up() {
+fn ctr_run_cni_with_the_netns_plugin_gets_eth0_masquerades_and_each_del_cleans_up_its_own() {
     let before = machine_snapshot();
     {
         let t = Topology::new();
@@ -338,6 +338,17 @@ fn ctr_run_cni_with_the_netns_plugin_gets_eth0_masquerades_and_del_cleans_up() {
             text(&exec.stderr)
         );
 
+        // A second container: its own address and attachment; the first one's DEL
+        // must leave it alone.
+        let id2 = unique("cc");
+        let ctr_run2 = c.run_cni(&id2, &["sleep", "100000"]);
+        let pid2 = c.task_pid(&id2);
+        let ip2 = eth0_address(&t, pid2);
+        assert_bridge_address(ip2);
+        assert_ne!(ip, ip2, "two containers, one address");
+        assert_eq!(t.containers().len(), 2, "{:#?}", t.containers());
+        assert_eq!(host_veths(&t).len(), 2, "{:?}", host_veths(&t));
+
         let kill = c.output(&["task", "kill", "-s", "SIGKILL", &id]);
         assert!(
             kill.status.success(),
@@ -361,6 +372,38 @@ fn ctr_run_cni_with_the_netns_plugin_gets_eth0_masquerades_and_del_cleans_up() {
             text(&out.stdout)
         );
         let rm = c.output(&["container", "rm", &id]);
+        assert!(rm.status.success(), "ctr c rm: {}", text(&rm.stderr));
+        let lease2 = assert_one_cni_lease(&t, &network, ip2);
+        assert_eq!(lease2["cni"]["container_id"], format!("default-{id2}"));
+        let asked = output(t.host.cmd("nsenter").args([
+            "-t",
+            &pid2.to_string(),
+            "-n",
+            "sh",
+            "-c",
+            &tcp_ask(WAN_IP, 7501),
+        ]));
+        assert_eq!(
+            text(&asked.stdout).trim(),
+            format!("peer={UPLINK_IP}"),
+            "the second container after the first one's DEL: {}",
+            text(&asked.stderr)
+        );
+
+        let kill = c.output(&["task", "kill", "-s", "SIGKILL", &id2]);
+        assert!(
+            kill.status.success(),
+            "ctr task kill: {}",
+            text(&kill.stderr)
+        );
+        let out = ctr_run2.wait_output(Duration::from_secs(30));
+        assert_eq!(
+            out.status.code(),
+            Some(137),
+            "ctr run: {}",
+            text(&out.stderr)
+        );
+        let rm = c.output(&["container", "rm", &id2]);
         assert!(rm.status.success(), "ctr c rm: {}", text(&rm.stderr));
         assert_eq!(c.containers(), Vec::<String>::new(), "ctr c ls");
         assert_plugin_state_empty(&t, "after ctr task kill + ctr c rm");
