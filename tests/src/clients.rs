@@ -99,9 +99,12 @@ pub fn conflist(topo: &Topology, name: &str) -> Value {
     json!({ "cniVersion": "1.0.0", "name": name, "plugins": [plugin] })
 }
 
+/// A directory's sorted entries and modification time.
+pub type DirState = (Vec<String>, std::time::SystemTime);
+
 /// What each of [`MACHINE_DIRS`] is: absent, or its entries and its modification
 /// time (which also catches a file made and removed again), to compare before and after.
-pub fn machine_snapshot() -> Vec<(String, Option<(Vec<String>, std::time::SystemTime)>)> {
+pub fn machine_snapshot() -> Vec<(String, Option<DirState>)> {
     MACHINE_DIRS
         .iter()
         .map(|d| {

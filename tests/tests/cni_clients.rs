@@ -11,7 +11,9 @@ use netns_tests::clients::{conflist, http_get, machine_snapshot, write_www};
 use netns_tests::containerd::Containerd;
 use netns_tests::podman::Podman;
 use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
-use netns_tests::util::{output, tcp_ask, tcp_who_server, unique, wait_for};
+use netns_tests::util::{
+    ChildGuard, UDP_WHO, output, tcp_ask, tcp_who_server, udp_ask, unique, wait_for, wait_listen,
+};
 use serde_json::Value;
 
 fn text(b: &[u8]) -> String {
@@ -143,6 +145,8 @@ fn podman_cni_backend_with_the_netns_plugin_publishes_a_port_and_cleans_up() {
             &network,
             "-p",
             "8080:80",
+            "-p",
+            "5353:53/udp",
         ],
         &["httpd", "-f", "-v", "-p", "80", "-h", "/www"],
     );
@@ -156,16 +160,53 @@ fn podman_cni_backend_with_the_netns_plugin_publishes_a_port_and_cleans_up() {
         Some(64),
         "podman's container id: {lease:#}"
     );
-    // podman passed -p as runtimeConfig.portMappings: one forward, 8080 -> ip:80.
-    let fwd = port_forwards(&t);
-    assert_eq!(fwd.len(), 1, "{fwd:#?}");
-    let f = fwd[0].to_string();
-    assert!(f.contains("8080") && f.contains(&ip.to_string()), "{f}");
+    // podman passed -p as runtimeConfig.portMappings: 8080/tcp -> ip:80, 5353/udp -> ip:53.
+    let mut fwd: Vec<(u64, String, u64, String)> = port_forwards(&t)
+        .iter()
+        .map(|f| {
+            (
+                f["host_port"].as_u64().unwrap_or_default(),
+                f["proto"].as_str().unwrap_or_default().to_owned(),
+                f["container_port"].as_u64().unwrap_or_default(),
+                f["container_ip"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    fwd.sort();
+    assert_eq!(
+        fwd,
+        vec![
+            (5353, "udp".to_owned(), 53, ip.to_string()),
+            (8080, "tcp".to_owned(), 80, ip.to_string()),
+        ],
+        "port forwards"
+    );
 
     // From wan through the uplink address: the page, and the peer as the container sees
-    // it (the CGI's REMOTE_ADDR): wan's own address, not rewritten on the way in. A
-    // failure is reported at the end, after the teardown checks have run too.
-    let inbound = inbound_problem(&t, &p, &name, ip, &marker);
+    // it (the CGI's REMOTE_ADDR): wan's own address, not rewritten on the way in; the
+    // same over UDP (the host's python in the container's namespace: busybox nc has no
+    // -u). Failures are reported at the end, after the teardown checks have run too.
+    let mut inbound: Vec<String> = inbound_problem(&t, &p, &name, ip, &marker)
+        .into_iter()
+        .collect();
+    let pid_s = pid.to_string();
+    let udp = ChildGuard::spawn(
+        t.host
+            .cmd("nsenter")
+            .args(["-t", &pid_s, "-n", "python3", "-c", UDP_WHO, "53"]),
+    );
+    wait_listen(&["-t", &pid_s, "-n"], "udp", 53);
+    let o = t.wan_sh(&udp_ask(UPLINK_IP, 5353));
+    if peer(&text(&o.stdout)) != WAN_IP.parse().ok() {
+        let host_ss = output(t.host.cmd("ss").args(["-Hlunp", "sport = :5353"]));
+        inbound.push(format!(
+            "UDP via {UPLINK_IP}:5353 from wan: {:?} {}\nhost sockets on 5353: {}",
+            text(&o.stdout),
+            text(&o.stderr),
+            text(&host_ss.stdout)
+        ));
+    }
+    drop(udp);
     // Outbound: the wan peer sees the uplink address (masquerade).
     let exec = p.output(&["exec", &name, "nc", WAN_IP, "7500"]);
     assert!(
@@ -221,9 +262,7 @@ fn podman_cni_backend_with_the_netns_plugin_publishes_a_port_and_cleans_up() {
         before,
         "the machine's CNI/containerd directories changed"
     );
-    if let Some(problem) = inbound {
-        panic!("{problem}");
-    }
+    assert!(inbound.is_empty(), "{}", inbound.join("\n\n"));
 }
 
 /// What is wrong with `-p 8080:80` of podman container `name` (address `ip`, whose
