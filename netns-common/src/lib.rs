@@ -9,7 +9,7 @@
 /// Bumped whenever a map key, value or map definition changes. It is part of the bpffs
 /// pin directory name because aya reuses an existing pinned map without checking its
 /// layout: a new layout must never open an old map.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Map names; maps are pinned by these names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
 pub mod maps {
@@ -24,6 +24,8 @@ pub mod maps {
     pub const SCRATCH: &str = "NETNS_SCRATCH";
     pub const BRIDGE_PORTS: &str = "NETNS_BRPORTS";
     pub const INBOUND: &str = "NETNS_INBOUND";
+    /// `--no-masquerade` destinations (an LPM trie like `INBOUND`).
+    pub const NOMASQ: &str = "NETNS_NOMASQ";
     /// Pairs whose reply was not seen yet (TCP: handshake not complete).
     pub const CT_NEW: &str = "NETNS_CTNEW";
     /// A copy of every assured half's translation, to rebuild a half LRU lost.
@@ -278,7 +280,8 @@ pub struct Config {
     pub bridge_mac: [u8; 6],
     /// 1: translated packets bypass the host stack (`--fast-path on`).
     pub fast_path: u8,
-    pub _pad: u8,
+    /// 1: conntrack entries count packets and bytes (`--ct-counters on`).
+    pub ct_counters: u8,
     /// Cookie of the network namespace netns manages: socket hooks act only there.
     pub netns_cookie: u64,
     /// Conntrack timeouts (seconds): the datapath expires entries by them on lookup,
@@ -403,7 +406,8 @@ pub struct BridgePort {
 }
 const _: () = assert!(core::mem::size_of::<BridgePort>() == 12);
 
-/// Key of the `NETNS_INBOUND` LPM trie (`--allow-inbound` CIDRs): the layout of
+/// Key of the `NETNS_INBOUND` and `NETNS_NOMASQ` LPM tries (`--allow-inbound`,
+/// `--no-masquerade` CIDRs): the layout of
 /// `bpf_lpm_trie_key` with an IPv4 address (network order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -414,6 +418,7 @@ pub struct InboundKey {
 const _: () = assert!(core::mem::size_of::<InboundKey>() == 8);
 
 pub const INBOUND_MAX_ENTRIES: u32 = 1024;
+pub const NOMASQ_MAX_ENTRIES: u32 = 1024;
 pub const BRIDGE_PORTS_MAX_ENTRIES: u32 = 65_536;
 
 /// A socket-level translation, keyed by the socket (its cookie) and the container end
@@ -594,10 +599,13 @@ pub enum Stat {
     FastOut,
     /// Fast path: container-to-container packets sent to the other veth peer.
     FastLocal,
+    /// Container packets that left through the uplink untranslated because their
+    /// destination is in `--no-masquerade` (or `--allow-inbound`): routed, no flow.
+    NomasqOut,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::FastLocal as u32 + 1;
+    pub const COUNT: u32 = Stat::NomasqOut as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -653,6 +661,7 @@ impl Stat {
         Stat::FastIn,
         Stat::FastOut,
         Stat::FastLocal,
+        Stat::NomasqOut,
     ];
 
     /// Stable name used by `netns stats`.
@@ -711,6 +720,7 @@ impl Stat {
             Stat::FastIn => "fast_in",
             Stat::FastOut => "fast_out",
             Stat::FastLocal => "fast_local",
+            Stat::NomasqOut => "nomasq_out",
         }
     }
 

@@ -34,6 +34,10 @@ const NS: u64 = 1_000_000_000;
 /// UDP becomes a stream (longer timeout) when replied and active this long after
 /// creation (Linux: nf_conntrack_proto_udp.c, stream_ts).
 const UDP_STREAM_AFTER_NS: u64 = 2 * NS;
+/// `last_seen_ns` is written only when it moved by this much: timeouts are seconds
+/// long, and a hit that writes nothing keeps the entry's cache line clean (shared by
+/// every CPU handling the flow).
+const LAST_SEEN_GRANULE_NS: u64 = NS;
 /// A RST is taken when its sequence number is this close to where its sender is,
 /// beyond the receiver's advertised (unscaled) window: a blind RST must guess a
 /// 2^17-wide slot of 2^32.
@@ -329,11 +333,15 @@ fn found(
     }
     // SAFETY: as above.
     unsafe {
-        (*e).last_seen_ns = now;
+        if now.wrapping_sub((*e).last_seen_ns) >= LAST_SEEN_GRANULE_NS {
+            (*e).last_seen_ns = now;
+        }
         // Plain adds: a flow's packets in one direction are almost always handled on
-        // one CPU (one veth queue).
-        (*e).packets += 1;
-        (*e).bytes += len as u64;
+        // one CPU (one veth queue). Only with `--ct-counters on`.
+        if cfg.ct_counters != 0 {
+            (*e).packets += 1;
+            (*e).bytes += len as u64;
+        }
         if tcp {
             let end = pkt.tcp_seq.wrapping_add(pkt.tcp_seg_len);
             if (*e).flags & ct_flags::SEQ_KNOWN == 0 || (end.wrapping_sub((*e).seq_end) as i32) > 0

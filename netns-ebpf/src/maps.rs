@@ -10,8 +10,8 @@ use netns_common::{
     BRIDGE_PORTS_MAX_ENTRIES, BridgePort, CT_COUNT_MAX_ENTRIES, CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES,
     Config, CtCount, CtEntry, CtKeep, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
     FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FragKey, FragPorts, INBOUND_MAX_ENTRIES,
-    PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, SockOrig, StashKey,
-    StashedFrame, Stat,
+    NOMASQ_MAX_ENTRIES, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey,
+    SockOrig, StashKey, StashedFrame, Stat,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
@@ -47,9 +47,15 @@ pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(ENDPOINTS_MAX_ENT
 pub static BRIDGE_PORTS: HashMap<u32, BridgePort> = HashMap::pinned(BRIDGE_PORTS_MAX_ENTRIES, 0);
 
 /// `--allow-inbound` CIDRs: sources that may reach container addresses directly (routed
-/// setups), and destinations container flows reach without masquerade.
+/// setups), and destinations container flows reach without masquerade (the replies
+/// to those direct flows must leave with the container's own address).
 #[map(name = "NETNS_INBOUND")]
 pub static INBOUND: LpmTrie<u32, u8> = LpmTrie::pinned(INBOUND_MAX_ENTRIES, 0);
+
+/// `--no-masquerade` CIDRs: destinations container flows reach with their own
+/// address (routed, untracked). Replies still need `--allow-inbound`.
+#[map(name = "NETNS_NOMASQ")]
+pub static NOMASQ: LpmTrie<u32, u8> = LpmTrie::pinned(NOMASQ_MAX_ENTRIES, 0);
 
 /// Port forwards: (host address or 0, host port, proto) -> container address and port.
 #[map(name = "NETNS_PORTS")]
@@ -102,6 +108,16 @@ pub fn inbound_allowed(addr: u32) -> bool {
     INBOUND
         .get(aya_ebpf::maps::lpm_trie::Key::new(32, addr))
         .is_some()
+}
+
+/// Do container packets to `addr` (network order) leave untranslated? Destinations in
+/// `--no-masquerade`, and `--allow-inbound` peers.
+#[inline(always)]
+pub fn routed_dest(addr: u32) -> bool {
+    NOMASQ
+        .get(aya_ebpf::maps::lpm_trie::Key::new(32, addr))
+        .is_some()
+        || inbound_allowed(addr)
 }
 
 #[inline(always)]

@@ -15,7 +15,7 @@ use crate::{
     conntrack::{self, Lookup},
     fastpath::{self, Fast},
     frag, icmp,
-    maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed},
+    maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed, routed_dest},
     packet::{self, ETH_HLEN, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet},
     portfwd,
     stats::{self, Verdict},
@@ -40,6 +40,43 @@ fn into_verdict(r: Result<(), Stat>) -> Verdict {
 #[inline(always)]
 fn in_subnet(cfg: &Config, addr: u32) -> bool {
     addr & cfg.subnet_mask == cfg.subnet
+}
+
+/// What leaving through the uplink means for a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// Not a container's packet to the outside (the host's, the gateway's, or one
+    /// addressed back into the subnet): untouched.
+    NotOurs,
+    /// A container's packet to a `--no-masquerade` (or `--allow-inbound`) destination:
+    /// routed with its own address, no flow.
+    Routed,
+    /// A container's packet to the outside: masqueraded.
+    Masquerade,
+}
+
+#[inline(always)]
+fn leaving(cfg: &Config, t: &Tuple) -> Leaving {
+    if !in_subnet(cfg, t.saddr) || t.saddr == cfg.gateway || in_subnet(cfg, t.daddr) {
+        Leaving::NotOurs
+    } else if routed_dest(t.daddr) {
+        Leaving::Routed
+    } else {
+        Leaving::Masquerade
+    }
+}
+
+/// False, counting it, for a packet [`leaving`] says is routed untranslated.
+#[inline(always)]
+fn masquerades(cfg: &Config, t: &Tuple) -> bool {
+    match leaving(cfg, t) {
+        Leaving::Masquerade => true,
+        Leaving::Routed => {
+            stats::inc(Stat::NomasqOut);
+            false
+        }
+        Leaving::NotOurs => false,
+    }
 }
 
 #[inline(always)]
@@ -179,12 +216,6 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
     if cfg.uplink_addr == 0 {
         return Ok(false);
     }
-    let masquerades = |t: &Tuple| {
-        in_subnet(cfg, t.saddr)
-            && t.saddr != cfg.gateway
-            && !in_subnet(cfg, t.daddr)
-            && !inbound_allowed(t.daddr)
-    };
     // Parsed into per-CPU scratch, as on the hairpin path.
     let pkt = PKT_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropMalformed)?;
     // SAFETY: a per-CPU slot, ours while the program runs.
@@ -197,7 +228,7 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
             if icmp::translate_error(ctx, p, dir::UPLINK_EGRESS)? {
                 stats::inc(Stat::IcmpErrors);
                 return Ok(true);
-            } else if masquerades(&p.tuple) {
+            } else if leaving(cfg, &p.tuple) == Leaving::Masquerade {
                 // An error about no flow of this container's: nothing to translate it
                 // by, and it must not leave with a private source.
                 return Err(Stat::DropIcmpType);
@@ -209,7 +240,7 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
         // A later fragment has no ports, and needs none: every flow leaving through the
         // uplink takes the uplink address, and the ports were rewritten in the first
         // fragment. So fragments translate in any order, without waiting for the first.
-        if !masquerades(&pkt.tuple) {
+        if !masquerades(cfg, &pkt.tuple) {
             return Ok(false);
         }
         // The first fragment's source, when it passed first: a port forward's reply
@@ -250,9 +281,12 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
                 return Ok(false);
             }
             // Only container flows leaving the host are masqueraded; the host's own
-            // traffic, anything addressed back into the subnet and routed peers
-            // (`--allow-inbound`) pass untouched.
-            if !masquerades(&pkt.tuple) {
+            // traffic, anything addressed back into the subnet and routed destinations
+            // (`--no-masquerade`, `--allow-inbound`) pass untouched, with no flow (no
+            // conntrack entry, nothing charged to the container's budget). Checked
+            // after the lookup: a flow translated before the destination became routed
+            // keeps its translation until it ends.
+            if !masquerades(cfg, &pkt.tuple) {
                 return Ok(false);
             }
             match pkt.l4 {
@@ -483,6 +517,12 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
         return Ok(fastpath::to_neighbour(cfg, &eth.dst, ip.daddr));
     }
     if in_subnet(cfg, ip.daddr) || cfg.uplink_addr == 0 {
+        return Ok(None);
+    }
+    // A routed destination (`--no-masquerade`, `--allow-inbound`) is the stack's: not
+    // translated here, the host routes it (and the uplink's egress counts it). A port
+    // forward's reply to such a peer is translated there too.
+    if routed_dest(ip.daddr) {
         return Ok(None);
     }
     // Routed through the gateway to the outside: translate here and send it out.

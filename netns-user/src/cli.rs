@@ -91,10 +91,17 @@ pub struct GlobalArgs {
     /// Fast path: translated packets skip the host's bridge, IP forwarding, netfilter
     /// (FORWARD chain, host conntrack) and backlog queue: delivered straight into the
     /// container's namespace from the uplink, sent straight to the uplink's next hop
-    /// from a container. "off" keeps the host stack's path. Set each time the
-    /// datapath is loaded.
-    #[arg(long, env = "NETNS_FAST_PATH", value_enum, default_value_t = OnOff::Off, global = true)]
+    /// from a container (the default). "off" keeps the host stack's path, and with it
+    /// the host's FORWARD rules. Set each time the datapath is loaded.
+    #[arg(long, env = "NETNS_FAST_PATH", value_enum, default_value_t = OnOff::On, global = true)]
     pub fast_path: OnOff,
+
+    /// Per-flow packet and byte counters in the conntrack table (`conntrack ls`). Off,
+    /// a packet of a known flow writes nothing to its entry but TCP's sequence
+    /// tracking and, once a second, the last-seen time. Set each time the datapath is
+    /// loaded.
+    #[arg(long, env = "NETNS_CT_COUNTERS", value_enum, default_value_t = OnOff::Off, global = true)]
+    pub ct_counters: OnOff,
 
     /// Seconds between the rounds (reconcile + conntrack sweep) of the collector service,
     /// `netns gc --daemon` (unless it gets --interval), and of `netns load --follow`.
@@ -115,6 +122,21 @@ pub struct GlobalArgs {
         global = true
     )]
     pub allow_inbound: Vec<Vec<Cidr>>,
+
+    /// Destinations container flows reach unmasqueraded, with the container's own
+    /// address (ip-masq-agent's nonMasqueradeCIDRs: other nodes' pods, routed
+    /// networks): CIDR[,CIDR...], may be repeated. Such packets are left to the host's
+    /// routing, with no conntrack entry. Their replies come back to the container's
+    /// address, so they are dropped unless the peer is in --allow-inbound. Set each
+    /// time the datapath is loaded (hook, `netns load`) [default: none].
+    #[arg(
+        long,
+        env = "NETNS_NO_MASQUERADE",
+        value_name = "CIDR[,CIDR...]",
+        value_parser = parse_cidr_list,
+        global = true
+    )]
+    pub no_masquerade: Vec<Vec<Cidr>>,
 
     /// Machine-readable output: every command prints one JSON value on stdout
     /// (`ls`, `port`, `conntrack`, `stats`, `gc`, `load`, `datapath`, `version`).
@@ -238,7 +260,6 @@ pub enum DatapathCommand {
 }
 
 impl GlobalArgs {
-    /// `--allow-inbound`, every occurrence, without duplicates, in order.
     /// The typed configuration the domain code works from.
     pub fn net_config(&self) -> NetConfig {
         NetConfig {
@@ -253,19 +274,32 @@ impl GlobalArgs {
             ct_max: self.ct_max,
             ct_max_per_container: self.ct_max_per_container,
             fast_path: self.fast_path == OnOff::On,
+            ct_counters: self.ct_counters == OnOff::On,
             allow_inbound: self.inbound_cidrs(),
+            no_masquerade: self.nomasq_cidrs(),
         }
     }
 
+    /// `--allow-inbound`, every occurrence, without duplicates, in order.
     pub fn inbound_cidrs(&self) -> Vec<Cidr> {
-        let mut out: Vec<Cidr> = Vec::new();
-        for c in self.allow_inbound.iter().flatten() {
-            if !out.contains(c) {
-                out.push(*c);
-            }
-        }
-        out
+        dedup_cidrs(&self.allow_inbound)
     }
+
+    /// `--no-masquerade`, every occurrence, without duplicates, in order.
+    pub fn nomasq_cidrs(&self) -> Vec<Cidr> {
+        dedup_cidrs(&self.no_masquerade)
+    }
+}
+
+/// The CIDRs of every occurrence of a list flag, first occurrence kept.
+fn dedup_cidrs(lists: &[Vec<Cidr>]) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = Vec::new();
+    for c in lists.iter().flatten() {
+        if !out.contains(c) {
+            out.push(*c);
+        }
+    }
+    out
 }
 
 /// Linux interface name rules (IFNAMSIZ - 1 bytes; '/', ':' and whitespace break sysfs or aliases).
@@ -450,6 +484,39 @@ mod tests {
     }
 
     #[test]
+    fn no_masquerade_cidrs() {
+        let g = parse(&[]).unwrap().global;
+        assert!(g.nomasq_cidrs().is_empty());
+        assert!(g.net_config().no_masquerade.is_empty());
+        let g = parse(&[
+            "--no-masquerade",
+            "172.19.0.0/16, 10.0.0.0/8",
+            "--no-masquerade=10.1.2.3/8\t198.51.100.7",
+            "--allow-inbound",
+            "203.0.113.0/24",
+            "ls",
+        ])
+        .unwrap()
+        .global;
+        let s = |v: Vec<Cidr>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            s(g.nomasq_cidrs()),
+            ["172.19.0.0/16", "10.0.0.0/8", "198.51.100.7/32"]
+        );
+        let cfg = g.net_config();
+        assert_eq!(s(cfg.no_masquerade.clone()), s(g.nomasq_cidrs()));
+        // The two lists are independent.
+        assert_eq!(s(cfg.allow_inbound), ["203.0.113.0/24"]);
+        for bad in ["10.0.0.0/33", "nope", "10.0.0/8", "fd00::/8"] {
+            let e = parse(&["--no-masquerade", bad]).unwrap_err();
+            assert!(e.to_string().contains("no-masquerade"), "{bad}: {e}");
+        }
+        // An empty value (NETNS_NO_MASQUERADE= in config.json) is an empty list.
+        let g = parse(&["--no-masquerade", ""]).unwrap().global;
+        assert!(g.nomasq_cidrs().is_empty());
+    }
+
+    #[test]
     fn state_dir_refuses_iproute2_dir() {
         for bad in [
             "/run/netns",
@@ -491,6 +558,7 @@ mod tests {
             "NETNS_BPFFS_DIR",
             "NETNS_NAT_PORTS",
             "NETNS_ALLOW_INBOUND",
+            "NETNS_NO_MASQUERADE",
         ] {
             assert!(envs.iter().any(|x| x == e), "{e} missing");
         }

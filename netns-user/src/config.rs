@@ -10,6 +10,9 @@ use std::str::FromStr;
 /// iproute2 keeps named network namespaces here; our state must never live there.
 pub const IPROUTE2_NETNS_DIR: &str = "/run/netns";
 
+/// The container's interface name unless a CNI runtime names another.
+pub const DEFAULT_IFNAME: &str = "eth0";
+
 /// What every container's network is made from (the global flags, typed).
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -30,10 +33,14 @@ pub struct NetConfig {
     pub ct_max: Option<u32>,
     /// Translated packets bypass the host stack (bridge, forwarding, netfilter).
     pub fast_path: bool,
+    /// Conntrack entries count packets and bytes.
+    pub ct_counters: bool,
     /// Conntrack flows per container (None: a quarter of the table size, 0: no limit).
     pub ct_max_per_container: Option<u32>,
     /// Sources that may reach container addresses directly (routed setups).
     pub allow_inbound: Vec<Cidr>,
+    /// Destinations container flows reach with their own address (no masquerade).
+    pub no_masquerade: Vec<Cidr>,
 }
 
 /// Errors of flag validation (shown by clap next to the offending flag).

@@ -86,10 +86,12 @@ pub fn datapath_config(cfg: &NetConfig, uplink: &Uplink, bridge: &Link) -> Datap
         nat_ports: (cfg.nat_ports.min, cfg.nat_ports.max),
         ct_max: cfg.ct_max,
         fast_path: cfg.fast_path,
+        ct_counters: cfg.ct_counters,
         ct_per_container: cfg
             .ct_max_per_container
             .unwrap_or_else(|| cfg.ct_max.unwrap_or(netns_common::CT_MAX_ENTRIES) / 4),
         allow_inbound: cfg.allow_inbound.clone(),
+        no_masquerade: cfg.no_masquerade.clone(),
     }
 }
 

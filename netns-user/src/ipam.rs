@@ -102,7 +102,7 @@ impl Lease {
     pub fn ifname(&self) -> &str {
         self.ifname
             .as_deref()
-            .unwrap_or(crate::network::veth::CONTAINER_IFNAME)
+            .unwrap_or(crate::config::DEFAULT_IFNAME)
     }
 }
 

@@ -589,3 +589,38 @@ fn status_reports_an_unusable_bpffs() {
         .err(50);
     assert!(e["msg"].as_str().unwrap().contains("bpffs"), "{e}");
 }
+
+#[test]
+fn parallel_adds_get_distinct_addresses_and_dels_leave_nothing() {
+    let t = Topology::new();
+    let cni = Cni::new(&t);
+    let conf = cni.conf("1.0.0");
+    let pods: Vec<NamedNetns> = (0..16).map(|_| pod()).collect();
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (cni, conf) = (&cni, &conf);
+                s.spawn(move || cni.add(&format!("par{i}"), p, conf))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut addrs: Vec<Ipv4Addr> = results.iter().map(addr_of).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 16, "distinct addresses: {addrs:?}");
+    assert_eq!(t.endpoints(), addrs);
+    assert_eq!(host_veths(&t).len(), 16);
+    assert_masqueraded(&t, &pods[7], 7400);
+    std::thread::scope(|s| {
+        for (i, p) in pods.iter().enumerate() {
+            let (cni, conf) = (&cni, &conf);
+            s.spawn(move || cni.del(&format!("par{i}"), Some(p), conf));
+        }
+    });
+    assert!(lease_ids(&t).is_empty());
+    assert!(host_veths(&t).is_empty());
+    assert!(t.endpoints().is_empty());
+}

@@ -483,7 +483,14 @@ fn wan_segment(t: &Topology, args: &[&str]) {
 fn a_syn_flood_at_a_port_forward_leaves_other_containers_established_flows_alone() {
     // 256 entries (128 flows), an unreplied table of 64; no per-container budget, so
     // the flood really lands in the tables.
-    let t = Topology::with_flags(&["--ct-max", "256", "--ct-max-per-container", "0"]);
+    let t = Topology::with_flags(&[
+        "--ct-max",
+        "256",
+        "--ct-max-per-container",
+        "0",
+        "--ct-counters",
+        "on",
+    ]);
     let a = Container::start(&t);
     let b = Container::start(&t);
     let bip = b.ip();
@@ -782,7 +789,7 @@ fn a_blind_rst_is_ignored_and_an_in_window_rst_closes_the_flow() {
 
 #[test]
 fn a_reused_tuple_after_rst_or_fin_starts_a_fresh_flow_in_both_directions() {
-    let t = Topology::new();
+    let t = Topology::with_flags(&["--ct-counters", "on"]);
     let a = Container::start(&t);
     let _srv = wan_tcp_echo(&t, 7702);
     let mut c = Tcp::connect(a.cmd("python3"), WAN_IP, 7702, 42201);
@@ -850,7 +857,7 @@ fn a_reused_tuple_after_rst_or_fin_starts_a_fresh_flow_in_both_directions() {
 fn udp_flows_expire_on_lookup_with_linux_timeouts_and_no_collector() {
     // The hook's collector sweeps when it starts and then every hour: any expiry during
     // the test is the datapath's own.
-    let t = Topology::with_flags(&["--gc-interval", "3600"]);
+    let t = Topology::with_flags(&["--gc-interval", "3600", "--ct-counters", "on"]);
     let a = Container::start(&t);
     let _srv = wan_udp_echo(&t, 7800);
     // Sets the timeouts (and sweeps once, before any flow exists).

@@ -537,6 +537,8 @@ fn the_first_packet_needs_no_neighbour_entry_either_way() {
         &[UPLINK_IP, "8330", "first-in"],
     ));
     assert_eq!(o, "answer first-in", "server saw {:?}", csrv.lines());
+    // The server logs before it answers, but our reader may not have its line yet.
+    csrv.wait_line(Duration::from_secs(5), |l| l.contains(" first-in "));
     assert_eq!(
         csrv.lines()
             .iter()
@@ -565,6 +567,7 @@ fn the_first_packet_needs_no_neighbour_entry_either_way() {
         &[WAN_IP, "7331", "first-out"],
     ));
     assert_eq!(o, "answer first-out", "wan saw {:?}", wsrv.lines());
+    wsrv.wait_line(Duration::from_secs(5), |l| l.contains(" first-out "));
     assert_eq!(
         wsrv.lines()
             .iter()

@@ -4,8 +4,9 @@
 use std::process::Output;
 use std::time::Duration;
 
+use netns_tests::pkt::Lines;
 use netns_tests::topo::{UPLINK_IP, WAN_IP};
-use netns_tests::util::{ChildGuard, wait_for};
+use netns_tests::util::{ChildGuard, UDP_WHO, tcp_ask, tcp_who_server, udp_ask, wait_for};
 use netns_tests::{Container, Topology};
 
 fn out(o: &Output) -> String {
@@ -403,7 +404,7 @@ fn fragmented_udp_through_snat_and_a_port_forward_also_out_of_order() {
 
 #[test]
 fn conntrack_and_stats_cli_output() {
-    let t = Topology::new();
+    let t = Topology::with_flags(&["--ct-counters", "on"]);
     let c = Container::start(&t);
     let _echo = wan_server(&t, UDP_ECHO, 7108);
     c.sh(&format!(
@@ -444,6 +445,45 @@ fn conntrack_and_stats_cli_output() {
 }
 
 #[test]
+fn flow_counters_are_off_by_default_and_reloading_turns_them_on() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let _echo = wan_server(&t, UDP_ECHO, 7109);
+    let burst = |n: u32| {
+        c.sh(&format!(
+            "for i in $(seq {n}); do echo hi; sleep 0.05; done | timeout 5 socat -t 1 - UDP:{WAN_IP}:7109,sourceport=41001"
+        ))
+    };
+    burst(20);
+    let flow = || {
+        flows(&t)
+            .into_iter()
+            .find(|f| f["original"]["dport"] == 7109)
+            .expect("the UDP flow is listed")
+    };
+    let f = flow();
+    // Off: a hit writes no counter (only the creating packet is counted).
+    assert!(f["packets"].as_u64().unwrap() <= 1, "{f}");
+    assert_eq!(f["reply_packets"].as_u64(), Some(0), "{f}");
+    assert!(
+        t.netns(&["datapath", "status"])
+            .contains("flow counters: off")
+    );
+    // `load` applies the flag to the running datapath; the same flow counts on.
+    t.netns(&["--ct-counters", "on", "load"]);
+    assert!(
+        t.netns(&["datapath", "status"])
+            .contains("flow counters: on")
+    );
+    burst(20);
+    let g = flow();
+    assert!(
+        g["packets"].as_u64().unwrap() >= 15 && g["reply_packets"].as_u64().unwrap() >= 15,
+        "{g}"
+    );
+}
+
+#[test]
 fn a_full_port_range_is_a_counted_drop_not_a_wrong_translation() {
     let t = Topology::with_flags(&["--nat-ports", "61000-61001"]);
     let cs: Vec<Container<'_>> = (0..4).map(|_| Container::start(&t)).collect();
@@ -481,4 +521,150 @@ fn a_full_port_range_is_a_counted_drop_not_a_wrong_translation() {
     .map(|k| s[*k].as_u64().unwrap())
     .sum();
     assert!(retries >= 2, "retries histogram: {s}");
+}
+
+// --no-masquerade (ip-masq-agent's nonMasqueradeCIDRs): routed, untranslated flows.
+
+/// UDP server on argv[1]: prints "peer=ADDR" for every datagram and answers the same.
+const UDP_LOG_WHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    d, a = s.recvfrom(65535)
+    print("peer=%s" % a[0], flush=True)
+    s.sendto(("peer=%s\n" % a[0]).encode(), a)
+"#;
+
+fn counter(s: &serde_json::Value, name: &str) -> u64 {
+    s[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in netns stats: {s}"))
+}
+
+fn status_nomasq(t: &Topology) -> serde_json::Value {
+    let st: serde_json::Value =
+        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).expect("status json");
+    st["no_masquerade"].clone()
+}
+
+#[test]
+fn no_masquerade_destinations_see_the_container_address_others_stay_masqueraded() {
+    let t = Topology::with_flags(&[
+        "--no-masquerade=198.51.100.0/24",
+        "--allow-inbound=198.51.100.0/24",
+    ]);
+    let far = t.add_far(1500);
+    let c = Container::start(&t);
+    let cip = c.ip();
+    // The wan side routes the container subnet back via the host (a routed network).
+    t.wan
+        .ip(&["route", "add", "172.19.0.0/16", "via", UPLINK_IP]);
+    let _tcp = t.wan_spawn(&tcp_who_server(7201));
+    let _udp = ChildGuard::spawn(t.wan.cmd("python3").args(["-c", UDP_WHO, "7202"]));
+    t.wan.wait_listen("tcp", 7201);
+    t.wan.wait_listen("udp", 7202);
+    let _far_tcp = ChildGuard::spawn(
+        far.cmd("sh")
+            .arg("-c")
+            .arg(format!("exec {}", tcp_who_server(7203))),
+    );
+    far.wait_listen("tcp", 7203);
+    assert_eq!(status_nomasq(&t), serde_json::json!(["198.51.100.0/24"]));
+    let before = t.stats();
+    let want = format!("peer={cip}");
+    assert_eq!(
+        out(&c.sh(&tcp_ask(WAN_IP, 7201))),
+        want,
+        "TCP, untranslated"
+    );
+    assert_eq!(
+        out(&c.sh(&udp_ask(WAN_IP, 7202))),
+        want,
+        "UDP, untranslated"
+    );
+    // Outside the CIDR: masqueraded as before.
+    assert_eq!(
+        out(&c.sh(&tcp_ask("203.0.113.1", 7203))),
+        format!("peer={UPLINK_IP}")
+    );
+    let after = t.stats();
+    assert!(
+        counter(&after, "nomasq_out") >= counter(&before, "nomasq_out") + 4,
+        "{after}"
+    );
+    // No state for the routed flows, a flow for the masqueraded one.
+    let fl = flows(&t);
+    let dports: Vec<u64> = fl
+        .iter()
+        .filter_map(|f| f["original"]["dport"].as_u64())
+        .collect();
+    assert!(
+        !dports.contains(&7201) && !dports.contains(&7202),
+        "routed flows have no conntrack entry: {fl:?}"
+    );
+    assert!(dports.contains(&7203), "{fl:?}");
+}
+
+#[test]
+fn no_masquerade_without_allow_inbound_drops_the_replies() {
+    let t = Topology::with_flags(&["--no-masquerade=198.51.100.0/24"]);
+    let c = Container::start(&t);
+    let cip = c.ip();
+    t.wan
+        .ip(&["route", "add", "172.19.0.0/16", "via", UPLINK_IP]);
+    let log = Lines::python(t.wan.cmd("python3"), UDP_LOG_WHO, &["7204"]);
+    t.wan.wait_listen("udp", 7204);
+    let _tcp = t.wan_spawn(&tcp_who_server(7205));
+    t.wan.wait_listen("tcp", 7205);
+    let before = t.stats();
+    // The datagrams leave with the container's address; the answers are dropped.
+    assert_eq!(out(&c.sh(&udp_ask(WAN_IP, 7204))), "", "no answer gets in");
+    let seen = log.wait_line(Duration::from_secs(5), |l| l.starts_with("peer="));
+    assert_eq!(seen, Some(format!("peer={cip}")), "{}", log.stderr());
+    // TCP: the SYN|ACK is dropped, the connection never opens.
+    let o = c.sh(&format!(
+        "timeout 5 socat -u TCP:{WAN_IP}:7205,connect-timeout=3 STDOUT"
+    ));
+    assert_eq!(out(&o), "");
+    let after = t.stats();
+    assert!(
+        counter(&after, "drop_inbound") >= counter(&before, "drop_inbound") + 2,
+        "{after}"
+    );
+    assert!(
+        counter(&after, "nomasq_out") >= counter(&before, "nomasq_out") + 2,
+        "{after}"
+    );
+}
+
+#[test]
+fn no_masquerade_list_follows_each_load() {
+    let t = Topology::new();
+    let c = Container::start(&t);
+    let cip = c.ip();
+    t.wan
+        .ip(&["route", "add", "172.19.0.0/16", "via", UPLINK_IP]);
+    let log = Lines::python(t.wan.cmd("python3"), UDP_LOG_WHO, &["7206"]);
+    t.wan.wait_listen("udp", 7206);
+    // Each send uses a new socket, so a new flow (a new source port).
+    let send_and_see = |n: usize| {
+        c.sh(&format!(
+            "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b\"x\", (\"{WAN_IP}\", 7206))'"
+        ));
+        let ok = wait_for(Duration::from_secs(5), || {
+            (log.lines().len() > n).then_some(())
+        });
+        assert!(ok.is_some(), "datagram {n} never arrived: {}", log.stderr());
+        log.lines()[n].clone()
+    };
+    assert_eq!(send_and_see(0), format!("peer={UPLINK_IP}"));
+    t.netns(&["--no-masquerade=198.51.100.1/32", "load"]);
+    assert_eq!(status_nomasq(&t), serde_json::json!(["198.51.100.1/32"]));
+    assert_eq!(send_and_see(1), format!("peer={cip}"));
+    // Loaded again without the flag (the next hook would do the same): masqueraded.
+    t.netns(&["load"]);
+    assert_eq!(status_nomasq(&t), serde_json::json!([]));
+    assert_eq!(send_and_see(2), format!("peer={UPLINK_IP}"));
 }

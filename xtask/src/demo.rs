@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: two real runc containers with the netns hooks, in private
 //! namespaces (a "host" with an uplink to a "wan" namespace), showing masquerade,
-//! a port forward, conntrack and teardown. Nothing touches the machine's own network.
+//! a port forward, conntrack and teardown, then the same binary as a CNI plugin for a
+//! pod namespace. Nothing touches the machine's own network.
 //!
 //! Everything it creates is owned by RAII guards (topology, containers, servers), so it
 //! is removed when a step fails and on Ctrl-C / SIGTERM / SIGHUP: the signal handler
@@ -12,9 +13,10 @@ use std::path::Path;
 use std::process::Output;
 
 use anyhow::{bail, ensure};
+use netns_tests::cni::{Cni, with_ports};
 use netns_tests::topo::{Config, GATEWAY, UPLINK_IP, WAN_IP};
-use netns_tests::util::{ChildGuard, tcp_who_server};
-use netns_tests::{Container, Topology};
+use netns_tests::util::{ChildGuard, tcp_who_server, unique};
+use netns_tests::{Container, NamedNetns, Topology};
 
 fn check() -> anyhow::Result<()> {
     if crate::signals::interrupted() {
@@ -163,6 +165,30 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
         &b.sh(&format!("timeout 10 socat -u TCP:{UPLINK_IP}:8080 STDOUT")),
     )?;
 
+    step("the same binary as a CNI plugin: ADD a pod (ip netns add), portMappings 8081 -> 80")?;
+    let cni = Cni::new(&t);
+    let pod = NamedNetns::create(&unique("pod"), netns_tests::ns::plain)?;
+    let conf = with_ports(&cni.conf("1.1.0"), &[(8081, 80, "tcp")]);
+    let add = cni.call("ADD", "demo-pod", Some(&pod), "eth0", &conf);
+    println!(
+        "$ CNI_COMMAND=ADD CNI_NETNS={} CNI_IFNAME=eth0 netns < conflist\n{}",
+        pod.path(),
+        add.stdout.trim()
+    );
+    ensure!(add.status.success(), "CNI ADD failed: {}", add.stdout);
+    let srv = format!(
+        "exec {}",
+        tcp_who_server(80).replace("echo peer=", "echo served by the CNI pod to ")
+    );
+    let _pod_srv = ChildGuard::spawn(pod.cmd("sh").arg("-c").arg(srv));
+    pod.wait_listen("tcp", 80);
+    let got = t.wan_sh(&format!("timeout 10 socat -u TCP:{UPLINK_IP}:8081 STDOUT"));
+    show(&format!("(wan) socat - TCP:{UPLINK_IP}:8081"), &got)?;
+    ensure!(
+        text(&got).contains(&format!("served by the CNI pod to {WAN_IP}")),
+        "the pod's port mapping did not answer the wan"
+    );
+
     step("datapath state")?;
     show(
         "netns conntrack ls",
@@ -175,7 +201,10 @@ fn demo(bin: &Path) -> anyhow::Result<()> {
         &t.host.cmd("iptables-save").args(["-t", "nat"]).output()?,
     )?;
 
-    step("teardown: runc delete runs the poststop hook")?;
+    step("teardown: CNI DEL for the pod, runc delete runs the poststop hook")?;
+    let del = cni.call("DEL", "demo-pod", Some(&pod), "eth0", &conf);
+    ensure!(del.status.success(), "CNI DEL failed: {}", del.stdout);
+    println!("$ CNI_COMMAND=DEL ... netns: ok");
     let out = a.delete();
     show("runc delete A", &out)?;
     ensure!(out.status.success(), "runc delete failed");

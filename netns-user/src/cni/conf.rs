@@ -45,6 +45,7 @@ pub struct NetConf {
     #[serde(default)]
     pub allow_inbound: Vec<String>,
     pub fast_path: Option<bool>,
+    pub ct_counters: Option<bool>,
     pub ct_max: Option<u32>,
     pub ct_max_per_container: Option<u32>,
     /// Delegated to the IPAM plugin it names when present.
@@ -153,6 +154,12 @@ impl NetConf {
             "fastPath",
             "--fast-path",
             self.fast_path
+                .map(|on| if on { "on" } else { "off" }.to_owned()),
+        );
+        opt(
+            "ctCounters",
+            "--ct-counters",
+            self.ct_counters
                 .map(|on| if on { "on" } else { "off" }.to_owned()),
         );
         for c in &self.allow_inbound {
@@ -291,7 +298,7 @@ mod tests {
     #[test]
     fn keys_become_the_hook_flags() {
         let c = conf(
-            r#","bridge":"br9","ip":"10.9.0.1/24","stateDir":"/tmp/x","allowInbound":["10.0.0.0/8"],"fastPath":true,"mtu":1400"#,
+            r#","bridge":"br9","ip":"10.9.0.1/24","stateDir":"/tmp/x","allowInbound":["10.0.0.0/8"],"noMasquerade":["10.0.0.0/8","192.0.2.0/24"],"fastPath":true,"mtu":1400"#,
         )
         .unwrap();
         let n = c.net_config().unwrap();
@@ -301,11 +308,13 @@ mod tests {
         assert_eq!(n.mtu, Some(1400));
         assert!(n.fast_path);
         assert_eq!(n.allow_inbound.len(), 1);
+        assert_eq!(n.no_masquerade.len(), 2);
         for (extra, key) in [
             (r#","ip":"10.9.0.0/24""#, "ip"),
             (r#","bridge":"a/b""#, "bridge"),
             (r#","stateDir":"/run/netns/x""#, "stateDir"),
             (r#","allowInbound":["nope"]"#, "allowInbound"),
+            (r#","noMasquerade":["10.0.0.0/40"]"#, "noMasquerade"),
             (r#","mtu":20"#, "mtu"),
         ] {
             let e = conf(extra).unwrap().net_config().unwrap_err();

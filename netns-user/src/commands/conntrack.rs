@@ -140,7 +140,8 @@ pub fn flows(dp: &Datapath, all: bool) -> Result<Vec<Flow>, CommandError> {
     Ok(out)
 }
 
-fn write_flow(out: &mut impl std::io::Write, f: &Flow) -> std::io::Result<()> {
+/// One flow per line; packets and bytes only when the datapath counts them.
+fn write_flow(out: &mut impl std::io::Write, f: &Flow, counters: bool) -> std::io::Result<()> {
     let o = &f.original;
     let t = &f.translated;
     let mut marks: Vec<&str> = Vec::new();
@@ -161,7 +162,7 @@ fn write_flow(out: &mut impl std::io::Write, f: &Flow) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "{:<4} {:<7} {:<11} src={}:{} dst={}:{} -> src={}:{} dst={}:{} owner={} age={}s idle={}s packets={}/{} bytes={}/{}{}",
+        "{:<4} {:<7} {:<11} src={}:{} dst={}:{} -> src={}:{} dst={}:{} owner={} age={}s idle={}s{}{}",
         f.proto,
         f.kind,
         f.state,
@@ -176,10 +177,14 @@ fn write_flow(out: &mut impl std::io::Write, f: &Flow) -> std::io::Result<()> {
         f.owner,
         f.age_secs,
         f.idle_secs,
-        f.packets,
-        f.reply_packets,
-        f.bytes,
-        f.reply_bytes,
+        if counters {
+            format!(
+                " packets={}/{} bytes={}/{}",
+                f.packets, f.reply_packets, f.bytes, f.reply_bytes
+            )
+        } else {
+            String::new()
+        },
         if marks.is_empty() {
             String::new()
         } else {
@@ -199,10 +204,16 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
                     .map_err(|e| CommandError::Output(e.into()))?;
                 writeln!(out).map_err(CommandError::Output)?;
             } else {
+                let counters = dp.config()?.ct_counters;
                 for f in &flows {
-                    write_flow(out, f).map_err(CommandError::Output)?;
+                    write_flow(out, f, counters).map_err(CommandError::Output)?;
                 }
-                writeln!(out, "{} flow(s)", flows.len()).map_err(CommandError::Output)?;
+                let note = if counters {
+                    ""
+                } else {
+                    " (no packet/byte counts: --ct-counters is off)"
+                };
+                writeln!(out, "{} flow(s){note}", flows.len()).map_err(CommandError::Output)?;
             }
         }
         ConntrackCommand::Flush => {
@@ -276,7 +287,7 @@ mod tests {
         );
         assert_eq!((f.packets, f.reply_packets, f.idle_secs), (0, 4, 1));
         let mut line = Vec::new();
-        write_flow(&mut line, &f).unwrap();
+        write_flow(&mut line, &f, true).unwrap();
         let line = String::from_utf8(line).unwrap();
         assert!(
             line.contains("owner=172.19.0.2 ") && line.ends_with("[assured,replied,orphan]\n"),

@@ -18,7 +18,7 @@ fn write_status(out: &mut impl std::io::Write, st: &Status) -> std::io::Result<(
     )?;
     writeln!(
         out,
-        "fast path: {}; flows per container: {}",
+        "fast path: {}; flows per container: {}; flow counters: {}",
         if st.fast_path {
             "on (translated packets bypass the host stack and netfilter FORWARD)"
         } else {
@@ -27,8 +27,18 @@ fn write_status(out: &mut impl std::io::Write, st: &Status) -> std::io::Result<(
         match st.ct_max_per_container {
             0 => "no limit".to_owned(),
             n => n.to_string(),
-        }
+        },
+        if st.ct_counters { "on" } else { "off" }
     )?;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    writeln!(out, "allow inbound from: {}", list(&st.allow_inbound))?;
+    writeln!(out, "no masquerade to: {}", list(&st.no_masquerade))?;
     writeln!(out, "programs:")?;
     for p in &st.programs {
         match (p.id, &p.prog_type) {

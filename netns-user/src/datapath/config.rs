@@ -28,8 +28,13 @@ pub struct DatapathConfig {
     pub ct_per_container: u32,
     /// Translated packets bypass the host stack.
     pub fast_path: bool,
+    /// Conntrack entries count packets and bytes.
+    pub ct_counters: bool,
     /// `--allow-inbound`: what the inbound trie holds after [`Datapath::ensure_loaded`].
     pub allow_inbound: Vec<Cidr>,
+    /// `--no-masquerade`: what the no-masquerade trie holds after
+    /// [`Datapath::ensure_loaded`].
+    pub no_masquerade: Vec<Cidr>,
 }
 
 /// The config the datapath runs with, in host order.
@@ -50,6 +55,8 @@ pub struct Settings {
     pub port_seed: u32,
     /// Translated packets bypass the host stack (`--fast-path on`).
     pub fast_path: bool,
+    /// Conntrack entries count packets and bytes (`--ct-counters on`).
+    pub ct_counters: bool,
 }
 
 impl Settings {
@@ -66,7 +73,7 @@ impl Settings {
             nat_port_max: self.nat_ports.1,
             bridge_mac: self.bridge_mac,
             fast_path: self.fast_path as u8,
-            _pad: 0,
+            ct_counters: self.ct_counters as u8,
             netns_cookie: self.netns_cookie,
             timeouts: self.timeouts,
             ct_per_container: self.ct_per_container,
@@ -90,6 +97,7 @@ impl Settings {
             ct_per_container: c.ct_per_container,
             port_seed: c.port_seed,
             fast_path: c.fast_path != 0,
+            ct_counters: c.ct_counters != 0,
         }
     }
 }
@@ -126,6 +134,7 @@ impl DatapathConfig {
             ct_per_container: self.ct_per_container,
             port_seed: 0,
             fast_path: self.fast_path,
+            ct_counters: self.ct_counters,
         })
     }
 }
@@ -203,6 +212,7 @@ mod tests {
             ct_per_container: 100,
             port_seed: 7,
             fast_path: true,
+            ct_counters: true,
         };
         let raw = s.to_raw();
         assert_eq!(raw.subnet, u32::from(Ipv4Addr::new(172, 19, 0, 0)).to_be());

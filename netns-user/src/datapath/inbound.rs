@@ -1,4 +1,5 @@
-//! `NETNS_INBOUND`: the `--allow-inbound` CIDRs, an LPM trie.
+//! The CIDR LPM tries: `NETNS_INBOUND` (`--allow-inbound`) and `NETNS_NOMASQ`
+//! (`--no-masquerade`), both made to hold exactly the flag's list on every load.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -20,27 +21,48 @@ fn cidr(k: &Key<u32>) -> Cidr {
     }
 }
 
+/// One of the CIDR tries: its map name and what log and error lines call it.
+#[derive(Clone, Copy)]
+struct Trie {
+    map: &'static str,
+    what: &'static str,
+}
+
+const INBOUND: Trie = Trie {
+    map: maps::INBOUND,
+    what: "inbound map",
+};
+
+const NOMASQ: Trie = Trie {
+    map: maps::NOMASQ,
+    what: "no-masquerade map",
+};
+
 impl Datapath {
-    fn inbound(&self) -> Result<LpmTrie<MapData, u32, u8>, DatapathError> {
-        LpmTrie::try_from(aya::maps::Map::LpmTrie(self.map_data(maps::INBOUND)?))
-            .map_err(map_err("opening the inbound map"))
+    fn trie(&self, t: Trie) -> Result<LpmTrie<MapData, u32, u8>, DatapathError> {
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(self.map_data(t.map)?))
+            .map_err(map_err(format!("opening the {}", t.what)))
     }
 
-    /// The `--allow-inbound` CIDRs in the trie.
-    pub fn inbound_entries(&self) -> Result<Vec<Cidr>, DatapathError> {
-        let m = self.inbound()?;
+    fn trie_entries(&self, t: Trie) -> Result<Vec<Cidr>, DatapathError> {
+        let m = self.trie(t)?;
         let mut out = Vec::new();
         for k in m.keys() {
-            out.extend(absent_ok(k, "reading the inbound map")?.as_ref().map(cidr));
+            out.extend(
+                absent_ok(k, format!("reading the {}", t.what))?
+                    .as_ref()
+                    .map(cidr),
+            );
         }
+        out.sort_by_key(|c| (c.network, c.prefix_len));
         Ok(out)
     }
 
-    /// Makes the inbound trie hold exactly `want`; returns (added, removed).
-    pub fn sync_inbound(&self, want: &[Cidr]) -> Result<(Vec<Cidr>, Vec<Cidr>), DatapathError> {
-        let have: HashSet<Cidr> = self.inbound_entries()?.into_iter().collect();
+    /// Makes trie `t` hold exactly `want`; returns (added, removed).
+    fn sync_trie(&self, t: Trie, want: &[Cidr]) -> Result<(Vec<Cidr>, Vec<Cidr>), DatapathError> {
+        let have: HashSet<Cidr> = self.trie_entries(t)?.into_iter().collect();
         let want: HashSet<Cidr> = want.iter().copied().collect();
-        let mut m = self.inbound()?;
+        let mut m = self.trie(t)?;
         let mut removed: Vec<Cidr> = have.difference(&want).copied().collect();
         let mut added: Vec<Cidr> = want.difference(&have).copied().collect();
         removed.sort_by_key(|c| (c.network, c.prefix_len));
@@ -49,14 +71,34 @@ impl Datapath {
         for c in &removed {
             absent_ok(
                 m.remove(&key(c)),
-                format!("removing {c} from the inbound map"),
+                format!("removing {c} from the {}", t.what),
             )?;
         }
         for c in &added {
             m.insert(&key(c), 1, 0)
-                .map_err(map_err(format!("adding {c} to the inbound map")))?;
+                .map_err(map_err(format!("adding {c} to the {}", t.what)))?;
         }
         Ok((added, removed))
+    }
+
+    /// The `--allow-inbound` CIDRs in the trie.
+    pub fn inbound_entries(&self) -> Result<Vec<Cidr>, DatapathError> {
+        self.trie_entries(INBOUND)
+    }
+
+    /// Makes the inbound trie hold exactly `want`; returns (added, removed).
+    pub fn sync_inbound(&self, want: &[Cidr]) -> Result<(Vec<Cidr>, Vec<Cidr>), DatapathError> {
+        self.sync_trie(INBOUND, want)
+    }
+
+    /// The `--no-masquerade` CIDRs in the trie.
+    pub fn nomasq_entries(&self) -> Result<Vec<Cidr>, DatapathError> {
+        self.trie_entries(NOMASQ)
+    }
+
+    /// Makes the no-masquerade trie hold exactly `want`; returns (added, removed).
+    pub fn sync_nomasq(&self, want: &[Cidr]) -> Result<(Vec<Cidr>, Vec<Cidr>), DatapathError> {
+        self.sync_trie(NOMASQ, want)
     }
 }
 

@@ -63,6 +63,13 @@ impl Datapath {
         for c in removed {
             log::info!("inbound no longer allowed from {c}");
         }
+        let (added, removed) = dp.sync_nomasq(&cfg.no_masquerade)?;
+        for c in added {
+            log::info!("not masquerading to {c}");
+        }
+        for c in removed {
+            log::info!("masquerading to {c} again");
+        }
         // Only once this version is attached: a load that fails leaves the old one be.
         // Still under the lock, so two hooks never remove the same old version.
         old::remove_old_versions(&cfg.bpffs_dir)?;

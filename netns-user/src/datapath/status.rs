@@ -44,6 +44,12 @@ pub struct Status {
     pub fast_path: bool,
     /// `--ct-max-per-container` (0: no limit).
     pub ct_max_per_container: u32,
+    /// `--ct-counters`: conntrack entries count packets and bytes.
+    pub ct_counters: bool,
+    /// `--allow-inbound` CIDRs (the inbound trie).
+    pub allow_inbound: Vec<String>,
+    /// `--no-masquerade` CIDRs (the no-masquerade trie).
+    pub no_masquerade: Vec<String>,
     pub programs: Vec<ProgramStatus>,
     pub links: Vec<LinkStatus>,
     pub maps: Vec<MapStatus>,
@@ -106,6 +112,10 @@ pub struct MapStatus {
     pub max_entries: u32,
 }
 
+fn cidr_strings(v: Vec<super::Cidr>) -> Vec<String> {
+    v.iter().map(ToString::to_string).collect()
+}
+
 /// bpftool's name of a program type: `BPF_PROG_TYPE_SCHED_CLS` -> `sched_cls`.
 fn prog_type_name(debug: &str) -> String {
     debug
@@ -122,6 +132,9 @@ impl Datapath {
             layout_version: LAYOUT_VERSION,
             fast_path: cfg.fast_path,
             ct_max_per_container: cfg.ct_per_container,
+            ct_counters: cfg.ct_counters,
+            allow_inbound: cidr_strings(self.inbound_entries()?),
+            no_masquerade: cidr_strings(self.nomasq_entries()?),
             programs: self.program_status(),
             links: self.link_status()?,
             maps: self.map_status()?,
@@ -194,6 +207,7 @@ impl Datapath {
             maps::BRIDGE_PORTS,
             maps::PORTS,
             maps::INBOUND,
+            maps::NOMASQ,
             maps::FRAGS,
             maps::SOCK_REVNAT,
             maps::CONFIG,
@@ -219,6 +233,7 @@ impl Datapath {
                 maps::BRIDGE_PORTS => self.bridge_ports()?.len(),
                 maps::PORTS => self.port_forwards()?.len(),
                 maps::INBOUND => self.inbound_entries()?.len(),
+                maps::NOMASQ => self.nomasq_entries()?.len(),
                 maps::SOCK_REVNAT => key_count(&self.hash_map::<SockKey, SockOrig>(
                     name,
                     true,
@@ -261,6 +276,9 @@ mod tests {
             layout_version: 2,
             fast_path: true,
             ct_max_per_container: 100,
+            ct_counters: false,
+            allow_inbound: vec!["172.19.0.0/16".into()],
+            no_masquerade: vec!["172.19.0.0/16".into(), "10.0.0.0/8".into()],
             programs: vec![
                 ProgramStatus {
                     name: "netns_uplink_egress".into(),
@@ -303,6 +321,11 @@ mod tests {
             }],
         };
         let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(
+            v["no_masquerade"],
+            serde_json::json!(["172.19.0.0/16", "10.0.0.0/8"])
+        );
+        assert_eq!(v["allow_inbound"], serde_json::json!(["172.19.0.0/16"]));
         assert_eq!(
             v["programs"][0],
             serde_json::json!({"name": "netns_uplink_egress", "pin": "/p/progs/netns_uplink_egress",

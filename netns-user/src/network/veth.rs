@@ -11,7 +11,7 @@ use super::NetworkError;
 use super::netlink::Netlink;
 
 /// Name of the veth end inside the container.
-pub const CONTAINER_IFNAME: &str = "eth0";
+pub const CONTAINER_IFNAME: &str = crate::config::DEFAULT_IFNAME;
 
 const HOST_PREFIX: &str = "netnsv0-";
 
