@@ -220,6 +220,14 @@ impl<'t> Containerd<'t> {
         ChildGuard::spawn(&mut c)
     }
 
+    /// `ctr run -d --cni --rootfs ROOTFS ID COMMAND...`, any outcome: ctr returns once
+    /// the task runs, and nothing ever calls the plugin's DEL for it.
+    pub fn run_cni_detached(&self, id: &str, command: &[&str]) -> Output {
+        let mut c = self.ctr(&["run", "-d", "--cni", "--env", "PATH=/bin", "--rootfs"]);
+        c.arg(&self.rootfs).arg(id).args(command);
+        output(&mut c)
+    }
+
     /// The pid of task `id` once it runs (`ctr task ls`), waiting up to 20 s.
     pub fn task_pid(&self, id: &str) -> u32 {
         wait_for(Duration::from_secs(20), || {

@@ -10,7 +10,7 @@ use netns_tests::Topology;
 use netns_tests::clients::{conflist, http_get, machine_snapshot, write_www};
 use netns_tests::containerd::Containerd;
 use netns_tests::podman::Podman;
-use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
+use netns_tests::topo::{GATEWAY, UPLINK, UPLINK_IP, WAN_IP};
 use netns_tests::util::{
     ChildGuard, UDP_WHO, output, tcp_ask, tcp_who_server, udp_ask, unique, wait_for, wait_listen,
 };
@@ -446,6 +446,49 @@ fn ctr_run_cni_with_the_netns_plugin_gets_eth0_masquerades_and_each_del_cleans_u
         assert!(rm.status.success(), "ctr c rm: {}", text(&rm.stderr));
         assert_eq!(c.containers(), Vec::<String>::new(), "ctr c ls");
         assert_plugin_state_empty(&t, "after ctr task kill + ctr c rm");
+
+        // Detached: ctr 1.6 never calls DEL (not on `task kill`, `task rm` or `c rm`),
+        // so the attachment outlives the container; its namespace and veth are gone, and
+        // a full reconcile (`netns gc`, the plugin's settings) releases the rest.
+        let id3 = unique("cd");
+        let o = c.run_cni_detached(&id3, &["sleep", "100000"]);
+        assert!(o.status.success(), "ctr run -d: {}", text(&o.stderr));
+        let pid3 = c.task_pid(&id3);
+        let ip3 = eth0_address(&t, pid3);
+        assert_one_cni_lease(&t, &network, ip3);
+        for args in [
+            &["task", "kill", "-s", "SIGKILL", &id3][..],
+            &["task", "rm", "-f", &id3],
+            &["container", "rm", &id3],
+        ] {
+            let o = c.output(args);
+            assert!(o.status.success(), "ctr {args:?}: {}", text(&o.stderr));
+        }
+        let leases = t.containers();
+        assert_eq!(
+            leases.len(),
+            1,
+            "ctr 1.6 calls no DEL after a detached run: the lease stays: {leases:#?}"
+        );
+        let gone = wait_for(Duration::from_secs(10), || {
+            host_veths(&t).is_empty().then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "host veth after the namespace went: {:?}",
+            host_veths(&t)
+        );
+        let gc = output(
+            t.host
+                .cmd(t.bin())
+                .arg("--state-dir")
+                .arg(&t.state_dir)
+                .arg("--bpffs-dir")
+                .arg(&t.bpffs_dir)
+                .args(["--uplink", UPLINK, "--cgroup", "none", "gc"]),
+        );
+        assert!(gc.status.success(), "netns gc: {}", text(&gc.stderr));
+        assert_plugin_state_empty(&t, "after the detached run and netns gc");
 
         let left = c.stop();
         assert!(left.is_empty(), "left after stopping containerd: {left:#?}");
