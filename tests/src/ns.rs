@@ -20,10 +20,15 @@ pub fn plain(program: &OsStr) -> Command {
     Command::new(program)
 }
 
-/// `ip netns add NAME`, with `lo` up; deleted on drop.
+/// `ip netns add NAME`, with `lo` up; deleted on drop (unless it is a [`shared`]
+/// handle).
+///
+/// [`shared`]: NamedNetns::shared
 pub struct NamedNetns {
     pub name: String,
     spawner: Spawner,
+    /// Deleted on drop: false for a handle to a namespace someone else owns.
+    owned: bool,
 }
 
 impl NamedNetns {
@@ -39,9 +44,20 @@ impl NamedNetns {
         let ns = NamedNetns {
             name: name.to_owned(),
             spawner,
+            owned: true,
         };
         ns.try_ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Another handle to this namespace that does not delete it on drop (several
+    /// topologies sharing one LAN); the owner must outlive it.
+    pub fn shared(&self) -> NamedNetns {
+        NamedNetns {
+            name: self.name.clone(),
+            spawner: self.spawner,
+            owned: false,
+        }
     }
 
     pub fn path(&self) -> String {
@@ -90,6 +106,9 @@ impl NamedNetns {
 
 impl Drop for NamedNetns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = (self.spawner)(OsStr::new("ip"))
             .args(["netns", "del", &self.name])
             .output();

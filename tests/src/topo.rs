@@ -136,6 +136,14 @@ impl Topology {
     pub fn build(cfg: Config) -> anyhow::Result<Topology> {
         ensure_bpffs()?;
         let (host, wan) = host_and_wan(&cfg.tag, cfg.spawner)?;
+        Self::build_on(cfg, host, wan)
+    }
+
+    /// A topology on namespaces the caller made: `host` must have its uplink named
+    /// [`UPLINK`]; `wan` is whatever lies behind it (a [`NamedNetns::shared`] handle
+    /// when several topologies share it). On error `host` and `wan` are dropped.
+    pub fn build_on(cfg: Config, host: NamedNetns, wan: NamedNetns) -> anyhow::Result<Topology> {
+        ensure_bpffs()?;
         let t = Topology {
             runc_root: cfg.tmp.join("runc"),
             state_dir: cfg.tmp.join("state"),
@@ -155,7 +163,10 @@ impl Topology {
     }
 
     /// The global flags every `netns` call of this topology takes (hooks included).
+    /// A `--cgroup` among the extra flags (e.g. `--cgroup=none`) replaces the
+    /// topology's own.
     pub fn flags(&self) -> Vec<String> {
+        let own_cgroup = !self.extra.iter().any(|f| f.starts_with("--cgroup"));
         vec![
             "--state-dir".into(),
             self.state_dir.display().to_string(),
@@ -163,10 +174,14 @@ impl Topology {
             self.bpffs_dir.display().to_string(),
             "--uplink".into(),
             UPLINK.into(),
-            "--cgroup".into(),
-            self.cgroup.display().to_string(),
         ]
         .into_iter()
+        .chain(
+            own_cgroup
+                .then(|| ["--cgroup".to_owned(), self.cgroup.display().to_string()])
+                .into_iter()
+                .flatten(),
+        )
         // NETNS_TEST_FAST_PATH=on|off runs a suite in the other datapath mode
         // (`cargo xtask test` runs the NAT suites in both).
         .chain(

@@ -1028,6 +1028,17 @@ fn later_fragments_of_a_reply_through_a_secondary_address_forward_leave_from_tha
         both(&o)
     );
     let o = python(t.wan.cmd("python3"), UDP_BIG, &[SECONDARY, "8601", "4000"]);
+    // The capture's reader may lag the exchange: wait (bounded) for the reply's later
+    // fragments before judging them.
+    let reply_later = |f: &serde_json::Value| {
+        f["dir"] == 0
+            && f["proto"] == 17
+            && f["dst"] == WAN_IP
+            && f["frag"].as_u64().unwrap_or(0) > 0
+    };
+    netns_tests::util::wait_for(Duration::from_secs(5), || {
+        (cap.frames().iter().filter(|f| reply_later(f)).count() >= 2).then_some(())
+    });
     let replies: Vec<serde_json::Value> = cap
         .frames()
         .into_iter()
