@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: the Debian packages the demo,
-# tests and benchmark use (podman 4.3 and its conmon for tests/tests/podman.rs),
+# tests and benchmark use (podman 4.3 and its conmon for tests/tests/podman.rs,
+# containerd 1.6 with ctr for tests/tests/cni_clients.rs),
 # nightly rust-src, and bpf-linker built against the nightly toolchain's own libLLVM
 # (Debian 12 ships no LLVM new enough).
 set -euo pipefail
 
 PKGS=(runc busybox-static iproute2 bpftool iptables nftables conntrack iperf3
       sockperf tcpdump socat netcat-openbsd iputils-ping containernetworking-plugins jq
-      python3 util-linux podman)
+      python3 util-linux podman containerd)
 
 need=()
 for p in "${PKGS[@]}"; do

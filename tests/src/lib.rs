@@ -9,7 +9,9 @@
 //! ([`Topology::new`], [`NamedNetns::new`]).
 
 pub mod bpf;
+pub mod clients;
 pub mod cni;
+pub mod containerd;
 pub mod ns;
 pub mod pkt;
 pub mod podman;

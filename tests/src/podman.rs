@@ -2,7 +2,8 @@
 //! shared/notes/real-clients.md describes it: private storage, run and tmp directories,
 //! a private containers.conf (CNI backend with a private config dir, for the default
 //! network), and the netns hook in a private hooks directory, configured through its
-//! `env` (podman gives a hook only that environment). Everything is removed on drop.
+//! `env` (podman gives a hook only that environment); or ([`Podman::with_cni`]) no hook
+//! and the netns CNI plugin as podman's network. Everything is removed on drop.
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -10,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::clients::in_private_mounts;
 use crate::topo::{Topology, UPLINK};
-use crate::util::{output, run, unique, wait_for};
+use crate::util::{ChildGuard, output, run, unique, wait_for};
 
 /// The busybox applets the rootfs has.
-const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ip", "nc", "true"];
+const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ip", "nc", "true", "httpd"];
 
 /// The subnet of podman's own default network (CNI bridge) in [`Podman::new`]'s config:
 /// TEST-NET-3, and only ever inside the topology's private host namespace.
@@ -27,6 +29,10 @@ pub struct Podman<'t> {
     pub dir: PathBuf,
     /// A busybox-static rootfs for `--rootfs`.
     pub rootfs: PathBuf,
+    /// The process holding the private mount namespace every podman command joins
+    /// (podman keeps libcni's default result cache, /var/lib/cni: a private directory
+    /// is mounted over it there).
+    mounts: Option<ChildGuard>,
 }
 
 impl<'t> Podman<'t> {
@@ -35,6 +41,49 @@ impl<'t> Podman<'t> {
     /// topology's extra flags as arguments. Panics if podman is missing: CI installs it
     /// (scripts/setup.sh), so a missing podman is a failure, not a skip.
     pub fn new(topo: &'t Topology) -> Podman<'t> {
+        let p = Self::setup(topo);
+        p.write_hook();
+        p.write_config();
+        p
+    }
+
+    /// Sets podman up for `topo` with the netns CNI plugin instead of the hook: the
+    /// network configuration list `conflist` (its `name` is podman's network name and
+    /// the default network) in a private `network_config_dir`, and a private
+    /// `cni_plugin_dirs` holding `netns` (the binary under test) and the reference
+    /// plugins a configuration may name. No hook: hooks.d stays empty.
+    pub fn with_cni(topo: &'t Topology, conflist: &serde_json::Value) -> Podman<'t> {
+        let p = Self::setup(topo);
+        let name = conflist["name"].as_str().expect("conflist name");
+        let bin = p.dir.join("cni-bin");
+        fs::create_dir_all(&bin).expect("cni-bin");
+        symlink(topo.bin(), bin.join("netns")).expect("plugin link");
+        for r in ["loopback", "host-local", "portmap", "bridge"] {
+            let src = Path::new("/usr/lib/cni").join(r);
+            assert!(
+                src.exists(),
+                "{} is missing: `bash scripts/setup.sh` installs containernetworking-plugins",
+                src.display()
+            );
+            symlink(src, bin.join(r)).expect("reference plugin link");
+        }
+        let conf = format!(
+            "[network]\nnetwork_backend = \"cni\"\nnetwork_config_dir = \"{}\"\n\
+             cni_plugin_dirs = [\"{}\"]\ndefault_network = \"{name}\"\n",
+            p.dir.join("cni").display(),
+            bin.display()
+        );
+        fs::write(p.dir.join("containers.conf"), conf).expect("containers.conf");
+        fs::write(
+            p.dir.join(format!("cni/{name}.conflist")),
+            serde_json::to_vec_pretty(conflist).expect("json"),
+        )
+        .expect("conflist");
+        p
+    }
+
+    /// The directories and rootfs both set-ups share (no configuration yet).
+    fn setup(topo: &'t Topology) -> Podman<'t> {
         let version = Command::new("podman").arg("--version").output();
         assert!(
             version.as_ref().is_ok_and(|o| o.status.success()),
@@ -52,13 +101,45 @@ impl<'t> Podman<'t> {
         for a in APPLETS {
             symlink("busybox", bin.join(a)).expect("applet link");
         }
-        for d in ["root", "runroot", "tmp", "hooks.d", "cni", "cni-ipam"] {
+        for d in [
+            "root",
+            "runroot",
+            "tmp",
+            "hooks.d",
+            "cni",
+            "cni-ipam",
+            "cni-cache",
+            "layers",
+        ] {
             fs::create_dir_all(dir.join(d)).expect("podman dir");
         }
-        let p = Podman { topo, dir, rootfs };
-        p.write_hook();
-        p.write_config();
-        p
+        let cache = dir.join("cni-cache");
+        let mut holder = in_private_mounts(
+            topo,
+            &dir.join("layers"),
+            &[("/var/lib/cni", &cache)],
+            &["sleep".as_ref(), "infinity".as_ref()],
+        );
+        holder.stdin(Stdio::null()).stdout(Stdio::null());
+        let mounts = ChildGuard::spawn(&mut holder);
+        // Ready once its mount namespace has the cache mounted.
+        let pid = mounts.0.id();
+        let ready = wait_for(Duration::from_secs(10), || {
+            let mi = fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+            mi.lines()
+                .any(|l| l.split(' ').nth(4) == Some("/var/lib/cni"))
+                .then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "the private mount namespace for podman did not come up"
+        );
+        Podman {
+            topo,
+            dir,
+            rootfs,
+            mounts: Some(mounts),
+        }
     }
 
     /// hooks.d/netns.json: prestart + poststop, the topology's settings in `env`.
@@ -122,10 +203,13 @@ impl<'t> Podman<'t> {
         .expect("podman.conflist");
     }
 
-    /// `podman <global flags> ARGS` in the topology's host namespace (nsenter).
+    /// `podman <global flags> ARGS` in the topology's host namespace and the private
+    /// mount namespace (nsenter).
     pub fn cmd(&self, args: &[&str]) -> Command {
         let d = |s: &str| self.dir.join(s).display().to_string();
-        let mut c = self.topo.host.cmd("podman");
+        let holder = self.mounts.as_ref().expect("mount namespace").0.id();
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &holder.to_string(), "-m", "-n", "podman"]);
         c.env("CONTAINERS_CONF", d("containers.conf"))
             .args(["--root", &d("root"), "--runroot", &d("runroot")])
             .args(["--tmpdir", &d("tmp"), "--hooks-dir", &d("hooks.d")])
@@ -224,6 +308,8 @@ impl Drop for Podman<'_> {
         for m in under {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
+        // The mount namespace goes with its holder.
+        drop(self.mounts.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -91,7 +91,7 @@ const TEST_FEATURES: &str = "netns-user/fault-injection";
 
 /// Integration suites `cargo xtask test` runs a second time in the other datapath mode
 /// (`--fast-path off`; the first run has the default, on).
-const FAST_PATH_SUITES: [&str; 7] = [
+const FAST_PATH_SUITES: [&str; 8] = [
     "nat",
     "portmap",
     "safety",
@@ -99,6 +99,7 @@ const FAST_PATH_SUITES: [&str; 7] = [
     "hook",
     "cni",
     "nodes",
+    "cni_clients",
 ];
 
 fn build_with(release: bool, extra: &[&str]) -> anyhow::Result<PathBuf> {
