@@ -91,7 +91,7 @@ const TEST_FEATURES: &str = "netns-user/fault-injection";
 
 /// Integration suites `cargo xtask test` runs a second time in the other datapath mode
 /// (`--fast-path off`; the first run has the default, on).
-const FAST_PATH_SUITES: [&str; 8] = [
+const OTHER_MODE_SUITES: [&str; 8] = [
     "nat",
     "portmap",
     "safety",
@@ -257,7 +257,7 @@ fn main() -> anyhow::Result<()> {
             let second = if full {
                 println!("again with the fast path off:");
                 let mut b = vec!["test", "-p", "netns-tests", "--no-fail-fast"];
-                for t in FAST_PATH_SUITES {
+                for t in OTHER_MODE_SUITES {
                     b.extend(["--test", t]);
                 }
                 test_with_summary(&b, &bin, &[("NETNS_TEST_FAST_PATH", "off")])
