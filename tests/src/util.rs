@@ -275,3 +275,27 @@ pub fn udp_ask(addr: &str, port: u16) -> String {
     );
     format!("python3 -c '{py}'")
 }
+
+/// Bytes as text (lossy).
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The IPv4 address in `ip -4 -o addr` output (the first `inet`).
+pub fn inet(out: &str) -> std::net::Ipv4Addr {
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no IPv4 address in {out:?}"))
+}
+
+/// In the test bridge's subnet (172.19.0.0/16) and not its gateway.
+pub fn assert_bridge_address(ip: std::net::Ipv4Addr) {
+    let gw: std::net::Ipv4Addr = crate::topo::GATEWAY.parse().unwrap();
+    assert!(
+        ip.octets()[..2] == gw.octets()[..2] && ip != gw,
+        "{ip} is not a container address in 172.19.0.0/16"
+    );
+}

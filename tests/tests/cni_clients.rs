@@ -10,34 +10,13 @@ use netns_tests::Topology;
 use netns_tests::clients::{conflist, http_get, machine_snapshot, write_www};
 use netns_tests::containerd::Containerd;
 use netns_tests::podman::Podman;
-use netns_tests::topo::{GATEWAY, UPLINK, UPLINK_IP, WAN_IP};
+use netns_tests::topo::{UPLINK, UPLINK_IP, WAN_IP};
 use netns_tests::util::{
     ChildGuard, UDP_WHO, output, tcp_ask, tcp_who_server, udp_ask, unique, wait_for, wait_listen,
 };
 use serde_json::Value;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// The IPv4 address in `ip -4 -o addr` output (the first `inet`).
-fn inet(out: &str) -> Ipv4Addr {
-    out.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no IPv4 address in {out:?}"))
-}
-
-/// In the bridge's subnet (172.19.0.0/16) and not the gateway.
-fn assert_bridge_address(ip: Ipv4Addr) {
-    let gw: Ipv4Addr = GATEWAY.parse().unwrap();
-    assert!(
-        ip.octets()[..2] == gw.octets()[..2] && ip != gw,
-        "{ip} is not a container address in 172.19.0.0/16"
-    );
-}
+use netns_tests::util::{assert_bridge_address, inet, text};
 
 /// `ip -4 -o addr show dev eth0` in the network namespace of process `pid`.
 fn eth0_address(t: &Topology, pid: u32) -> Ipv4Addr {

@@ -9,31 +9,10 @@ use std::time::Duration;
 
 use netns_tests::Topology;
 use netns_tests::podman::Podman;
-use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
+use netns_tests::topo::{UPLINK_IP, WAN_IP};
 use netns_tests::util::{output, tcp_ask, tcp_who_server, unique};
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// The IPv4 address in `ip -4 -o addr` output (the first `inet`).
-fn inet(out: &str) -> Ipv4Addr {
-    out.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no IPv4 address in {out:?}"))
-}
-
-/// In the bridge's subnet (172.19.0.0/16) and not the gateway.
-fn assert_bridge_address(ip: Ipv4Addr) {
-    let gw: Ipv4Addr = GATEWAY.parse().unwrap();
-    assert!(
-        ip.octets()[..2] == gw.octets()[..2] && ip != gw,
-        "{ip} is not a container address in 172.19.0.0/16"
-    );
-}
+use netns_tests::util::{assert_bridge_address, inet, text};
 
 /// Nothing of the topology's is left: no process (conmon, podman cleanup, netns), no
 /// lease, no endpoint, no host veth.

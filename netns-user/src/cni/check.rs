@@ -195,33 +195,24 @@ fn check_datapath(
             }),
     );
     // Port forwards: runtimeConfig's, the table's and the datapath's must agree.
-    let want: BTreeSet<(Option<Ipv4Addr>, u16, String, u16)> =
-        portmap::expand(key, lease.ip, specs)
-            .iter()
-            .map(|m| {
-                (
-                    m.host_ip,
-                    m.host_port,
-                    m.proto.to_string(),
-                    m.container_port,
-                )
-            })
-            .collect();
+    type Sig = (Option<Ipv4Addr>, u16, String, u16);
+    let sig = |m: &portmap::Mapping| -> Sig {
+        (
+            m.host_ip,
+            m.host_port,
+            m.proto.to_string(),
+            m.container_port,
+        )
+    };
+    let want: BTreeSet<Sig> = portmap::expand(key, lease.ip, specs)
+        .iter()
+        .map(sig)
+        .collect();
     let table: Vec<_> = match portmap::load_table(lock) {
         Ok(t) => t.into_iter().filter(|m| m.container_id == key).collect(),
         Err(e) => return problems.push(crate::error_chain(&e)),
     };
-    let have: BTreeSet<_> = table
-        .iter()
-        .map(|m| {
-            (
-                m.host_ip,
-                m.host_port,
-                m.proto.to_string(),
-                m.container_port,
-            )
-        })
-        .collect();
+    let have: BTreeSet<Sig> = table.iter().map(sig).collect();
     for (ip, port, proto, cport) in want.difference(&have) {
         let host = ip.map_or(String::new(), |ip| format!("{ip}:"));
         problems.push(format!(
