@@ -331,8 +331,37 @@ impl Bed {
         Ok(())
     }
 
-    /// Leftovers after every DEL: host-local leases, DNAT rules.
+    /// `netns <this bed's directories and network> ARGS` in the host namespace.
+    fn netns_cmd(&self, state: &Path, bpffs: &Path, args: &[&str]) -> std::process::Command {
+        let mut c = self.host.cmd(&self.bin);
+        c.arg("--state-dir")
+            .arg(state)
+            .arg("--bpffs-dir")
+            .arg(bpffs)
+            .args(["--uplink", UPLINK, "--bridge", "nsbr0", "--cgroup", "none"])
+            .args(["--ip", &format!("{GW}/16")])
+            .args(args);
+        c
+    }
+
+    /// Leftovers after every DEL: host-local leases, DNAT rules; containers netns
+    /// still lists.
     fn check_clean(&self) -> anyhow::Result<()> {
+        self.check_decoy()?;
+        if let Some(b) = &self.bpffs {
+            // Only a listing that works counts (the CLI may not read what CNI mode keeps).
+            if let Ok(out) = run_to(
+                &mut self.netns_cmd(&self.state, b, &["ls", "--json"]),
+                Duration::from_secs(20),
+            ) && let Ok(Value::Array(a)) = serde_json::from_str::<Value>(&out.stdout)
+                && !a.is_empty()
+            {
+                bail!(
+                    "`netns ls` still lists {} containers after every DEL",
+                    a.len()
+                );
+            }
+        }
         if self.side == Side::Reference {
             let nat = sys::run(self.host.cmd("iptables").args(["-w", "-t", "nat", "-S"]))?;
             let dnat = nat.lines().filter(|l| l.contains("-j DNAT")).count();
@@ -390,14 +419,7 @@ impl Drop for Bed {
         for (state, b) in dirs {
             if b.exists() {
                 let _ = run_to(
-                    self.host
-                        .cmd(&self.bin)
-                        .arg("--state-dir")
-                        .arg(state)
-                        .arg("--bpffs-dir")
-                        .arg(b)
-                        .args(["--uplink", UPLINK, "--bridge", "nsbr0", "--cgroup", "none"])
-                        .args(["--ip", &format!("{GW}/16"), "datapath", "unload"]),
+                    &mut self.netns_cmd(state, b, &["datapath", "unload"]),
                     Duration::from_secs(20),
                 );
             }
@@ -436,6 +458,8 @@ pub fn run(
         }
     }
     netns_tests::topo::ensure_bpffs()?;
+    // Absolute: the plugin directory links to it.
+    let bin = &fs::canonicalize(bin).unwrap_or_else(|_| bin.to_owned());
     let dir = plugin_dir(tmp, bin)?;
     let mut beds = Vec::new();
     for m in MAPPINGS {

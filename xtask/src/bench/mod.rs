@@ -4,6 +4,8 @@
 //! (no NAT, iptables, eBPF, eBPF fast path, floor, no NAT, ...) for several rounds;
 //! medians and ratios to no NAT and to the floor are printed and written to
 //! docs/BENCHMARKS.md.
+//! Workload 7 (CNI ADD + DEL, `cnistart`) has private host namespaces of its own and
+//! runs first, before the topologies are built.
 //! Nothing runs in the root network namespace: every namespace is `nb<pid>…`, made
 //! here and deleted at the end, also on error or Ctrl-C (and, should xtask be killed,
 //! by the next run: see `cleanup_stale`). No timing assertions: this is a report.
