@@ -94,7 +94,7 @@ fn step_from_env(var: &'static str) -> Result<Option<Step>, HookError> {
 }
 
 /// The faults the environment asks for (`fault-injection` builds only).
-fn faults() -> Result<Faults, HookError> {
+pub fn faults() -> Result<Faults, HookError> {
     #[cfg(feature = "fault-injection")]
     {
         Ok(Faults {
@@ -167,12 +167,9 @@ pub fn prestart(cfg: &NetConfig, st: &State) -> Result<(), HookError> {
             ),
         }
         let mut req = Request {
-            id,
-            pid,
             pid_start,
             netns_ino: Some(netns_ino),
-            ns: &ns,
-            ports: None,
+            ..Request::hook(id, pid, &ns)
         };
         if container::already_done(cfg, &lock, &nl, &req)
             .await

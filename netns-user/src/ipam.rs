@@ -33,8 +33,30 @@ pub enum IpamError {
         requested: String,
         leases: usize,
     },
+    #[error("address {ip} is outside the bridge subnet {subnet}")]
+    OutsideSubnet { ip: Ipv4Addr, subnet: String },
+    #[error("address {ip} is the gateway, network or broadcast address of {subnet}")]
+    Reserved { ip: Ipv4Addr, subnet: String },
+    #[error("address {ip} is already leased to {owner}")]
+    Taken { ip: Ipv4Addr, owner: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What a CNI runtime identifies an attachment by (a lease made by the CNI plugin;
+/// the hook's leases have none). Its lifetime is the runtime's: DEL and GC end it,
+/// never a /proc check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniAttachment {
+    pub container_id: String,
+    pub ifname: String,
+    /// The network (config `name`) it belongs to: GC only judges its own network's.
+    pub network: String,
+    /// CNI_NETNS at ADD.
+    pub netns: String,
+    /// The delegated IPAM plugin that owns the address, if not netns's own IPAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam: Option<String>,
 }
 
 /// One container's address and the resources made for it.
@@ -67,6 +89,21 @@ pub struct Lease {
     /// Set by the last prestart step: everything (veth, datapath entries) is in place.
     #[serde(default)]
     pub complete: bool,
+    /// The interface name inside the container (None: `eth0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    /// Set for attachments made by the CNI plugin (pid is 0 then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniAttachment>,
+}
+
+impl Lease {
+    /// The interface name inside the container.
+    pub fn ifname(&self) -> &str {
+        self.ifname
+            .as_deref()
+            .unwrap_or(crate::network::veth::CONTAINER_IFNAME)
+    }
 }
 
 /// What the caller knows at allocation time.
@@ -77,6 +114,10 @@ pub struct LeaseRequest {
     pub netns_ino: Option<u64>,
     pub host_veth: String,
     pub bridge: String,
+    /// The address to lease (an IPAM plugin chose it); None: the next free one.
+    pub fixed_ip: Option<Ipv4Addr>,
+    pub ifname: Option<String>,
+    pub cni: Option<CniAttachment>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -123,10 +164,13 @@ pub fn allocate(
         Some(s) if *s != subnet => f.last = None,
         _ => {}
     }
-    let ip = pick(gw, f.last, &f.leases).ok_or_else(|| IpamError::Exhausted {
-        subnet: subnet.clone(),
-        leases: f.leases.len(),
-    })?;
+    let ip = match req.fixed_ip {
+        Some(ip) => check_fixed(gw, ip, &f.leases)?,
+        None => pick(gw, f.last, &f.leases).ok_or_else(|| IpamError::Exhausted {
+            subnet: subnet.clone(),
+            leases: f.leases.len(),
+        })?,
+    };
     let lease = Lease {
         ip,
         prefix_len: gw.prefix_len,
@@ -140,12 +184,38 @@ pub fn allocate(
         bridge: req.bridge,
         created_unix: now_unix(),
         complete: false,
+        ifname: req.ifname,
+        cni: req.cni,
     };
     f.subnet = Some(subnet);
-    f.last = Some(ip);
+    if req.fixed_ip.is_none() {
+        f.last = Some(ip);
+    }
     f.leases.insert(id.to_owned(), lease.clone());
     save(lock, &f)?;
     Ok((lease, true))
+}
+
+/// An address chosen elsewhere must be a free host address of the bridge subnet.
+fn check_fixed(
+    gw: Gateway,
+    ip: Ipv4Addr,
+    leases: &BTreeMap<String, Lease>,
+) -> Result<Ipv4Addr, IpamError> {
+    let subnet = gw.subnet();
+    if u32::from(ip) & gw.mask() != u32::from(gw.network()) {
+        return Err(IpamError::OutsideSubnet { ip, subnet });
+    }
+    if ip == gw.addr || ip == gw.network() || ip == gw.broadcast() {
+        return Err(IpamError::Reserved { ip, subnet });
+    }
+    if let Some((owner, _)) = leases.iter().find(|(_, l)| l.ip == ip) {
+        return Err(IpamError::Taken {
+            ip,
+            owner: owner.clone(),
+        });
+    }
+    Ok(ip)
 }
 
 /// The first free host address after `last` (wrapping), skipping the network,
@@ -211,7 +281,41 @@ mod tests {
             netns_ino: None,
             host_veth: format!("netnsv0-{pid}"),
             bridge: "netns0".into(),
+            fixed_ip: None,
+            ifname: None,
+            cni: None,
         }
+    }
+
+    #[test]
+    fn fixed_addresses_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let l = store.lock().unwrap();
+        let g = gw("10.9.0.1/24");
+        let fixed = |ip: [u8; 4]| LeaseRequest {
+            fixed_ip: Some(Ipv4Addr::from(ip)),
+            ..req(1)
+        };
+        let (a, _) = allocate(&l, g, "a", fixed([10, 9, 0, 77])).unwrap();
+        assert_eq!(a.ip, Ipv4Addr::new(10, 9, 0, 77));
+        assert!(matches!(
+            allocate(&l, g, "b", fixed([10, 9, 0, 77])),
+            Err(IpamError::Taken { .. })
+        ));
+        assert!(matches!(
+            allocate(&l, g, "b", fixed([10, 9, 1, 2])),
+            Err(IpamError::OutsideSubnet { .. })
+        ));
+        for r in [[10, 9, 0, 1], [10, 9, 0, 0], [10, 9, 0, 255]] {
+            assert!(matches!(
+                allocate(&l, g, "b", fixed(r)),
+                Err(IpamError::Reserved { .. })
+            ));
+        }
+        // The pool skips it, and a fixed lease does not move the cursor.
+        let (b, _) = allocate(&l, g, "b", req(2)).unwrap();
+        assert_eq!(b.ip, Ipv4Addr::new(10, 9, 0, 2));
     }
 
     fn gw(s: &str) -> Gateway {

@@ -1,9 +1,11 @@
-//! netns: an OCI runtime hook giving runc containers a bridge network with eBPF NAT.
+//! netns: an OCI runtime hook (and CNI plugin) giving containers a bridge network with
+//! eBPF NAT.
 
 pub mod apply;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod cni;
 pub mod collector;
 pub mod commands;
 pub mod config;
@@ -60,7 +62,8 @@ mod tests {
             ("collector", 9),
             ("hook", 10),
             ("cli", 11),
-            ("commands", 12),
+            ("cni", 12),
+            ("commands", 13),
         ];
         let rank = |m: &str| RANKS.iter().find(|(n, _)| *n == m).map(|(_, r)| *r);
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");

@@ -256,7 +256,22 @@ async fn release_gone(
         if skip == Some(id.as_str()) {
             continue;
         }
-        let mut reason = pid_gone(proc, &lease);
+        let mut reason = match &lease.cni {
+            // The runtime owns a CNI attachment's lifetime (DEL, GC): only a full
+            // reconcile ends one, and only once its namespace and veth are both gone.
+            Some(_) if !full => continue,
+            Some(a) if Path::new(&a.netns).exists() => continue,
+            Some(a) => Some(format!("CNI namespace {} is gone", a.netns)),
+            None => pid_gone(proc, &lease),
+        };
+        if lease.cni.is_some()
+            && nl
+                .link_by_name(&lease.host_veth)
+                .await?
+                .is_some_and(|l| l.index == lease.host_ifindex)
+        {
+            continue;
+        }
         if reason.is_none() && full {
             reason = if !lease.complete {
                 Some("its prestart never finished (killed or failed)".to_owned())
@@ -385,6 +400,8 @@ mod tests {
             bridge: "netns0".into(),
             created_unix: 0,
             complete: true,
+            ifname: None,
+            cni: None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! ([`Topology::new`], [`NamedNetns::new`]).
 
 pub mod bpf;
+pub mod cni;
 pub mod ns;
 pub mod pkt;
 pub mod podman;

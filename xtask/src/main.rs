@@ -90,7 +90,7 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 const TEST_FEATURES: &str = "netns-user/fault-injection";
 
 /// Integration suites `cargo xtask test` runs a second time with `--fast-path on`.
-const FAST_PATH_SUITES: [&str; 5] = ["nat", "portmap", "safety", "conntrack", "hook"];
+const FAST_PATH_SUITES: [&str; 6] = ["nat", "portmap", "safety", "conntrack", "hook", "cni"];
 
 fn build_with(release: bool, extra: &[&str]) -> anyhow::Result<PathBuf> {
     let mut args = vec!["build", "-p", "netns-user", "--bins"];

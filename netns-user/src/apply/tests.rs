@@ -17,6 +17,8 @@ fn lease(ip: Ipv4Addr, ifindex: u32, complete: bool) -> Lease {
         bridge: "netns0".into(),
         created_unix: 0,
         complete,
+        ifname: None,
+        cni: None,
     }
 }
 

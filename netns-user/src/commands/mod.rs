@@ -1,6 +1,7 @@
 //! One module per verb (netavark style). Add a verb: a `cli::Command` variant, a
 //! module here with a `run`, a match arm in [`run`], and an error variant if needed.
 
+pub mod cni;
 pub mod conntrack;
 pub mod datapath;
 pub mod gc;

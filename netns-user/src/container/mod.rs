@@ -10,6 +10,7 @@ mod step;
 mod undo;
 
 use std::fs::File;
+use std::net::Ipv4Addr;
 
 use netns_common::Endpoint;
 
@@ -19,7 +20,7 @@ pub use undo::{RealOps, Undo, UndoOps, rollback, teardown, teardown_plan};
 use crate::config::NetConfig;
 use crate::datapath::Datapath;
 use crate::host;
-use crate::ipam::{self, Lease, LeaseRequest};
+use crate::ipam::{self, CniAttachment, Lease, LeaseRequest};
 use crate::network::{self, Netlink, NetworkError, Uplink, veth};
 use crate::portmap::{self, PortSpec};
 use crate::store::Locked;
@@ -36,6 +37,29 @@ pub struct Request<'a> {
     pub ns: &'a File,
     /// Port forwards to set up (already parsed and validated).
     pub ports: Option<Vec<PortSpec>>,
+    /// The interface name inside the container.
+    pub ifname: &'a str,
+    /// The address, when a delegated IPAM plugin chose it.
+    pub fixed_ip: Option<Ipv4Addr>,
+    /// Set for a CNI attachment (pid is 0 then).
+    pub cni: Option<CniAttachment>,
+}
+
+impl<'a> Request<'a> {
+    /// A hook container: `pid`'s namespace gets `eth0`.
+    pub fn hook(id: &'a str, pid: u32, ns: &'a File) -> Request<'a> {
+        Request {
+            id,
+            pid,
+            pid_start: None,
+            netns_ino: None,
+            ns,
+            ports: None,
+            ifname: veth::CONTAINER_IFNAME,
+            fixed_ip: None,
+            cni: None,
+        }
+    }
 }
 
 /// Sets up the network of `req`'s container; a failure rolls back what this call made.
@@ -97,6 +121,7 @@ pub async fn already_done(
     if lease.complete
         && lease.pid == req.pid
         && (lease.pid_start.is_none() || lease.pid_start == req.pid_start)
+        && (lease.netns_ino.is_none() || lease.netns_ino == req.netns_ino)
         && veth.as_ref().is_some_and(|l| l.index == lease.host_ifindex)
     {
         return Ok(true);
@@ -164,7 +189,8 @@ impl Setup<'_> {
         self.check(step)?;
 
         let step = Step::Ipam;
-        let mut lease = self.lease().map_err(|e| (step, e))?;
+        let host_veth = self.host_veth_name().await.map_err(|e| (step, e))?;
+        let mut lease = self.lease(host_veth).map_err(|e| (step, e))?;
         self.check(step)?;
 
         let step = Step::Veth;
@@ -186,7 +212,7 @@ impl Setup<'_> {
                 .await
                 .map_err(|e| err(e.into()))?;
         }
-        let host_index = veth::create(self.nl, &lease.host_veth, self.req.ns, mtu)
+        let host_index = veth::create(self.nl, &lease.host_veth, self.req.ifname, self.req.ns, mtu)
             .await
             .map_err(err)?;
         self.undo.push(Undo::Veth(host_index));
@@ -197,9 +223,15 @@ impl Setup<'_> {
 
         let step = Step::ContainerNet;
         let ns_nl = Netlink::in_netns(self.req.ns).map_err(|e| (step, e.into()))?;
-        let mac = veth::configure_container(&ns_nl, lease.ip, lease.prefix_len, lease.gateway)
-            .await
-            .map_err(|e| (step, e.into()))?;
+        let mac = veth::configure_container(
+            &ns_nl,
+            self.req.ifname,
+            lease.ip,
+            lease.prefix_len,
+            lease.gateway,
+        )
+        .await
+        .map_err(|e| (step, e.into()))?;
         self.check(step)?;
 
         let step = Step::DatapathLoad;
@@ -251,16 +283,41 @@ impl Setup<'_> {
         Ok(())
     }
 
+    /// The host end's name: `netnsv0-<pid>` for a hook container; for a CNI attachment
+    /// the one its lease has, else the first hashed name that no interface and no other
+    /// lease uses (the hash is short, so a collision must not cost another attachment
+    /// its veth).
+    async fn host_veth_name(&self) -> Result<String, StepError> {
+        let Some(_) = &self.req.cni else {
+            return Ok(veth::host_veth_name(self.req.pid));
+        };
+        let leases = ipam::list(self.lock)?;
+        if let Some(l) = leases.get(self.req.id) {
+            return Ok(l.host_veth.clone());
+        }
+        for attempt in 0..64 {
+            let name = veth::cni_host_veth_name(self.req.id, attempt);
+            if !leases.values().any(|l| l.host_veth == name)
+                && self.nl.link_by_name(&name).await?.is_none()
+            {
+                return Ok(name);
+            }
+        }
+        Err(NetworkError::NoFreeName(self.req.id.to_owned()).into())
+    }
+
     /// Allocates (or finds) the lease and makes it this pid's, incomplete until Persist.
-    fn lease(&mut self) -> Result<Lease, StepError> {
+    fn lease(&mut self, host_veth: String) -> Result<Lease, StepError> {
         let r = &self.req;
-        let host_veth = veth::host_veth_name(r.pid);
         let want = LeaseRequest {
             pid: r.pid,
             pid_start: r.pid_start,
             netns_ino: r.netns_ino,
             host_veth: host_veth.clone(),
             bridge: self.cfg.bridge.clone(),
+            fixed_ip: r.fixed_ip,
+            ifname: (r.ifname != veth::CONTAINER_IFNAME).then(|| r.ifname.to_owned()),
+            cni: r.cni.clone(),
         };
         let (mut lease, _) = ipam::allocate(self.lock, self.cfg.gateway, r.id, want)?;
         self.undo.push(Undo::Lease);

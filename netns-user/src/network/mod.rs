@@ -29,7 +29,7 @@ pub enum NetworkError {
     #[error("interface {0} disappeared right after it was created or configured")]
     Vanished(String),
     #[error("{0} has no Ethernet address")]
-    NoMac(&'static str),
+    NoMac(String),
     #[error("no interface named {0}")]
     NoSuchLink(String),
     #[error("uplink {0} (--uplink/NETNS_UPLINK) does not exist in the hook's network namespace")]
@@ -55,6 +55,22 @@ pub enum NetworkError {
          refusing to add eth0 there"
     )]
     InitNetns(u32),
+    #[error("opening the network namespace {path}")]
+    OpenNetnsPath {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is this process's own network namespace: refusing to add an interface there")]
+    SharedNetnsPath(String),
+    #[error(
+        "{0} is the network namespace of pid 1 (the machine's own): refusing to add an interface there"
+    )]
+    InitNetnsPath(String),
+    #[error("no free host veth name for {0} (64 tried)")]
+    NoFreeName(String),
+    #[error("{path} is not a network namespace")]
+    NotANetns { path: String },
     #[error(
         "the network namespace of pid {pid} already has interfaces ({names}): \
          a container's new namespace holds only lo, so this pid is probably not the container's{}",
@@ -85,17 +101,56 @@ pub fn open_container_netns(pid: u32) -> Result<File, NetworkError> {
     };
     let f = File::open(&path).map_err(open_err)?;
     let theirs = f.metadata().map_err(open_err)?;
+    match foreign_netns(&theirs).map_err(open_err)? {
+        Foreign::Yes => Ok(f),
+        Foreign::Ours => Err(NetworkError::SharedNetns(pid)),
+        Foreign::Init => Err(NetworkError::InitNetns(pid)),
+    }
+}
+
+enum Foreign {
+    Yes,
+    Ours,
+    Init,
+}
+
+/// Is the namespace `theirs` neither ours nor the machine's own (pid 1's, when
+/// visible: a caller running in a child namespace must not reach into it either)?
+fn foreign_netns(theirs: &std::fs::Metadata) -> std::io::Result<Foreign> {
     let same = |m: &std::fs::Metadata| (theirs.dev(), theirs.ino()) == (m.dev(), m.ino());
-    let ours = std::fs::metadata("/proc/self/ns/net").map_err(open_err)?;
-    if same(&ours) {
-        return Err(NetworkError::SharedNetns(pid));
+    if same(&std::fs::metadata("/proc/self/ns/net")?) {
+        return Ok(Foreign::Ours);
     }
-    // A hook running in a child namespace must not put eth0 into the machine's own
-    // namespace either (pid 1's, when visible).
     if std::fs::metadata("/proc/1/ns/net").is_ok_and(|m| same(&m)) {
-        return Err(NetworkError::InitNetns(pid));
+        return Ok(Foreign::Init);
     }
-    Ok(f)
+    Ok(Foreign::Yes)
+}
+
+/// Opens a network namespace by path (a CNI runtime's `CNI_NETNS`, such as
+/// `/var/run/netns/cni-…` or `/proc/<pid>/ns/net`), refusing anything that is not a
+/// network namespace, and our own or the machine's own namespace.
+pub fn open_netns_path(path: &str) -> Result<File, NetworkError> {
+    let open_err = |source| NetworkError::OpenNetnsPath {
+        path: path.to_owned(),
+        source,
+    };
+    let f = File::open(path).map_err(open_err)?;
+    // NS_GET_NSTYPE (_IO(0xb7, 0x3)) says what kind of namespace a file is.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: the ioctl takes no argument and only reads the fd.
+    let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(NetworkError::NotANetns {
+            path: path.to_owned(),
+        });
+    }
+    let theirs = f.metadata().map_err(open_err)?;
+    match foreign_netns(&theirs).map_err(open_err)? {
+        Foreign::Yes => Ok(f),
+        Foreign::Ours => Err(NetworkError::SharedNetnsPath(path.to_owned())),
+        Foreign::Init => Err(NetworkError::InitNetnsPath(path.to_owned())),
+    }
 }
 
 /// Refuses a namespace with interfaces other than `lo`: the pid is then not a fresh
@@ -187,7 +242,7 @@ pub async fn mac_in_netns(ns: &File, name: &str) -> Result<[u8; 6], NetworkError
         .link_by_name(name)
         .await?
         .ok_or_else(|| NetworkError::NoSuchLink(name.to_owned()))?;
-    link.mac.ok_or(NetworkError::NoMac("interface"))
+    link.mac.ok_or_else(|| NetworkError::NoMac(name.to_owned()))
 }
 
 /// [`uplink`] for callers without a runtime.

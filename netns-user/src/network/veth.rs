@@ -27,37 +27,52 @@ pub fn host_veth_name(pid: u32) -> String {
     }
 }
 
-/// Could `name` be a host end [`host_veth_name`] made (for any pid)?
+/// The host end of a CNI attachment, `netnsv0-c<6 hex>`: a hash of the attachment's
+/// key (container id and interface name), `attempt` picking another one when a name
+/// is taken. The `c` keeps it apart from every pid name.
+pub fn cni_host_veth_name(key: &str, attempt: u32) -> String {
+    // FNV-1a: stable across builds (the name must be recomputable by nobody, but a
+    // deterministic first choice keeps names readable in logs across retries).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes().chain(attempt.to_le_bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{HOST_PREFIX}c{:06x}", h & 0xff_ffff)
+}
+
+/// Could `name` be a host end [`host_veth_name`] or [`cni_host_veth_name`] made?
 pub fn is_host_veth_name(name: &str) -> bool {
-    if let Some(pid) = name.strip_prefix(HOST_PREFIX) {
-        return !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = name.strip_prefix(HOST_PREFIX) {
+        if let Some(h) = rest.strip_prefix('c') {
+            return h.len() == 6 && h.bytes().all(|b| b.is_ascii_hexdigit());
+        }
+        return !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit());
     }
     name.strip_prefix("nsv")
         .is_some_and(|h| !h.is_empty() && h.len() <= 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Creates the pair with the peer made directly inside the container's namespace
-/// (`ns`, an open `/proc/<pid>/ns/net`), so `eth0` never appears on the host.
-/// Returns the host end's ifindex.
+/// Creates the pair with the peer (`ifname`) made directly inside the container's
+/// namespace (`ns`), so it never appears on the host. Returns the host end's ifindex.
 pub async fn create(
     host: &Netlink,
     host_name: &str,
+    ifname: &str,
     ns: &File,
     mtu: u32,
 ) -> Result<u32, NetworkError> {
-    let peer = LinkUnspec::new_with_name(CONTAINER_IFNAME)
+    let peer = LinkUnspec::new_with_name(ifname)
         .mtu(mtu)
         .setns_by_fd(ns.as_raw_fd())
         .build();
-    let msg = LinkMessageBuilder::<LinkVeth>::new(host_name, CONTAINER_IFNAME)
+    let msg = LinkMessageBuilder::<LinkVeth>::new(host_name, ifname)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .mtu(mtu)
         .build();
     host.add_link(
         msg,
-        &format!(
-            "creating veth {host_name} with peer {CONTAINER_IFNAME} in the container's namespace"
-        ),
+        &format!("creating veth {host_name} with peer {ifname} in the container's namespace"),
     )
     .await?;
     let link = host
@@ -76,10 +91,11 @@ pub async fn attach_host_end(
     Ok(host.set_link(index, true, None, Some(bridge_index)).await?)
 }
 
-/// Inside the container: `lo` and `eth0` up, `ip/prefix` on eth0, default route via
-/// `gateway`. Returns eth0's MAC address, read back from the kernel.
+/// Inside the container: `lo` and `ifname` up, `ip/prefix` on it, default route via
+/// `gateway`. Returns its MAC address, read back from the kernel.
 pub async fn configure_container(
     ns: &Netlink,
+    ifname: &str,
     ip: Ipv4Addr,
     prefix_len: u8,
     gateway: Ipv4Addr,
@@ -89,18 +105,19 @@ pub async fn configure_container(
     {
         ns.set_link(lo.index, true, None, None).await?;
     }
-    let eth0 = ns
-        .link_by_name(CONTAINER_IFNAME)
+    let link = ns
+        .link_by_name(ifname)
         .await?
-        .ok_or_else(|| NetworkError::Vanished(CONTAINER_IFNAME.to_owned()))?;
-    ns.ensure_ipv4_addr(eth0.index, ip, prefix_len).await?;
-    ns.set_link(eth0.index, true, None, None).await?;
+        .ok_or_else(|| NetworkError::Vanished(ifname.to_owned()))?;
+    ns.ensure_ipv4_addr(link.index, ip, prefix_len).await?;
+    ns.set_link(link.index, true, None, None).await?;
     ns.add_default_route(gateway).await?;
-    let eth0 = ns
-        .link_by_name(CONTAINER_IFNAME)
+    let link = ns
+        .link_by_name(ifname)
         .await?
-        .ok_or_else(|| NetworkError::Vanished(CONTAINER_IFNAME.to_owned()))?;
-    eth0.mac.ok_or(NetworkError::NoMac(CONTAINER_IFNAME))
+        .ok_or_else(|| NetworkError::Vanished(ifname.to_owned()))?;
+    link.mac
+        .ok_or_else(|| NetworkError::NoMac(ifname.to_owned()))
 }
 
 #[cfg(test)]
@@ -114,12 +131,17 @@ mod tests {
         assert_eq!(host_veth_name(4_194_304), "netnsv0-4194304");
         assert!(host_veth_name(4_194_304).len() <= 15);
         assert_eq!(host_veth_name(u32::MAX), "nsvffffffff");
-        for n in ["netnsv0-4370", "nsvffffffff", &host_veth_name(7)] {
+        let c = cni_host_veth_name("abc:eth0", 0);
+        assert!(c.len() <= 15 && c.starts_with("netnsv0-c"), "{c}");
+        assert_ne!(c, cni_host_veth_name("abc:eth0", 1));
+        for n in ["netnsv0-4370", "nsvffffffff", &host_veth_name(7), &c] {
             assert!(is_host_veth_name(n), "{n}");
         }
         for n in [
             "netnsv0-",
             "netnsv0-12a",
+            "netnsv0-c12",
+            "netnsv0-cxyzxyz",
             "netns0",
             "eth0",
             "nsv",
