@@ -125,6 +125,8 @@ impl std::error::Error for PluginError {}
 pub struct Call {
     pub plugin: String,
     pub elapsed: Duration,
+    /// What it logged although it succeeded (warnings), trimmed.
+    pub stderr: String,
 }
 
 /// The outcome of ADD on a list: the chain's final result (keep it for DEL) and the
@@ -206,13 +208,13 @@ impl Runtime {
     }
 
     /// Execs one plugin (`command` ADD/DEL/CHECK/...) with `conf` on stdin; returns its
-    /// stdout parsed (None if empty) and its wall time.
+    /// stdout parsed (None if empty) and the call.
     pub fn exec(
         &self,
         command: &str,
         conf: &Value,
         rt: &RuntimeConf,
-    ) -> anyhow::Result<(Option<Value>, Duration)> {
+    ) -> anyhow::Result<(Option<Value>, Call)> {
         let ty = conf["type"].as_str().unwrap_or_default().to_owned();
         let bin = self.find(&ty)?;
         let ns = File::open(&self.netns)
@@ -277,7 +279,14 @@ impl Runtime {
                 )
             })?)
         };
-        Ok((v, out.elapsed))
+        Ok((
+            v,
+            Call {
+                plugin: ty,
+                elapsed: out.elapsed,
+                stderr: out.stderr.trim().to_owned(),
+            },
+        ))
     }
 
     /// ADD: the plugins in order, each getting the previous one's result.
@@ -287,13 +296,10 @@ impl Runtime {
         let mut calls = Vec::new();
         for p in &list.plugins {
             let conf = Self::build_config(list, p, prev.as_ref(), rt)?;
-            let (res, el) = self.exec("ADD", &conf, rt)?;
-            let plugin = conf["type"].as_str().unwrap_or_default().to_owned();
-            let res = res.with_context(|| format!("CNI plugin {plugin} ADD printed no result"))?;
-            calls.push(Call {
-                plugin,
-                elapsed: el,
-            });
+            let (res, call) = self.exec("ADD", &conf, rt)?;
+            let res =
+                res.with_context(|| format!("CNI plugin {} ADD printed no result", call.plugin))?;
+            calls.push(call);
             prev = Some(res);
         }
         Ok(Added {
@@ -318,10 +324,7 @@ impl Runtime {
         for p in list.plugins.iter().rev() {
             let conf = Self::build_config(list, p, cached, rt)?;
             match self.exec("DEL", &conf, rt) {
-                Ok((_, el)) => calls.push(Call {
-                    plugin: conf["type"].as_str().unwrap_or_default().to_owned(),
-                    elapsed: el,
-                }),
+                Ok((_, call)) => calls.push(call),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }

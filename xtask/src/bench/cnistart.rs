@@ -89,6 +89,8 @@ struct Samples {
     last_del: Option<f64>,
     /// Per plugin type: ADD and DEL samples of the measured containers.
     plugins: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+    /// The first thing a plugin logged on a successful call (and which call).
+    stderr: Option<String>,
 }
 
 struct Bed {
@@ -248,6 +250,7 @@ impl Bed {
             ns,
         }));
         let added = self.runtime.add_list(&self.list, &rt)?;
+        self.note_stderr("ADD", i, &added.calls);
         let secs = added.elapsed.as_secs_f64();
         if i == 0 {
             self.s.first_add = Some(secs);
@@ -283,6 +286,7 @@ impl Bed {
         let (calls, el) = self
             .runtime
             .del_list(&self.list, &c.rt, c.cached.as_ref())?;
+        self.note_stderr("DEL", i, &calls);
         let secs = el.as_secs_f64();
         if i == 0 {
             self.s.last_del = Some(secs);
@@ -299,34 +303,39 @@ impl Bed {
         Ok(())
     }
 
-    /// wan → uplink:hostPort(i, 0) reaches a server on container i's port 80.
+    /// wan → uplink:hostPort(i, j) reaches a server on container i's port 80 + j, for
+    /// the first and the last mapping.
     fn check_forward(&self, i: usize, self_exe: &Path) -> anyhow::Result<()> {
         let c = self.ctrs[i].as_ref().context("container not attached")?;
-        let log = self.state.with_file_name(format!("server-{i}.log"));
-        let mut srv = Bg::spawn(
-            in_ns(&c.ns.path(), self_exe).args(["bench", "__conn-server", "80"]),
-            &log,
-        )?;
-        std::thread::sleep(Duration::from_millis(150));
-        srv.ensure_alive()?;
-        let out = sys::run(self.wan.cmd(self_exe).args([
-            "bench",
-            "__conn-client",
-            &format!("{UPLINK_IP}:{}", self.host_port(i, 0)),
-            "0.5",
-            "1",
-        ]))?;
-        let conns: u64 = out
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("conns="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        if conns == 0 {
-            bail!(
-                "no connection through the port forward {UPLINK_IP}:{} → container {i}:80 ({})",
-                self.host_port(i, 0),
-                out.trim()
-            );
+        let mut js = vec![0, self.mappings - 1];
+        js.dedup();
+        for j in js {
+            let (hp, cp) = (self.host_port(i, j), 80 + j);
+            let log = self.state.with_file_name(format!("server-{i}-{cp}.log"));
+            let mut srv = Bg::spawn(
+                in_ns(&c.ns.path(), self_exe).args(["bench", "__conn-server", &cp.to_string()]),
+                &log,
+            )?;
+            std::thread::sleep(Duration::from_millis(150));
+            srv.ensure_alive()?;
+            let out = sys::run(self.wan.cmd(self_exe).args([
+                "bench",
+                "__conn-client",
+                &format!("{UPLINK_IP}:{hp}"),
+                "0.3",
+                "1",
+            ]))?;
+            let conns: u64 = out
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("conns="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if conns == 0 {
+                bail!(
+                    "no connection through the port forward {UPLINK_IP}:{hp} → container {i}:{cp} ({})",
+                    out.trim()
+                );
+            }
         }
         Ok(())
     }
@@ -396,6 +405,18 @@ impl Bed {
             }
         }
         Ok(())
+    }
+
+    fn note_stderr(&mut self, cmd: &str, i: usize, calls: &[super::cni::Call]) {
+        if self.s.stderr.is_none()
+            && let Some(c) = calls.iter().find(|c| !c.stderr.is_empty())
+        {
+            let first = c.stderr.lines().next().unwrap_or_default();
+            self.s.stderr = Some(format!(
+                "{} {cmd} of container {i} logged: {first}",
+                c.plugin
+            ));
+        }
     }
 
     fn fail(&mut self, what: &str, e: &anyhow::Error) {
@@ -541,6 +562,15 @@ pub fn run(
             last_del: b.s.last_del,
             plugins,
             err: b.err.clone(),
+            note: [match b.side {
+                Side::Netns => "one plugin; first ADD loads the datapath",
+                Side::Reference => "first ADD makes the bridge and iptables chains",
+            }
+            .to_owned()]
+            .into_iter()
+            .chain(b.s.stderr.clone())
+            .collect::<Vec<_>>()
+            .join("; "),
         });
         println!(
             "  {}: ADD p50 {}, DEL p50 {}{}",

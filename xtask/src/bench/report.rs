@@ -147,6 +147,7 @@ pub struct CniRow {
     pub plugins: Vec<(String, Vec<f64>, Vec<f64>)>,
     /// Why the bed stopped early.
     pub err: Option<String>,
+    pub note: String,
 }
 
 impl CniRow {
@@ -360,10 +361,12 @@ impl Results {
             s.push_str(&self.cni_markdown());
         }
 
-        let _ = writeln!(
-            s,
-            "\n### Against the goals (computed from the numbers above)\n"
-        );
+        if datapath || self.poststop.is_some() || !self.notes.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### Against the goals (computed from the numbers above)\n"
+            );
+        }
         for k in [Kind::Ebpf, Kind::EbpfFast]
             .into_iter()
             .filter(|_| datapath)
@@ -440,8 +443,8 @@ impl Results {
              `ip netns add` namespaces. {n} containers per row added one after the other and \
              kept (the tables grow), then deleted oldest first; the rows take turns at every \
              step. A warm-up container before them (its ADD makes the bridge, the datapath or \
-             the iptables chains; a port forward through it is checked from wan) is left out \
-             of the percentiles and deleted last. Host ports 20000 up, container ports 80 up, tcp.\n"
+             the iptables chains; its first and last port forwards are checked from wan) is \
+             left out of the percentiles and deleted last. Host ports 20000 up, container ports 80 up, tcp.\n"
         );
         let mut rows = vec![
             [
@@ -468,11 +471,14 @@ impl Results {
             row.push(r.sum().len().to_string());
             row.push(f(r.first_add));
             row.push(f(r.last_del));
-            let mut note: Vec<String> = r
-                .plugins
-                .iter()
-                .map(|(p, a, d)| format!("{p} ADD {} / DEL {}", f(median(a)), f(median(d))))
-                .collect();
+            let mut note: Vec<String> =
+                [r.note.clone()]
+                    .into_iter()
+                    .filter(|n| !n.is_empty())
+                    .chain(r.plugins.iter().map(|(p, a, d)| {
+                        format!("{p} ADD {} / DEL {}", f(median(a)), f(median(d)))
+                    }))
+                    .collect();
             if let Some(e) = &r.err {
                 note.push(format!("stopped: {e}"));
             }
