@@ -156,6 +156,20 @@ impl CniRow {
         self.add.iter().zip(&self.del).map(|(a, d)| a + d).collect()
     }
 
+    /// How ADD grows with the containers already there: the median of the last
+    /// quarter of the ADDs over that of the first quarter.
+    pub fn add_growth(&self) -> Option<f64> {
+        let q = self.add.len() / 4;
+        if q == 0 {
+            return None;
+        }
+        let (a, b) = (
+            median(&self.add[..q])?,
+            median(&self.add[self.add.len() - q..])?,
+        );
+        (a > 0.0).then(|| b / a)
+    }
+
     /// p50, p90 of ADD, DEL, ADD+DEL.
     fn stats(&self) -> [Option<f64>; 6] {
         let s = self.sum();
@@ -444,7 +458,9 @@ impl Results {
              kept (the tables grow), then deleted oldest first; the rows take turns at every \
              step. A warm-up container before them (its ADD makes the bridge, the datapath or \
              the iptables chains; its first and last port forwards are checked from wan) is \
-             left out of the percentiles and deleted last. Host ports 20000 up, container ports 80 up, tcp.\n"
+             left out of the percentiles and deleted last. Host ports 20000 up, container ports 80 up, tcp. \
+             ADD growth: median ADD of the last quarter of the containers over that of the first \
+             quarter (above 1: ADD gets dearer as containers accumulate).\n"
         );
         let mut rows = vec![
             [
@@ -459,6 +475,7 @@ impl Results {
                 "n",
                 "first ADD",
                 "last DEL",
+                "ADD growth",
                 "note",
             ]
             .map(str::to_owned)
@@ -471,6 +488,7 @@ impl Results {
             row.push(r.sum().len().to_string());
             row.push(f(r.first_add));
             row.push(f(r.last_del));
+            row.push(r.add_growth().map_or("–".to_owned(), |g| format!("{g:.2}")));
             let mut note: Vec<String> =
                 [r.note.clone()]
                     .into_iter()
@@ -510,6 +528,7 @@ impl Results {
                     _ => "–".to_owned(),
                 });
             }
+            row.push(String::new());
             row.push("below 1: netns is cheaper".to_owned());
             rows.push(row);
         }
