@@ -4,10 +4,14 @@
 //! (no NAT, iptables, eBPF, eBPF fast path, floor, no NAT, ...) for several rounds;
 //! medians and ratios to no NAT and to the floor are printed and written to
 //! docs/BENCHMARKS.md.
+//! Workload 7 (CNI ADD + DEL, `cnistart`) has private host namespaces of its own and
+//! runs first, before the topologies are built.
 //! Nothing runs in the root network namespace: every namespace is `nb<pid>…`, made
 //! here and deleted at the end, also on error or Ctrl-C (and, should xtask be killed,
 //! by the next run: see `cleanup_stale`). No timing assertions: this is a report.
 
+mod cni;
+mod cnistart;
 mod connrate;
 mod ctfill;
 mod report;
@@ -47,6 +51,11 @@ struct Opts {
     /// runs workload 6 alone).
     #[arg(long, default_value_t = 50)]
     starts: usize,
+    /// Containers per row of workload 7 (CNI ADD + DEL: netns's plugin vs bridge +
+    /// host-local + portmap, 1 and 32 port mappings each), all kept until the last is
+    /// added (`--only cni` runs workload 7 alone).
+    #[arg(long, default_value_t = 30)]
+    cni_containers: usize,
     /// Repetitions of each batch install in workload 5.
     #[arg(long, default_value_t = 3)]
     install_reps: usize,
@@ -80,7 +89,7 @@ struct Opts {
     /// measuring) during UDP rate runs.
     #[arg(long)]
     profile: bool,
-    /// Comma-separated subset of: latency,tcprr,udp,c2c,tcp,conn,install,start [default: all].
+    /// Comma-separated subset of: latency,tcprr,udp,c2c,tcp,conn,install,start,cni [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -150,6 +159,7 @@ fn cleanup_stale() {
         }
         let tag = format!("nb{pid}");
         eprintln!("removing leftovers of an earlier benchmark run ({tag})");
+        cnistart::stale(&tag);
         for ns in &netns_list {
             if ns
                 .strip_prefix(&tag)
@@ -193,6 +203,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         o.rounds = 1;
         o.duration = 1;
         o.starts = 10;
+        o.cni_containers = 8;
         o.install_reps = 1;
         o.one_by_one = 200;
     }
@@ -282,8 +293,32 @@ fn step(s: &str) {
     println!("\x1b[1;34m== {s}\x1b[0m");
 }
 
+/// Workloads that need the five topologies (workload 7 has beds of its own).
+const TOPOLOGY_WORKLOADS: [&str; 8] = [
+    "latency", "tcprr", "udp", "c2c", "tcp", "conn", "install", "start",
+];
+
 fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyhow::Result<()> {
     let self_exe = std::env::current_exe()?;
+    // First, while nothing else of ours runs.
+    if o.wants("cni") {
+        step(&format!(
+            "workload 7: CNI ADD + DEL, {} containers per row",
+            o.cni_containers
+        ));
+        let r = cnistart::run(o.cni_containers.max(1), bin, &self_exe, tag, tmp, res);
+        if let Err(e) = r {
+            if sys::interrupted() {
+                return Err(e);
+            }
+            eprintln!("  workload 7: {e:#}");
+            res.notes
+                .push(format!("7. CNI workload failed: {}", first_line(&e)));
+        }
+    }
+    if !TOPOLOGY_WORKLOADS.iter().any(|w| o.wants(w)) {
+        return Ok(());
+    }
     step(&format!("building five topologies ({tag}*)"));
     let mut beds: Vec<Bed> = Vec::new();
     for k in Kind::ALL {
@@ -1525,20 +1560,22 @@ fn document(o: &Opts, bin: &Path, res: &Results, elapsed: Duration, load: &str) 
     );
     let _ = writeln!(
         s,
-        "- settings: {} rounds, {} s per measurement, {} starts, {} single iptables calls; total run time {:.0} s",
+        "- settings: {} rounds, {} s per measurement, {} starts, {} single iptables calls, {} CNI containers per row; total run time {:.0} s",
         o.rounds,
         o.duration,
         o.starts,
         o.one_by_one,
+        o.cni_containers,
         elapsed.as_secs_f64()
     );
     let _ = writeln!(
         s,
         "- reproduce: `cargo xtask bench` (as root; `cargo xtask setup` installs the tools; `--quick` for a smoke run, `--help` for options)\n"
     );
-    let _ = writeln!(
-        s,
-        "Five private topologies. Four are a \"host\" namespace with bridge br0 172.19.0.1/16, \
+    if TOPOLOGY_WORKLOADS.iter().any(|w| o.wants(w)) {
+        let _ = writeln!(
+            s,
+            "Five private topologies. Four are a \"host\" namespace with bridge br0 172.19.0.1/16, \
          containers a (172.19.0.2) and b, and an uplink veth 198.51.100.2/24 to a \"wan\" namespace \
          198.51.100.1/24: **no NAT** (routed; wan routes 172.19.0.0/16 back; its bridge is the plain \
          bridge of workload 2b), **iptables** (`MASQUERADE` for 172.19.0.0/16 not leaving by br0, `DNAT` \
@@ -1550,7 +1587,8 @@ fn document(o: &Opts, bin: &Path, res: &Results, elapsed: Duration, load: &str) 
          Each measurement runs against the five in turn, several rounds, so drift hits all alike. \
          Port forward: uplink 8080/tcp → container a 5001, 8081/udp → 5002, 8082/tcp → 5003 (TCP \
          request/response). Nothing runs in the root network namespace.\n"
-    );
+        );
+    }
     s.push_str(&res.markdown(o.rounds));
     s
 }

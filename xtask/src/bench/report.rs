@@ -125,8 +125,63 @@ pub struct Results {
     pub starts: Vec<(String, Vec<f64>, String)>,
     /// Workload 6: poststop with an empty and a full conntrack table.
     pub poststop: Option<PoststopGoal>,
+    /// Workload 7: CNI ADD/DEL per container, one row per plugin and mapping count.
+    pub cni: Vec<CniRow>,
     /// Extra observations (profiles, errors that did not stop the run).
     pub notes: Vec<String>,
+}
+
+/// Workload 7, one bed: samples in seconds of the measured containers (the warm-up
+/// container's ADD and DEL apart).
+#[derive(Debug, Clone, Default)]
+pub struct CniRow {
+    pub label: String,
+    /// netns's plugin (else the reference chain): the numerator of the ratio rows.
+    pub netns: bool,
+    pub mappings: usize,
+    pub add: Vec<f64>,
+    pub del: Vec<f64>,
+    pub first_add: Option<f64>,
+    pub last_del: Option<f64>,
+    /// Chains only: per plugin type, its ADD and DEL samples.
+    pub plugins: Vec<(String, Vec<f64>, Vec<f64>)>,
+    /// Why the bed stopped early.
+    pub err: Option<String>,
+    pub note: String,
+}
+
+impl CniRow {
+    /// ADD + DEL per container (containers whose both calls were measured).
+    pub fn sum(&self) -> Vec<f64> {
+        self.add.iter().zip(&self.del).map(|(a, d)| a + d).collect()
+    }
+
+    /// How ADD grows with the containers already there: the median of the last
+    /// quarter of the ADDs over that of the first quarter.
+    pub fn add_growth(&self) -> Option<f64> {
+        let q = self.add.len() / 4;
+        if q == 0 {
+            return None;
+        }
+        let (a, b) = (
+            median(&self.add[..q])?,
+            median(&self.add[self.add.len() - q..])?,
+        );
+        (a > 0.0).then(|| b / a)
+    }
+
+    /// p50, p90 of ADD, DEL, ADD+DEL.
+    fn stats(&self) -> [Option<f64>; 6] {
+        let s = self.sum();
+        [
+            median(&self.add),
+            percentile(&self.add, 90.0),
+            median(&self.del),
+            percentile(&self.del, 90.0),
+            median(&s),
+            percentile(&s, 90.0),
+        ]
+    }
 }
 
 /// The poststop medians (seconds) with 0 and `entries` conntrack entries.
@@ -217,55 +272,58 @@ impl Results {
     /// The results section (tables and automatic observations), Markdown.
     pub fn markdown(&self, rounds: usize) -> String {
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "### Datapath (workloads 1–4): median of {rounds} interleaved rounds, ± half the min–max spread\n"
-        );
-        let mut head = vec!["workload".to_owned(), "unit".to_owned()];
-        head.extend(Kind::ALL.iter().map(|k| k.label().to_owned()));
-        let mut rows = vec![head];
-        for m in Metric::ALL {
-            let mut r = vec![m.label().to_owned(), m.unit().to_owned()];
-            r.extend(Kind::ALL.iter().map(|k| self.cell(m, *k)));
-            rows.push(r);
-        }
-        let mut flat = vec!["4. 10,000 / 1 mapping".to_owned(), "ratio".to_owned()];
-        for k in Kind::ALL {
-            flat.push(
-                match (self.med(Metric::Conn10k, k), self.med(Metric::Conn1, k)) {
-                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                    _ => "–".to_owned(),
-                },
+        // Sections of workloads that did not run (`--only`) are left out.
+        let datapath = !self.vals.is_empty() || !self.na.is_empty();
+        if datapath {
+            let _ = writeln!(
+                s,
+                "### Datapath (workloads 1–4): median of {rounds} interleaved rounds, ± half the min–max spread\n"
             );
-        }
-        rows.push(flat);
-        s.push_str(&table(&rows));
+            let mut head = vec!["workload".to_owned(), "unit".to_owned()];
+            head.extend(Kind::ALL.iter().map(|k| k.label().to_owned()));
+            let mut rows = vec![head];
+            for m in Metric::ALL {
+                let mut r = vec![m.label().to_owned(), m.unit().to_owned()];
+                r.extend(Kind::ALL.iter().map(|k| self.cell(m, *k)));
+                rows.push(r);
+            }
+            let mut flat = vec!["4. 10,000 / 1 mapping".to_owned(), "ratio".to_owned()];
+            for k in Kind::ALL {
+                flat.push(
+                    match (self.med(Metric::Conn10k, k), self.med(Metric::Conn1, k)) {
+                        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                        _ => "–".to_owned(),
+                    },
+                );
+            }
+            rows.push(flat);
+            s.push_str(&table(&rows));
 
-        let _ = writeln!(
-            s,
-            "\n### Ratios: median of the per-round ratios to no NAT and to the floor\n"
-        );
-        let others = [Kind::Iptables, Kind::Ebpf, Kind::EbpfFast];
-        let mut head = vec!["workload".to_owned()];
-        for k in others.iter().chain([&Kind::Floor]) {
-            head.push(format!("{} / no NAT", k.label()));
-        }
-        for k in [&Kind::NoNat].into_iter().chain(others.iter()) {
-            head.push(format!("{} / floor", k.label()));
-        }
-        let mut rows = vec![head];
-        for m in Metric::ALL {
-            let mut r = vec![m.label().to_owned()];
+            let _ = writeln!(
+                s,
+                "\n### Ratios: median of the per-round ratios to no NAT and to the floor\n"
+            );
+            let others = [Kind::Iptables, Kind::Ebpf, Kind::EbpfFast];
+            let mut head = vec!["workload".to_owned()];
             for k in others.iter().chain([&Kind::Floor]) {
-                r.push(self.ratio(m, *k, Kind::NoNat));
+                head.push(format!("{} / no NAT", k.label()));
             }
             for k in [&Kind::NoNat].into_iter().chain(others.iter()) {
-                r.push(self.ratio(m, *k, Kind::Floor));
+                head.push(format!("{} / floor", k.label()));
             }
-            rows.push(r);
-        }
-        s.push_str(&table(&rows));
-        s.push_str(
+            let mut rows = vec![head];
+            for m in Metric::ALL {
+                let mut r = vec![m.label().to_owned()];
+                for k in others.iter().chain([&Kind::Floor]) {
+                    r.push(self.ratio(m, *k, Kind::NoNat));
+                }
+                for k in [&Kind::NoNat].into_iter().chain(others.iter()) {
+                    r.push(self.ratio(m, *k, Kind::Floor));
+                }
+                rows.push(r);
+            }
+            s.push_str(&table(&rows));
+            s.push_str(
             "\nRatios are variant / no NAT (or / floor), the median of the per-round ratios (each round measures the five \
              back to back): above 1 is slower for latency, below 1 is slower for rates. \
              Latency is sockperf's (half the round trip). \"Delivered\" counts datagrams that reached the \
@@ -273,46 +331,60 @@ impl Results {
              no-NAT topology there is no port forward: wan talks to the container's address directly, \
              and its 10,000-mapping row is the same setup measured again in the later phase (a drift check).\n",
         );
-
-        let _ = writeln!(s, "\n### Installing 10,000 port mappings (workload 5)\n");
-        let mut rows = vec![vec![
-            "method".to_owned(),
-            "time".to_owned(),
-            "how".to_owned(),
-        ]];
-        for (what, secs, how) in &self.install {
-            rows.push(vec![
-                what.clone(),
-                secs.map_or("n/a".to_owned(), fmt_secs),
-                how.clone(),
-            ]);
         }
-        s.push_str(&table(&rows));
 
-        let _ = writeln!(s, "\n### Container network start cost (workload 6)\n");
-        let mut rows = vec![vec![
-            "step".to_owned(),
-            "p50".to_owned(),
-            "p90".to_owned(),
-            "n".to_owned(),
-            "note".to_owned(),
-        ]];
-        for (what, v, note) in &self.starts {
-            rows.push(vec![
-                what.clone(),
-                median(v).map_or("n/a".to_owned(), fmt_secs),
-                percentile(v, 90.0).map_or("n/a".to_owned(), fmt_secs),
-                v.len().to_string(),
-                note.clone(),
-            ]);
+        if !self.install.is_empty() {
+            let _ = writeln!(s, "\n### Installing 10,000 port mappings (workload 5)\n");
+            let mut rows = vec![vec![
+                "method".to_owned(),
+                "time".to_owned(),
+                "how".to_owned(),
+            ]];
+            for (what, secs, how) in &self.install {
+                rows.push(vec![
+                    what.clone(),
+                    secs.map_or("n/a".to_owned(), fmt_secs),
+                    how.clone(),
+                ]);
+            }
+            s.push_str(&table(&rows));
         }
-        s.push_str(&table(&rows));
 
-        let _ = writeln!(
-            s,
-            "\n### Against the goals (computed from the numbers above)\n"
-        );
-        for k in [Kind::Ebpf, Kind::EbpfFast] {
+        if !self.starts.is_empty() {
+            let _ = writeln!(s, "\n### Container network start cost (workload 6)\n");
+            let mut rows = vec![vec![
+                "step".to_owned(),
+                "p50".to_owned(),
+                "p90".to_owned(),
+                "n".to_owned(),
+                "note".to_owned(),
+            ]];
+            for (what, v, note) in &self.starts {
+                rows.push(vec![
+                    what.clone(),
+                    median(v).map_or("n/a".to_owned(), fmt_secs),
+                    percentile(v, 90.0).map_or("n/a".to_owned(), fmt_secs),
+                    v.len().to_string(),
+                    note.clone(),
+                ]);
+            }
+            s.push_str(&table(&rows));
+        }
+
+        if !self.cni.is_empty() {
+            s.push_str(&self.cni_markdown());
+        }
+
+        if datapath || self.poststop.is_some() || !self.notes.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### Against the goals (computed from the numbers above)\n"
+            );
+        }
+        for k in [Kind::Ebpf, Kind::EbpfFast]
+            .into_iter()
+            .filter(|_| datapath)
+        {
             for m in Metric::ALL {
                 let Some((at_least, bound)) = m.goal() else {
                     continue;
@@ -366,6 +438,101 @@ impl Results {
         for n in &self.notes {
             let _ = writeln!(s, "- {n}");
         }
+        s
+    }
+}
+
+impl Results {
+    /// Workload 7's table: one row per bed, then netns / reference per mapping count.
+    fn cni_markdown(&self) -> String {
+        let mut s = String::new();
+        let n = self.cni.iter().map(|r| r.add.len()).max().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "\n### CNI plugin ADD / DEL per container (workload 7)\n\n\
+             Each plugin exec'd as libcni 1.2 does (env `CNI_*`, config on stdin, `prevResult` \
+             threaded through the chain on ADD, the cached result given to every plugin on DEL, \
+             DEL in reverse order, `runtimeConfig.portMappings` injected into the entries that \
+             declare the capability), in a private host namespace per row, into fresh \
+             `ip netns add` namespaces. {n} containers per row added one after the other and \
+             kept (the tables grow), then deleted oldest first; the rows take turns at every \
+             step. A warm-up container before them (its ADD makes the bridge, the datapath or \
+             the iptables chains; its first and last port forwards are checked from wan) is \
+             left out of the percentiles and deleted last. Host ports 20000 up, container ports 80 up, tcp. \
+             ADD growth: median ADD of the last quarter of the containers over that of the first \
+             quarter (above 1: ADD gets dearer as containers accumulate).\n"
+        );
+        let mut rows = vec![
+            [
+                "plugin",
+                "mappings",
+                "ADD p50",
+                "ADD p90",
+                "DEL p50",
+                "DEL p90",
+                "ADD+DEL p50",
+                "ADD+DEL p90",
+                "n",
+                "first ADD",
+                "last DEL",
+                "ADD growth",
+                "note",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ];
+        let f = |v: Option<f64>| v.map_or("n/a".to_owned(), fmt_secs);
+        for r in &self.cni {
+            let mut row = vec![r.label.clone(), r.mappings.to_string()];
+            row.extend(r.stats().into_iter().map(f));
+            row.push(r.sum().len().to_string());
+            row.push(f(r.first_add));
+            row.push(f(r.last_del));
+            row.push(r.add_growth().map_or("–".to_owned(), |g| format!("{g:.2}")));
+            let mut note: Vec<String> =
+                [r.note.clone()]
+                    .into_iter()
+                    .filter(|n| !n.is_empty())
+                    .chain(r.plugins.iter().map(|(p, a, d)| {
+                        format!("{p} ADD {} / DEL {}", f(median(a)), f(median(d)))
+                    }))
+                    .collect();
+            if let Some(e) = &r.err {
+                note.push(format!("stopped: {e}"));
+            }
+            row.push(note.join("; "));
+            rows.push(row);
+        }
+        let mut m: Vec<usize> = self.cni.iter().map(|r| r.mappings).collect();
+        m.dedup();
+        for mappings in m {
+            let pick = |netns: bool| {
+                self.cni
+                    .iter()
+                    .find(|r| r.mappings == mappings && r.netns == netns)
+            };
+            let (Some(a), Some(b)) = (pick(true), pick(false)) else {
+                continue;
+            };
+            let mut row = vec!["netns / reference (ratio)".to_owned(), mappings.to_string()];
+            for (x, y) in a.stats().into_iter().zip(b.stats()) {
+                row.push(match (x, y) {
+                    (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+                    _ => "–".to_owned(),
+                });
+            }
+            row.push(String::new());
+            for (x, y) in [(a.first_add, b.first_add), (a.last_del, b.last_del)] {
+                row.push(match (x, y) {
+                    (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+                    _ => "–".to_owned(),
+                });
+            }
+            row.push(String::new());
+            row.push("below 1: netns is cheaper".to_owned());
+            rows.push(row);
+        }
+        s.push_str(&table(&rows));
         s
     }
 }

@@ -87,9 +87,14 @@ pub fn run_raw(c: &mut Command, input: Option<&[u8]>, timeout: Duration) -> anyh
     if let Some(data) = input {
         use std::io::Write as _;
         let mut stdin = child.stdin.take().expect("piped stdin");
-        stdin
-            .write_all(data)
-            .with_context(|| format!("stdin of {}", describe(c)))?;
+        // A program may exit without reading all its input (as Go's os/exec, not an
+        // error: its exit status tells).
+        match stdin.write_all(data) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(e).with_context(|| format!("stdin of {}", describe(c)));
+            }
+            _ => {}
+        }
     }
     let mut so = child.stdout.take().expect("piped");
     let mut se = child.stderr.take().expect("piped");
