@@ -12,7 +12,6 @@ use super::result::{self, CniResult, Interface, IpConfig, Route};
 use super::{Env, ipam_plugin, request, require_caps, runtime};
 use crate::config::{Gateway, NetConfig};
 use crate::container::{self, SetupError, StepError};
-use crate::datapath::Datapath;
 use crate::ipam::{self, CniAttachment, IpamError};
 use crate::network::{self, Netlink, format_mac};
 use crate::portmap::{self, PortMapError};
@@ -196,24 +195,6 @@ async fn attach(
     let lease = ipam::get(lock, &key)
         .map_err(|e| step_err(e.into()))?
         .ok_or_else(|| CniError::new(code::SETUP, format!("lease of {key} vanished")))?;
-    // A host port that served another container before must not keep its flows.
-    let mappings: Vec<_> = portmap::load_table(lock)
-        .map_err(|e| step_err(e.into()))?
-        .into_iter()
-        .filter(|m| m.container_id == key)
-        .collect();
-    if !mappings.is_empty()
-        && let Ok(Some(dp)) = Datapath::open(&cfg.bpffs_dir)
-    {
-        match portmap::flush_conntrack(&dp, &mappings) {
-            Ok(n) if n > 0 => log::debug!("{key}: flushed {n} flow(s) of its host ports"),
-            Ok(_) => {}
-            Err(e) => log::warn!(
-                "{key}: flushing flows of its host ports: {}",
-                crate::error_chain(&e)
-            ),
-        }
-    }
     Ok(lease)
 }
 
