@@ -345,14 +345,23 @@ pub struct Endpoint {
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 
-/// An endpoint's generation from its container ID (FNV-1a, never 0).
-pub fn endpoint_generation(container_id: &str) -> u32 {
+/// 32-bit FNV-1a of `bytes`: stable across builds and platforms, for names and
+/// generations that must come out the same in every run.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in container_id.bytes() {
+    for b in bytes {
         h ^= b as u32;
         h = h.wrapping_mul(0x0100_0193);
     }
-    if h == 0 { 1 } else { h }
+    h
+}
+
+/// An endpoint's generation from its container ID (FNV-1a, never 0).
+pub fn endpoint_generation(container_id: &str) -> u32 {
+    match fnv1a(container_id.bytes()) {
+        0 => 1,
+        h => h,
+    }
 }
 
 /// Port-forward key. `host_addr` 0 matches any local address.
@@ -807,6 +816,14 @@ mod tests {
         }
         assert_eq!(proto_number("UDP"), Some(IPPROTO_UDP));
         assert_eq!(proto_number("quic"), None);
+    }
+
+    #[test]
+    fn fnv1a_is_the_reference_hash() {
+        // Reference values: FNV-1a 32 of "" and "a".
+        assert_eq!(fnv1a([]), 0x811c_9dc5);
+        assert_eq!(fnv1a(*b"a"), 0xe40c_292c);
+        assert_eq!(endpoint_generation("abc"), 440_920_331);
     }
 
     #[test]

@@ -31,13 +31,9 @@ pub fn host_veth_name(pid: u32) -> String {
 /// key (container id and interface name), `attempt` picking another one when a name
 /// is taken. The `c` keeps it apart from every pid name.
 pub fn cni_host_veth_name(key: &str, attempt: u32) -> String {
-    // FNV-1a: stable across builds (the name must be recomputable by nobody, but a
-    // deterministic first choice keeps names readable in logs across retries).
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.bytes().chain(attempt.to_le_bytes()) {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
+    // Stable across builds: nobody needs to recompute the name, but a deterministic
+    // first choice keeps names readable in logs across retries.
+    let h = netns_common::fnv1a(key.bytes().chain(attempt.to_le_bytes()));
     format!("{HOST_PREFIX}c{:06x}", h & 0xff_ffff)
 }
 
@@ -133,6 +129,8 @@ mod tests {
         assert_eq!(host_veth_name(u32::MAX), "nsvffffffff");
         let c = cni_host_veth_name("abc:eth0", 0);
         assert!(c.len() <= 15 && c.starts_with("netnsv0-c"), "{c}");
+        // Pinned: a name must not change across releases (DEL finds veths by it).
+        assert_eq!(c, "netnsv0-ce4a15a");
         assert_ne!(c, cni_host_veth_name("abc:eth0", 1));
         for n in ["netnsv0-4370", "nsvffffffff", &host_veth_name(7), &c] {
             assert!(is_host_veth_name(n), "{n}");
