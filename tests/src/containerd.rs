@@ -25,10 +25,7 @@ use std::time::Duration;
 use crate::clients::in_private_mounts;
 use crate::podman::{Proc, processes_mentioning};
 use crate::topo::Topology;
-use crate::util::{ChildGuard, descendants, output, run, unique, wait_for};
-
-/// The busybox applets the rootfs has.
-const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ip", "nc", "true", "httpd"];
+use crate::util::{ChildGuard, busybox_rootfs, descendants, output, run, unique, wait_for};
 
 /// The plugins a `ctr run --rootfs` does not use: they would only slow the start
 /// (snapshotters probing), serve on ports (cri) or write outside the private root
@@ -82,16 +79,7 @@ impl<'t> Containerd<'t> {
         }
         let dir = topo.path(&unique("ctrd"));
         let rootfs = dir.join("rootfs");
-        let bin = rootfs.join("bin");
-        fs::create_dir_all(&bin).expect("rootfs");
-        for d in ["proc", "sys", "dev", "tmp", "etc", "run"] {
-            fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
-        }
-        fs::copy("/bin/busybox", bin.join("busybox"))
-            .expect("busybox-static (apt-get install busybox-static)");
-        for a in APPLETS {
-            symlink("busybox", bin.join(a)).expect("applet link");
-        }
+        busybox_rootfs(&rootfs);
         for d in ["root", "state", "layers"]
             .into_iter()
             .chain(SHADOWED.iter().map(|(_, d)| *d))

@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use crate::clients::in_private_mounts;
 use crate::topo::{Topology, UPLINK};
-use crate::util::{ChildGuard, output, run, unique, wait_for};
-
-/// The busybox applets the rootfs has.
-const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "ip", "nc", "true", "httpd"];
+use crate::util::{ChildGuard, busybox_rootfs, output, run, unique, wait_for};
 
 /// The subnet of podman's own default network (CNI bridge) in [`Podman::new`]'s config:
 /// TEST-NET-3, and only ever inside the topology's private host namespace.
@@ -91,16 +88,7 @@ impl<'t> Podman<'t> {
         );
         let dir = topo.path(&unique("podman"));
         let rootfs = dir.join("rootfs");
-        let bin = rootfs.join("bin");
-        fs::create_dir_all(&bin).expect("rootfs");
-        for d in ["proc", "sys", "dev", "tmp", "etc", "run"] {
-            fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
-        }
-        fs::copy("/bin/busybox", bin.join("busybox"))
-            .expect("busybox-static (apt-get install busybox-static)");
-        for a in APPLETS {
-            symlink("busybox", bin.join(a)).expect("applet link");
-        }
+        busybox_rootfs(&rootfs);
         for d in [
             "root",
             "runroot",

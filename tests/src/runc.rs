@@ -2,25 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use crate::topo::Topology;
-use crate::util::{output, run, unique};
-
-const APPLETS: &[&str] = &[
-    "sh",
-    "sleep",
-    "cat",
-    "echo",
-    "ping",
-    "nc",
-    "wget",
-    "ip",
-    "sha256sum",
-    "true",
-];
+use crate::util::{busybox_rootfs, output, run, unique};
 
 /// A bundle directory: rootfs + config.json.
 pub struct Bundle {
@@ -63,16 +49,7 @@ impl Bundle {
         hooks: serde_json::Value,
     ) -> Bundle {
         let dir = topo.path(&format!("bundle-{id}"));
-        let bin = dir.join("rootfs/bin");
-        fs::create_dir_all(&bin).expect("rootfs");
-        for d in ["proc", "sys", "dev", "tmp", "etc"] {
-            fs::create_dir_all(dir.join("rootfs").join(d)).expect("rootfs dir");
-        }
-        fs::copy("/bin/busybox", bin.join("busybox"))
-            .expect("busybox-static (apt-get install busybox-static)");
-        for a in APPLETS {
-            let _ = symlink("busybox", bin.join(a));
-        }
+        busybox_rootfs(&dir.join("rootfs"));
         run(Command::new("runc").arg("spec").current_dir(&dir));
         let path = dir.join("config.json");
         let mut spec: serde_json::Value =

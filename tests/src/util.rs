@@ -1,6 +1,8 @@
 //! Small helpers: unique names, running commands with useful failure messages.
 
-use std::path::PathBuf;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -298,4 +300,39 @@ pub fn assert_bridge_address(ip: std::net::Ipv4Addr) {
         ip.octets()[..2] == gw.octets()[..2] && ip != gw,
         "{ip} is not a container address in 172.19.0.0/16"
     );
+}
+
+/// The busybox applets every test rootfs has.
+const APPLETS: &[&str] = &[
+    "sh",
+    "sleep",
+    "cat",
+    "echo",
+    "ping",
+    "nc",
+    "wget",
+    "ip",
+    "sha256sum",
+    "true",
+    "httpd",
+];
+
+/// Makes `rootfs` a busybox-static root: the mount points a runtime needs and
+/// `/bin/<applet>` links. Tolerates a rootfs made before (same links).
+pub fn busybox_rootfs(rootfs: &Path) {
+    let bin = rootfs.join("bin");
+    fs::create_dir_all(&bin).expect("rootfs");
+    for d in ["proc", "sys", "dev", "tmp", "etc", "run"] {
+        fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
+    }
+    fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("busybox-static (apt-get install busybox-static)");
+    for a in APPLETS {
+        match symlink("busybox", bin.join(a)) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                panic!("applet link {a}: {e}")
+            }
+            _ => {}
+        }
+    }
 }
