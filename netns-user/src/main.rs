@@ -6,25 +6,11 @@ use netns::cli::Cli;
 fn main() -> ExitCode {
     // A CNI runtime passes everything in the environment and on stdin, no arguments.
     if netns::commands::cni::requested() {
-        env_logger::Builder::new()
-            .filter_level(if std::env::var_os("NETNS_DEBUG").is_some() {
-                log::LevelFilter::Debug
-            } else {
-                log::LevelFilter::Warn
-            })
-            .target(env_logger::Target::Stderr)
-            .init();
+        init_log(std::env::var_os("NETNS_DEBUG").is_some());
         return ExitCode::from(netns::commands::cni::run());
     }
     let cli = Cli::parse();
-    env_logger::Builder::new()
-        .filter_level(if cli.global.debug {
-            log::LevelFilter::Debug
-        } else {
-            log::LevelFilter::Warn
-        })
-        .target(env_logger::Target::Stderr)
-        .init();
+    init_log(cli.global.debug);
     match netns::commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -32,4 +18,17 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Logs to stderr (stdout carries results: JSON for CNI, tables for the CLI).
+fn init_log(debug: bool) {
+    let level = if debug {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Warn
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .target(env_logger::Target::Stderr)
+        .init();
 }
