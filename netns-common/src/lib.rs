@@ -9,7 +9,7 @@
 /// Bumped whenever a map key, value or map definition changes. It is part of the bpffs
 /// pin directory name because aya reuses an existing pinned map without checking its
 /// layout: a new layout must never open an old map.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Map names; maps are pinned by these names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
 pub mod maps {
@@ -32,6 +32,10 @@ pub mod maps {
     pub const CT_KEEP: &str = "NETNS_CTKEEP";
     /// Conntrack pairs per container (the `--ct-max-per-container` budget).
     pub const CT_COUNT: &str = "NETNS_CTCOUNT";
+    /// IPv6 conntrack (NAT66): both halves of every masqueraded IPv6 flow.
+    pub const CONNTRACK6: &str = "NETNS_CT6";
+    /// IPv6 fragments: the translation of a datagram's first fragment, for the rest.
+    pub const FRAGS6: &str = "NETNS_FRAGS6";
 }
 
 /// Program (function) names in the eBPF object.
@@ -56,6 +60,7 @@ pub mod progs {
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// The one mapping of IP protocol numbers to names (`netns conntrack ls`, port specs).
 pub const fn proto_name(proto: u8) -> Option<&'static str> {
@@ -63,6 +68,7 @@ pub const fn proto_name(proto: u8) -> Option<&'static str> {
         IPPROTO_ICMP => "icmp",
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
+        IPPROTO_ICMPV6 => "icmpv6",
         47 => "gre",
         50 => "esp",
         51 => "ah",
@@ -291,8 +297,167 @@ pub struct Config {
     pub ct_per_container: u32,
     /// Random salt of the NAT port probe sequence (set once at load).
     pub port_seed: u32,
+    /// IPv6 (`--ip6`): the container prefix and its mask (all zero: IPv6 off, every
+    /// IPv6 frame from a container is dropped, the host's own passes untouched).
+    pub subnet6: In6,
+    pub subnet6_mask: In6,
+    /// The bridge's IPv6 gateway address: traffic to it is never translated.
+    pub gateway6: In6,
+    /// The uplink's global IPv6 address, the NAT66 source (zero: not known: container
+    /// IPv6 to the outside is dropped, counted `drop_ipv6_off`, never sent with its
+    /// private source).
+    pub uplink_addr6: In6,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 152);
+
+/// An IPv6 address as four 32-bit words, each in network order (the bytes of the
+/// address in order): compared and masked a word at a time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct In6(pub [u32; 4]);
+const _: () = assert!(core::mem::size_of::<In6>() == 16);
+
+impl In6 {
+    pub const ZERO: In6 = In6([0; 4]);
+
+    #[inline(always)]
+    pub const fn is_zero(&self) -> bool {
+        self.0[0] | self.0[1] | self.0[2] | self.0[3] == 0
+    }
+
+    /// `self & mask == net`.
+    #[inline(always)]
+    pub const fn in_prefix(&self, net: &In6, mask: &In6) -> bool {
+        (self.0[0] & mask.0[0]) == net.0[0]
+            && (self.0[1] & mask.0[1]) == net.0[1]
+            && (self.0[2] & mask.0[2]) == net.0[2]
+            && (self.0[3] & mask.0[3]) == net.0[3]
+    }
+
+    /// From the 16 bytes of an address (`Ipv6Addr::octets`).
+    pub const fn from_octets(o: [u8; 16]) -> In6 {
+        let mut w = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            w[i] = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
+            i += 1;
+        }
+        In6(w)
+    }
+
+    /// The 16 bytes of the address.
+    pub const fn octets(&self) -> [u8; 16] {
+        let mut o = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.0[i].to_ne_bytes();
+            o[i * 4] = b[0];
+            o[i * 4 + 1] = b[1];
+            o[i * 4 + 2] = b[2];
+            o[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        o
+    }
+}
+
+/// An IPv6 L4 tuple; ICMPv6 echo as [`Tuple`] (identifier for the port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Tuple6 {
+    pub saddr: In6,
+    pub daddr: In6,
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(core::mem::size_of::<Tuple6>() == 36);
+
+impl Tuple6 {
+    #[inline(always)]
+    pub const fn reversed(&self) -> Tuple6 {
+        Tuple6 {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+}
+
+/// IPv6 conntrack key (`NETNS_CT6`): as [`CtKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Key {
+    pub tuple: Tuple6,
+    pub proto: u8,
+    /// [`dir::UPLINK_EGRESS`] or [`dir::UPLINK_INGRESS`].
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Ct6Key>() == 40);
+
+impl Ct6Key {
+    #[inline(always)]
+    pub const fn new(tuple: Tuple6, proto: u8, dir: u8) -> Ct6Key {
+        Ct6Key {
+            tuple,
+            proto,
+            dir,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// IPv6 conntrack value: what a packet matching the key is rewritten to; the other
+/// half's key is `xlat.reversed()` at the partner hook point, as for IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ct6Entry {
+    pub xlat: Tuple6,
+    /// [`ct_state`], [`ct_kind`], [`ct_flags`] as for IPv4.
+    pub state: u8,
+    pub kind: u8,
+    pub flags: u8,
+    pub _pad: u8,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// The container the flow belongs to.
+    pub owner: In6,
+}
+const _: () = assert!(core::mem::size_of::<Ct6Entry>() == 88);
+
+impl Ct6Entry {
+    #[inline(always)]
+    pub const fn partner_key(&self, key: &Ct6Key) -> Ct6Key {
+        Ct6Key::new(self.xlat.reversed(), key.proto, partner_dir(key.dir))
+    }
+}
+
+/// IPv6 fragment key: (source, destination, identification of the Fragment header).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frag6Key {
+    pub saddr: In6,
+    pub daddr: In6,
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Frag6Key>() == 40);
+
+/// What a first IPv6 fragment was translated to: the later fragments' new source
+/// (egress) or destination (ingress).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Frag6Xlat {
+    pub addr: In6,
+}
+const _: () = assert!(core::mem::size_of::<Frag6Xlat>() == 16);
+
+pub const CT6_MAX_ENTRIES: u32 = 65_536;
+pub const FRAGS6_MAX_ENTRIES: u32 = 4_096;
 
 /// Conntrack timeouts in seconds, by state; defaults are Linux conntrack's.
 #[repr(C)]
@@ -421,8 +586,11 @@ pub struct BridgePort {
     /// The container's `eth0` MAC: the only source MAC accepted on the port.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The container's IPv6 address (zero: none, the port forwards no IPv6 but the
+    /// container's link-local neighbour discovery).
+    pub addr6: In6,
 }
-const _: () = assert!(core::mem::size_of::<BridgePort>() == 12);
+const _: () = assert!(core::mem::size_of::<BridgePort>() == 28);
 
 /// Key of the `NETNS_INBOUND` and `NETNS_NOMASQ` LPM tries (`--allow-inbound`,
 /// `--no-masquerade` CIDRs): the layout of
@@ -620,10 +788,24 @@ pub enum Stat {
     /// Container packets that left through the uplink untranslated because their
     /// destination is in `--no-masquerade` (or `--allow-inbound`): routed, no flow.
     NomasqOut,
+    /// IPv6 packets masqueraded (NAT66) on the way out.
+    Snat6Packets,
+    /// IPv6 replies translated back to a container on the way in.
+    Snat6ReplyPackets,
+    /// IPv6 flows that created a conntrack pair.
+    Ct6Created,
+    /// ICMPv6 errors about NAT66 flows translated (outer and quoted headers).
+    Icmp6Errors,
+    /// IPv6 from a container while IPv6 is off (`--ip6` not given) or with no address.
+    DropIpv6Off,
+    /// A neighbour advertisement from a container for an address not its own.
+    DropSpoofedNd,
+    /// IPv6 with more extension headers than the datapath walks.
+    DropIpv6ExtHdrs,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::NomasqOut as u32 + 1;
+    pub const COUNT: u32 = Stat::DropIpv6ExtHdrs as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -680,6 +862,13 @@ impl Stat {
         Stat::FastOut,
         Stat::FastLocal,
         Stat::NomasqOut,
+        Stat::Snat6Packets,
+        Stat::Snat6ReplyPackets,
+        Stat::Ct6Created,
+        Stat::Icmp6Errors,
+        Stat::DropIpv6Off,
+        Stat::DropSpoofedNd,
+        Stat::DropIpv6ExtHdrs,
     ];
 
     /// Stable name used by `netns stats`.
@@ -739,6 +928,13 @@ impl Stat {
             Stat::FastOut => "fast_out",
             Stat::FastLocal => "fast_local",
             Stat::NomasqOut => "nomasq_out",
+            Stat::Snat6Packets => "snat6_packets",
+            Stat::Snat6ReplyPackets => "snat6_reply_packets",
+            Stat::Ct6Created => "ct6_created",
+            Stat::Icmp6Errors => "icmp6_errors",
+            Stat::DropIpv6Off => "drop_ipv6_off",
+            Stat::DropSpoofedNd => "drop_spoofed_nd",
+            Stat::DropIpv6ExtHdrs => "drop_ipv6_ext_hdrs",
         }
     }
 
@@ -762,6 +958,9 @@ impl Stat {
                 | Stat::DropCtBudget
                 | Stat::DropTcpNoState
                 | Stat::TcpBlindRst
+                | Stat::DropIpv6Off
+                | Stat::DropSpoofedNd
+                | Stat::DropIpv6ExtHdrs
         )
     }
 }
@@ -800,6 +999,12 @@ mod pod {
     unsafe impl aya::Pod for Timeouts {}
     unsafe impl aya::Pod for CtKeep {}
     unsafe impl aya::Pod for CtCount {}
+    unsafe impl aya::Pod for In6 {}
+    unsafe impl aya::Pod for Tuple6 {}
+    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for Ct6Entry {}
+    unsafe impl aya::Pod for Frag6Key {}
+    unsafe impl aya::Pod for Frag6Xlat {}
 }
 
 #[cfg(test)]
@@ -824,6 +1029,22 @@ mod tests {
         assert_eq!(fnv1a([]), 0x811c_9dc5);
         assert_eq!(fnv1a(*b"a"), 0xe40c_292c);
         assert_eq!(endpoint_generation("abc"), 440_920_331);
+    }
+
+    #[test]
+    fn in6_words_are_the_address_bytes() {
+        let a = [0xfd, 0, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let w = In6::from_octets(a);
+        assert_eq!(w.octets(), a);
+        assert_eq!(u32::from_be(w.0[0]), 0xfd00_0019);
+        let net = In6::from_octets([0xfd, 0, 0, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let mask = In6([u32::MAX, u32::MAX, 0, 0]);
+        assert!(w.in_prefix(&net, &mask));
+        assert!(
+            !In6::from_octets([0xfd, 0, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5])
+                .in_prefix(&net, &mask)
+        );
+        assert!(In6::ZERO.is_zero() && !w.is_zero());
     }
 
     #[test]

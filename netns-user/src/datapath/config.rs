@@ -78,6 +78,10 @@ impl Settings {
             timeouts: self.timeouts,
             ct_per_container: self.ct_per_container,
             port_seed: self.port_seed,
+            subnet6: netns_common::In6::ZERO,
+            subnet6_mask: netns_common::In6::ZERO,
+            gateway6: netns_common::In6::ZERO,
+            uplink_addr6: netns_common::In6::ZERO,
         }
     }
 

@@ -30,6 +30,7 @@ impl BridgePort {
             addr: u32::from(self.ip).to_be(),
             mac: self.mac,
             _pad: [0; 2],
+            addr6: netns_common::In6::ZERO,
         }
     }
 
