@@ -51,7 +51,7 @@ pub fn key(pkt: &Packet, dir: u8) -> CtKey {
 }
 
 #[inline(always)]
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     // The coarse clock (CLOCK_MONOTONIC_COARSE, a tick's resolution): a few ns instead
     // of a clocksource read per packet; timeouts are in seconds.
     // SAFETY: plain helper call.
@@ -503,7 +503,7 @@ fn rst_in_window(pkt: &Packet, e: &CtEntry, t: Table, pk: &CtKey) -> bool {
 /// A coarse TCP state, the same on both halves: SYN -> NEW, SYN|ACK -> ESTABLISHED,
 /// FIN -> FIN_WAIT, RST -> CLOSE.
 #[inline(always)]
-fn next_tcp_state(cur: u8, flags: u8) -> u8 {
+pub fn next_tcp_state(cur: u8, flags: u8) -> u8 {
     if flags & TCP_RST != 0 {
         ct_state::CLOSE
     } else if flags & TCP_FIN != 0 {

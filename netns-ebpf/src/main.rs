@@ -5,15 +5,21 @@
 //! - uplink egress: rewrite the source of container flows leaving the host;
 //! - uplink ingress: rewrite the destination of replies and of port-forwarded flows;
 //! - bridge port ingress (host end of each container veth): drop spoofed sources.
+//!
+//! IPv6 (`--ip6`): the same programs check container IPv6 at bridge ports and do
+//! NAT66 masquerade on the uplink (`nat6`, `conntrack6`).
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod conntrack6;
 mod fastpath;
 mod frag;
 mod icmp;
+mod ipv6;
 mod maps;
 mod nat;
+mod nat6;
 mod packet;
 mod portfwd;
 mod sock;

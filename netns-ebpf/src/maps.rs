@@ -8,10 +8,11 @@ use aya_ebpf::{
 };
 use netns_common::{
     BRIDGE_PORTS_MAX_ENTRIES, BridgePort, CT_COUNT_MAX_ENTRIES, CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES,
-    Config, CtCount, CtEntry, CtKeep, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FragKey, FragPorts, INBOUND_MAX_ENTRIES,
-    NOMASQ_MAX_ENTRIES, PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey,
-    SockOrig, StashKey, StashedFrame, Stat,
+    CT6_MAX_ENTRIES, Config, Ct6Entry, Ct6Key, CtCount, CtEntry, CtKeep, CtKey,
+    ENDPOINTS_MAX_ENTRIES, Endpoint, FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FRAGS6_MAX_ENTRIES,
+    Frag6Key, Frag6Xlat, FragKey, FragPorts, INBOUND_MAX_ENTRIES, NOMASQ_MAX_ENTRIES,
+    PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, SockOrig, StashKey,
+    StashedFrame, Stat,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
@@ -33,6 +34,15 @@ pub static CT_KEEP: HashMap<CtKey, CtKeep> = HashMap::pinned(CT_MAX_ENTRIES, BPF
 /// Pairs per container, for `--ct-max-per-container`.
 #[map(name = "NETNS_CTCOUNT")]
 pub static CT_COUNT: HashMap<u32, CtCount> = HashMap::pinned(CT_COUNT_MAX_ENTRIES, 0);
+
+/// Both halves of every NAT66 flow (see `conntrack6`).
+#[map(name = "NETNS_CT6")]
+pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Entry> = LruHashMap::pinned(CT6_MAX_ENTRIES, 0);
+
+/// The container a NAT66 reply datagram's first fragment went to, for its later
+/// fragments (they carry no ports).
+#[map(name = "NETNS_FRAGS6")]
+pub static FRAGS6: LruHashMap<Frag6Key, Frag6Xlat> = LruHashMap::pinned(FRAGS6_MAX_ENTRIES, 0);
 
 #[map(name = "NETNS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -15,7 +15,9 @@ use crate::{
     conntrack::{self, Lookup},
     fastpath::{self, Fast},
     frag, icmp,
+    ipv6::ETH_P_IPV6,
     maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed, routed_dest},
+    nat6,
     packet::{self, ETH_HLEN, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet},
     portfwd,
     stats::{self, Verdict},
@@ -82,6 +84,12 @@ fn masquerades(cfg: &Config, t: &Tuple) -> bool {
 #[inline(always)]
 fn is_loopback(addr: u32) -> bool {
     u32::from_be(addr) >> 24 == 127
+}
+
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    ctx.load::<u16>(packet::ETH_PROTO_OFF)
+        .is_ok_and(|p| u16::from_be(p) == ETH_P_IPV6)
 }
 
 #[inline(always)]
@@ -193,6 +201,9 @@ pub fn uplink_egress(ctx: &TcContext) -> Verdict {
             (*ctx.skb.skb).mark = 0;
             return Verdict::Pass;
         }
+    }
+    if is_ipv6(ctx) {
+        return into_verdict(config().map_or(Ok(()), |cfg| nat6::uplink_egress6(ctx, cfg)));
     }
     into_verdict(egress_translate(ctx).map(|_| ()))
 }
@@ -319,6 +330,9 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
 }
 
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
+    if is_ipv6(ctx) {
+        return into_verdict(config().map_or(Ok(()), |cfg| nat6::uplink_ingress6(ctx, cfg)));
+    }
     match try_uplink_ingress(ctx) {
         Ok(Some(f)) => f.verdict(),
         Ok(None) => Verdict::Pass,
@@ -486,6 +500,11 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
             if sender_ip != port.addr && sender_ip != 0 {
                 return Err(Stat::DropSpoofedIp);
             }
+            return Ok(None);
+        }
+        ETH_P_IPV6 => {
+            let cfg = config().ok_or(Stat::DropIpv6Off)?;
+            nat6::port_check6(ctx, cfg, port)?;
             return Ok(None);
         }
         _ => return Err(Stat::DropEthertype),
