@@ -36,6 +36,12 @@ pub mod maps {
     pub const CONNTRACK6: &str = "NETNS_CT6";
     /// IPv6 fragments: the translation of a datagram's first fragment, for the rest.
     pub const FRAGS6: &str = "NETNS_FRAGS6";
+    /// IPv6 port forwards.
+    pub const PORTS6: &str = "NETNS_PORTS6";
+    /// IPv6 socket-level forwards (connect6/sendmsg6), for recvmsg6/getpeername6.
+    pub const SOCK_REVNAT6: &str = "NETNS_SKREV6";
+    /// Container IPv6 addresses -> bridge port and MAC (hairpin).
+    pub const ENDPOINTS6: &str = "NETNS_EPS6";
 }
 
 /// Program (function) names in the eBPF object.
@@ -55,6 +61,12 @@ pub mod progs {
     pub const SOCK_GETPEERNAME4: &str = "netns_getpeername4";
     /// cgroup bind4: a mapped host port is reserved, host processes cannot bind it.
     pub const SOCK_BIND4: &str = "netns_bind4";
+    /// The same five for IPv6 (`[::1]:PORT` and the host's IPv6 addresses).
+    pub const SOCK_CONNECT6: &str = "netns_connect6";
+    pub const SOCK_SENDMSG6: &str = "netns_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "netns_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "netns_getpeername6";
+    pub const SOCK_BIND6: &str = "netns_bind6";
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -456,7 +468,56 @@ pub struct Frag6Xlat {
 }
 const _: () = assert!(core::mem::size_of::<Frag6Xlat>() == 16);
 
+/// IPv6 port-forward key. `host_addr` zero matches any local address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Port6Key {
+    pub host_addr: In6,
+    pub host_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Port6Key>() == 20);
+
+/// IPv6 port-forward target, as [`PortTarget`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Port6Target {
+    pub addr: In6,
+    pub port: u16,
+    /// Bits of [`port_flags`].
+    pub flags: u8,
+    pub _pad: u8,
+    /// As [`PortTarget::ifindex`] ([`LOOPBACK_IFINDEX`]: a `[::1]` mapping).
+    pub ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<Port6Target>() == 24);
+
+/// An IPv6 socket-level translation, as [`SockKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Sock6Key {
+    pub cookie: u64,
+    pub addr: In6,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<Sock6Key>() == 32);
+
+/// The host address an IPv6 socket-level forward replaced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Sock6Orig {
+    pub addr: In6,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Sock6Orig>() == 20);
+
 pub const CT6_MAX_ENTRIES: u32 = 65_536;
+pub const PORTS6_MAX_ENTRIES: u32 = 65_536;
+pub const SOCK_REVNAT6_MAX_ENTRIES: u32 = 65_536;
 pub const FRAGS6_MAX_ENTRIES: u32 = 4_096;
 
 /// Conntrack timeouts in seconds, by state; defaults are Linux conntrack's.
@@ -802,10 +863,16 @@ pub enum Stat {
     DropSpoofedNd,
     /// IPv6 with more extension headers than the datapath walks.
     DropIpv6ExtHdrs,
+    /// IPv6 packets translated by port-forward DNAT on the way in.
+    Dnat6Packets,
+    /// Replies of IPv6 port-forwarded flows translated on the way out.
+    Dnat6ReplyPackets,
+    /// IPv6 hairpin: a container reached a port forward through a host address.
+    Hairpin6Packets,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::DropIpv6ExtHdrs as u32 + 1;
+    pub const COUNT: u32 = Stat::Hairpin6Packets as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -869,6 +936,9 @@ impl Stat {
         Stat::DropIpv6Off,
         Stat::DropSpoofedNd,
         Stat::DropIpv6ExtHdrs,
+        Stat::Dnat6Packets,
+        Stat::Dnat6ReplyPackets,
+        Stat::Hairpin6Packets,
     ];
 
     /// Stable name used by `netns stats`.
@@ -935,6 +1005,9 @@ impl Stat {
             Stat::DropIpv6Off => "drop_ipv6_off",
             Stat::DropSpoofedNd => "drop_spoofed_nd",
             Stat::DropIpv6ExtHdrs => "drop_ipv6_ext_hdrs",
+            Stat::Dnat6Packets => "dnat6_packets",
+            Stat::Dnat6ReplyPackets => "dnat6_reply_packets",
+            Stat::Hairpin6Packets => "hairpin6_packets",
         }
     }
 
@@ -1005,6 +1078,10 @@ mod pod {
     unsafe impl aya::Pod for Ct6Entry {}
     unsafe impl aya::Pod for Frag6Key {}
     unsafe impl aya::Pod for Frag6Xlat {}
+    unsafe impl aya::Pod for Port6Key {}
+    unsafe impl aya::Pod for Port6Target {}
+    unsafe impl aya::Pod for Sock6Key {}
+    unsafe impl aya::Pod for Sock6Orig {}
 }
 
 #[cfg(test)]

@@ -1,13 +1,14 @@
-//! IPv6 conntrack (`NETNS_CT6`): the pairs of NAT66 flows. Simpler than IPv4's: one
-//! LRU table, a half the LRU lost is rebuilt from its partner on the egress packet
-//! that finds it missing, and the source port always comes from the NAT range
-//! (reserved for netns on the host, `net.ipv4.ip_local_reserved_ports` covering IPv6
-//! sockets too), so a NAT66 flow can never take a port a host socket uses.
+//! IPv6 conntrack (`NETNS_CT6`): the pairs of NAT66, port-forward and hairpin flows.
+//! Simpler than IPv4's: one LRU table; a half the LRU lost is rebuilt from its
+//! partner on the container-side packet that finds it missing; a masqueraded source
+//! port always comes from the NAT range (reserved for netns on the host,
+//! `net.ipv4.ip_local_reserved_ports` covering IPv6 sockets too), so a NAT66 flow
+//! never takes a port a host socket uses.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use netns_common::{
-    Config, Ct6Entry, Ct6Key, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple6,
-    ct_flags, ct_kind, ct_state, dir,
+    Config, Ct6Entry, Ct6Key, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, In6, Stat,
+    Tuple6, ct_flags, ct_state, dir,
 };
 
 use crate::{
@@ -27,10 +28,23 @@ const LAST_SEEN_GRANULE_NS: u64 = 1_000_000_000;
 static CT6_SCRATCH: aya_ebpf::maps::PerCpuArray<Ct6Entry> =
     aya_ebpf::maps::PerCpuArray::with_max_entries(2, 0);
 
+/// And for their keys: the callers' frames leave little of the stack.
+#[aya_ebpf::macros::map(name = "NETNS_CT6KSCR")]
+static CT6_KEY_SCRATCH: aya_ebpf::maps::PerCpuArray<Ct6Key> =
+    aya_ebpf::maps::PerCpuArray::with_max_entries(2, 0);
+
 #[inline(always)]
 fn scratch(slot: u32) -> Option<&'static mut Ct6Entry> {
     // SAFETY: per-CPU slot; the programs never nest on one CPU.
     CT6_SCRATCH.get_ptr_mut(slot).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn key_scratch(slot: u32) -> Option<&'static mut Ct6Key> {
+    // SAFETY: as for `scratch`.
+    CT6_KEY_SCRATCH
+        .get_ptr_mut(slot)
+        .map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]
@@ -55,13 +69,15 @@ fn expired(cfg: &Config, proto: u8, e: &Ct6Entry, now: u64) -> bool {
 }
 
 /// Looks up the half of `pkt` at hook `d`; on a hit updates both halves (state,
-/// reply seen, time, counters) and writes the translation to `xlat`. An expired pair
-/// is removed and missed. At egress a lost partner is rebuilt.
+/// reply seen, time, counters), writes the translation to `xlat` and returns the
+/// pair's [`ct_kind`](netns_common::ct_kind) (0: no live flow). An expired pair is
+/// removed and missed. A lost partner is rebuilt (except at uplink ingress: what
+/// arrives there may be anyone's).
 #[inline(never)]
-pub fn lookup6(cfg: &Config, pkt: &Packet6, d: u8, len: u32, xlat: &mut Tuple6) -> bool {
+pub fn lookup6(cfg: &Config, pkt: &Packet6, d: u8, len: u32, xlat: &mut Tuple6) -> u32 {
     let k = key6(pkt, d);
     let Some(e) = CONNTRACK6.get_ptr_mut(&k) else {
-        return false;
+        return 0;
     };
     let now = now_ns();
     // SAFETY: a valid map value; racing writers of one flow only lose an update of a
@@ -79,7 +95,7 @@ pub fn lookup6(cfg: &Config, pkt: &Packet6, d: u8, len: u32, xlat: &mut Tuple6) 
             let _ = CONNTRACK6.remove(&k);
             let _ = CONNTRACK6.remove(&pk);
             stats::inc(Stat::CtExpired);
-            return false;
+            return 0;
         }
     }
     let fwd = e.flags & ct_flags::FWD != 0;
@@ -108,7 +124,8 @@ pub fn lookup6(cfg: &Config, pkt: &Packet6, d: u8, len: u32, xlat: &mut Tuple6) 
         e.state = state;
         e.flags = flags;
     }
-    if changed || touch || d == dir::UPLINK_EGRESS {
+    let rebuild = d != dir::UPLINK_INGRESS;
+    if changed || touch || rebuild {
         match CONNTRACK6.get_ptr_mut(&pk) {
             Some(p) => {
                 // SAFETY: as above.
@@ -116,7 +133,7 @@ pub fn lookup6(cfg: &Config, pkt: &Packet6, d: u8, len: u32, xlat: &mut Tuple6) 
                 p.state = state;
                 p.flags = (p.flags & ct_flags::FWD) | (flags & !ct_flags::FWD);
             }
-            None if d == dir::UPLINK_EGRESS => {
+            None if rebuild => {
                 // Evicted: rebuild it, the flow's replies need it.
                 if let Some(p) = scratch(0) {
                     *p = *e;
@@ -130,7 +147,7 @@ pub fn lookup6(cfg: &Config, pkt: &Packet6, d: u8, len: u32, xlat: &mut Tuple6) 
             None => {}
         }
     }
-    true
+    e.kind as u32
 }
 
 /// The `i`-th NAT port to try for `t`: a keyed hash (not guessable from outside).
@@ -152,12 +169,31 @@ fn probe_port6(seed: u32, t: &Tuple6, i: u32, min: u16, span: u32) -> u16 {
     (min as u32 + h % span) as u16
 }
 
-/// Masquerades a new flow of a container: source -> the uplink's IPv6 address and a
-/// NAT port no other flow to the same peer holds. Claims the port by inserting the
-/// reverse half with BPF_NOEXIST, then the forward half; writes the new tuple.
+/// How a new pair is made: the hook points of its halves, its kind, and whether the
+/// new tuple's source port is picked from the NAT range (masquerade, hairpin) or kept
+/// (port forward: the peer's own port).
+pub struct Spec6 {
+    pub fwd_dir: u8,
+    pub rev_dir: u8,
+    pub kind: u8,
+    pub alloc_port: bool,
+    /// The container the flow belongs to.
+    pub owner: In6,
+}
+
+/// Makes the pair that rewrites `pkt` to `xlat` (its source port chosen here when
+/// `spec.alloc_port`): claims the reply tuple by inserting the reverse half with
+/// BPF_NOEXIST, then inserts the forward half. If another CPU made this flow's pair
+/// meanwhile, its translation is taken.
 #[inline(never)]
-pub fn create6(cfg: &Config, pkt: &Packet6, len: u32, xlat: &mut Tuple6) -> Result<(), Stat> {
-    let orig = pkt.tuple;
+pub fn create6(
+    cfg: &Config,
+    pkt: &Packet6,
+    len: u32,
+    spec: &Spec6,
+    xlat: &mut Tuple6,
+) -> Result<(), Stat> {
+    let orig = &pkt.tuple;
     let now = now_ns();
     let state = if pkt.proto == IPPROTO_TCP && pkt.l4_flags & TCP_SYN == 0 {
         // Picked up mid-stream (its pair was lost).
@@ -165,43 +201,35 @@ pub fn create6(cfg: &Config, pkt: &Packet6, len: u32, xlat: &mut Tuple6) -> Resu
     } else {
         ct_state::NEW
     };
-    let (packets, bytes) = if cfg.ct_counters != 0 {
-        (1, len as u64)
-    } else {
-        (0, 0)
-    };
-    let mut new = Tuple6 {
-        saddr: cfg.uplink_addr6,
-        daddr: orig.daddr,
-        sport: orig.sport,
-        dport: orig.dport,
-    };
-    let (Some(rev), Some(fwd)) = (scratch(0), scratch(1)) else {
+    let (Some(rev), Some(fwd), Some(rk), Some(fk)) =
+        (scratch(0), scratch(1), key_scratch(0), key_scratch(1))
+    else {
         return Err(Stat::DropCtInsert);
     };
-    *rev = Ct6Entry {
-        xlat: orig.reversed(),
-        state,
-        kind: ct_kind::SNAT,
-        flags: 0,
-        _pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
-        owner: orig.saddr,
-    };
+    // Field by field: a whole-struct literal would be built on the stack first.
+    rev.xlat = orig.reversed();
+    rev.state = state;
+    rev.kind = spec.kind;
+    rev.flags = 0;
+    rev._pad = 0;
+    rev.created_ns = now;
+    rev.last_seen_ns = now;
+    rev.packets = 0;
+    rev.bytes = 0;
+    rev.owner = spec.owner;
     let span = (cfg.nat_port_max as u32).saturating_sub(cfg.nat_port_min as u32) + 1;
+    *rk = Ct6Key::new(xlat.reversed(), pkt.proto, spec.rev_dir);
     let mut i = 0;
     let mut claimed = false;
-    let mut rk = Ct6Key::new(new.reversed(), pkt.proto, dir::UPLINK_INGRESS);
-    while !claimed && i < PORT_PROBES {
-        let port = probe_port6(cfg.port_seed, &orig, i, cfg.nat_port_min, span).to_be();
-        // Echo too: the identifier is the request's `sport`, the reply's `dport`.
-        new.sport = port;
-        rk.tuple = new.reversed();
-        if CONNTRACK6.get_ptr(&rk).is_none()
-            && CONNTRACK6.insert(&rk, &*rev, BPF_NOEXIST as u64).is_ok()
+    let probes = if spec.alloc_port { PORT_PROBES } else { 1 };
+    while !claimed && i < probes {
+        if spec.alloc_port {
+            // Echo too: the identifier is the request's `sport`, the reply's `dport`.
+            xlat.sport = probe_port6(cfg.port_seed, orig, i, cfg.nat_port_min, span).to_be();
+            rk.tuple = xlat.reversed();
+        }
+        if CONNTRACK6.get_ptr(&*rk).is_none()
+            && CONNTRACK6.insert(&*rk, &*rev, BPF_NOEXIST as u64).is_ok()
         {
             claimed = true;
         } else {
@@ -209,7 +237,11 @@ pub fn create6(cfg: &Config, pkt: &Packet6, len: u32, xlat: &mut Tuple6) -> Resu
         }
     }
     if !claimed {
-        return Err(Stat::DropPortExhausted);
+        return Err(if spec.alloc_port {
+            Stat::DropPortExhausted
+        } else {
+            Stat::DropCtInsert
+        });
     }
     if i > 0 {
         stats::inc(match i {
@@ -220,15 +252,17 @@ pub fn create6(cfg: &Config, pkt: &Packet6, len: u32, xlat: &mut Tuple6) -> Resu
         });
     }
     *fwd = *rev;
-    fwd.xlat = new;
+    fwd.xlat = *xlat;
     fwd.flags = ct_flags::FWD;
-    fwd.packets = packets;
-    fwd.bytes = bytes;
-    let fk = key6(pkt, dir::UPLINK_EGRESS);
-    if CONNTRACK6.insert(&fk, &*fwd, BPF_NOEXIST as u64).is_err() {
-        // Another CPU made this flow's pair meanwhile: use its translation.
-        let _ = CONNTRACK6.remove(&rk);
-        return match unsafe { CONNTRACK6.get(&fk) } {
+    if cfg.ct_counters != 0 {
+        fwd.packets = 1;
+        fwd.bytes = len as u64;
+    }
+    *fk = key6(pkt, spec.fwd_dir);
+    if CONNTRACK6.insert(&*fk, &*fwd, BPF_NOEXIST as u64).is_err() {
+        let _ = CONNTRACK6.remove(&*rk);
+        // SAFETY: a valid map value, copied out.
+        return match unsafe { CONNTRACK6.get(&*fk) } {
             Some(e) => {
                 *xlat = e.xlat;
                 Ok(())
@@ -237,6 +271,5 @@ pub fn create6(cfg: &Config, pkt: &Packet6, len: u32, xlat: &mut Tuple6) -> Resu
         };
     }
     stats::inc(Stat::Ct6Created);
-    *xlat = new;
     Ok(())
 }

@@ -28,22 +28,54 @@ pub const MARK: u32 = 0x6e65_7473;
 const AF_INET: u8 = 2;
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
 
-/// Where the fast path sends a packet.
-pub enum Fast {
-    /// Into the namespace of the container behind this host veth.
-    Peer(u32),
-    /// Out of this interface, MACs already set.
-    Out(u32),
-    /// Out of this interface, the kernel resolves the next hop's MAC.
-    Neigh(u32),
-}
+/// Where the fast path sends a packet: its kind above the ifindex in one scalar,
+/// [`Fast::STACK`] for the stack's path. Not an enum: LLVM moves an enum's payload
+/// register even on the paths where it was never set, which the verifier refuses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fast(u64);
 
 impl Fast {
+    /// Not redirected: the packet goes on through the host's stack.
+    pub const STACK: Fast = Fast(0);
+    const PEER: u64 = 1;
+    const OUT: u64 = 2;
+    const NEIGH: u64 = 3;
+
+    /// Into the namespace of the container behind this host veth.
+    pub fn peer(ifindex: u32) -> Self {
+        Fast((Self::PEER << 32) | ifindex as u64)
+    }
+
+    /// Out of this interface, MACs already set.
+    pub fn out(ifindex: u32) -> Self {
+        Fast((Self::OUT << 32) | ifindex as u64)
+    }
+
+    /// Out of this interface, the kernel resolves the next hop's MAC.
+    pub fn neigh(ifindex: u32) -> Self {
+        Fast((Self::NEIGH << 32) | ifindex as u64)
+    }
+
+    pub fn is_stack(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The raw scalar, to pass across a call.
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_raw(raw: u64) -> Self {
+        Fast(raw)
+    }
+
     pub fn verdict(self) -> Verdict {
-        match self {
-            Fast::Peer(i) => Verdict::RedirectPeer(i),
-            Fast::Out(i) => Verdict::Redirect(i),
-            Fast::Neigh(i) => Verdict::RedirectNeigh(i),
+        let ifindex = self.0 as u32;
+        match self.0 >> 32 {
+            Self::PEER => Verdict::RedirectPeer(ifindex),
+            Self::OUT => Verdict::Redirect(ifindex),
+            Self::NEIGH => Verdict::RedirectNeigh(ifindex),
+            _ => Verdict::Pass,
         }
     }
 }
@@ -72,31 +104,37 @@ fn dec_ttl(ctx: &TcContext) -> bool {
 /// Uplink ingress, after translation: a packet now addressed to a container goes
 /// straight into its namespace.
 #[inline(always)]
-pub fn to_container(ctx: &TcContext, cfg: &Config, daddr: u32) -> Option<Fast> {
+pub fn to_container(ctx: &TcContext, cfg: &Config, daddr: u32) -> Fast {
     if cfg.fast_path == 0 {
-        return None;
+        return Fast::STACK;
     }
-    let ep = *unsafe { ENDPOINTS.get(&daddr) }?;
+    // SAFETY: a valid map value, copied out.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
+        return Fast::STACK;
+    };
     if packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac).is_err() || !dec_ttl(ctx) {
-        return None;
+        return Fast::STACK;
     }
     stats::inc(Stat::FastIn);
-    Some(Fast::Peer(ep.ifindex))
+    Fast::peer(ep.ifindex)
 }
 
 /// A container's packet to another container on the bridge (addressed to its MAC):
 /// straight to that container's veth peer.
 #[inline(always)]
-pub fn to_neighbour(cfg: &Config, dst_mac: &[u8; 6], daddr: u32) -> Option<Fast> {
+pub fn to_neighbour(cfg: &Config, dst_mac: &[u8; 6], daddr: u32) -> Fast {
     if cfg.fast_path == 0 {
-        return None;
+        return Fast::STACK;
     }
-    let ep = unsafe { ENDPOINTS.get(&daddr) }?;
+    // SAFETY: a valid map value.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }) else {
+        return Fast::STACK;
+    };
     if ep.mac != *dst_mac {
-        return None;
+        return Fast::STACK;
     }
     stats::inc(Stat::FastLocal);
-    Some(Fast::Peer(ep.ifindex))
+    Fast::peer(ep.ifindex)
 }
 
 /// The route of a container's packet to the gateway: the uplink and the next hop's
@@ -104,9 +142,9 @@ pub fn to_neighbour(cfg: &Config, dst_mac: &[u8; 6], daddr: u32) -> Option<Fast>
 /// needed, no route, TTL expiring).
 /// A function of its own: the lookup's parameter block stays off the caller's stack.
 #[inline(never)]
-pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12]) -> Option<Fast> {
+pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12]) -> Fast {
     if cfg.fast_path == 0 || ip.ttl <= 1 {
-        return None;
+        return Fast::STACK;
     }
     // SAFETY: zeroed is a valid bpf_fib_lookup; the IPv4 members are filled in.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -127,14 +165,14 @@ pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12
         )
     } as u32;
     if p.ifindex != cfg.uplink_ifindex {
-        return None;
+        return Fast::STACK;
     }
     macs[..6].copy_from_slice(&p.dmac);
     macs[6..].copy_from_slice(&p.smac);
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Some(Fast::Out(p.ifindex)),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Some(Fast::Neigh(p.ifindex)),
-        _ => None,
+        BPF_FIB_LKUP_RET_SUCCESS => Fast::out(p.ifindex),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Fast::neigh(p.ifindex),
+        _ => Fast::STACK,
     }
 }
 
@@ -164,17 +202,17 @@ fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
 
 /// After the packet was translated: the MACs, the TTL, the mark.
 #[inline(always)]
-pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &[u8; 12]) -> Option<Fast> {
+pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &[u8; 12]) -> Fast {
     // Marked first: translated, it must not be translated again at the uplink, even
     // if it falls back to the stack below.
     // SAFETY: writing a field of the context the kernel handed us (writable in TC).
     unsafe { (*ctx.skb.skb).mark = MARK };
-    if let Fast::Out(_) = fast {
-        ctx.store(0, macs, 0).ok()?;
+    if fast.0 >> 32 == Fast::OUT && ctx.store(0, macs, 0).is_err() {
+        return Fast::STACK;
     }
     if !dec_ttl(ctx) {
-        return None;
+        return Fast::STACK;
     }
     stats::inc(Stat::FastOut);
-    Some(fast)
+    fast
 }

@@ -98,6 +98,31 @@ pub fn netns_bind4(ctx: SockAddrContext) -> i32 {
     sock::check_bind(&ctx)
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn netns_connect6(ctx: SockAddrContext) -> i32 {
+    sock::redirect_to_container6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn netns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::redirect_to_container6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn netns_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore_host_addr6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn netns_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore_host_addr6(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn netns_bind6(ctx: SockAddrContext) -> i32 {
+    sock::check_bind6(&ctx)
+}
+
 /// Every drop is counted with its reason; everything else goes on to the next TCX
 /// program (TCX_NEXT, not TCX_PASS: other eBPF programs on the same hook still see
 /// it) and then down the stack. Drops that signal a problem of netns itself (not of

@@ -10,9 +10,10 @@ use netns_common::{
     BRIDGE_PORTS_MAX_ENTRIES, BridgePort, CT_COUNT_MAX_ENTRIES, CT_MAX_ENTRIES, CT_NEW_MAX_ENTRIES,
     CT6_MAX_ENTRIES, Config, Ct6Entry, Ct6Key, CtCount, CtEntry, CtKeep, CtKey,
     ENDPOINTS_MAX_ENTRIES, Endpoint, FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FRAGS6_MAX_ENTRIES,
-    Frag6Key, Frag6Xlat, FragKey, FragPorts, INBOUND_MAX_ENTRIES, NOMASQ_MAX_ENTRIES,
-    PORTS_MAX_ENTRIES, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SockKey, SockOrig, StashKey,
-    StashedFrame, Stat,
+    Frag6Key, Frag6Xlat, FragKey, FragPorts, INBOUND_MAX_ENTRIES, In6, NOMASQ_MAX_ENTRIES,
+    PORTS_MAX_ENTRIES, PORTS6_MAX_ENTRIES, Port6Key, Port6Target, PortKey, PortTarget,
+    SOCK_REVNAT_MAX_ENTRIES, SOCK_REVNAT6_MAX_ENTRIES, Sock6Key, Sock6Orig, SockKey, SockOrig,
+    StashKey, StashedFrame, Stat,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
@@ -43,6 +44,19 @@ pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Entry> = LruHashMap::pinned(CT6_MAX
 /// fragments (they carry no ports).
 #[map(name = "NETNS_FRAGS6")]
 pub static FRAGS6: LruHashMap<Frag6Key, Frag6Xlat> = LruHashMap::pinned(FRAGS6_MAX_ENTRIES, 0);
+
+/// IPv6 port forwards: (host address or zero, host port, proto) -> container.
+#[map(name = "NETNS_PORTS6")]
+pub static PORTS6: HashMap<Port6Key, Port6Target> = HashMap::pinned(PORTS6_MAX_ENTRIES, 0);
+
+/// IPv6 socket-level port forwards: (socket, container end) -> the host address used.
+#[map(name = "NETNS_SKREV6")]
+pub static SOCK_REVNAT6: LruHashMap<Sock6Key, Sock6Orig> =
+    LruHashMap::pinned(SOCK_REVNAT6_MAX_ENTRIES, 0);
+
+/// Container IPv6 addresses -> bridge port and MAC (IPv6 hairpin).
+#[map(name = "NETNS_EPS6")]
+pub static ENDPOINTS6: HashMap<In6, Endpoint> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
 
 #[map(name = "NETNS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -333,10 +333,40 @@ pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
     if is_ipv6(ctx) {
         return into_verdict(config().map_or(Ok(()), |cfg| nat6::uplink_ingress6(ctx, cfg)));
     }
-    match try_uplink_ingress(ctx) {
-        Ok(Some(f)) => f.verdict(),
-        Ok(None) => Verdict::Pass,
-        Err(s) => Verdict::Drop(s),
+    let mut drop = Stat::PortPassed;
+    let raw = uplink_ingress4(ctx, &mut drop);
+    verdict_of(raw, drop)
+}
+
+/// The IPv4 path in a frame of its own: the IPv6 path's frames beside it in one
+/// function would pass the 512-byte stack limit.
+#[inline(never)]
+fn uplink_ingress4(ctx: &TcContext, drop: &mut Stat) -> u64 {
+    outcome(try_uplink_ingress(ctx), drop)
+}
+
+/// Returned for a drop by a path across a call (its reason in `drop`).
+const DROPPED: u64 = u64::MAX;
+
+/// A path's outcome as plain scalars across a call (as for [`hairpin_call`]: LLVM
+/// leaves payload bits of an enum undefined, which the verifier refuses to read).
+#[inline(always)]
+fn outcome(r: Result<Fast, Stat>, drop: &mut Stat) -> u64 {
+    match r {
+        Ok(f) => f.raw(),
+        Err(s) => {
+            *drop = s;
+            DROPPED
+        }
+    }
+}
+
+#[inline(always)]
+fn verdict_of(raw: u64, drop: Stat) -> Verdict {
+    if raw == DROPPED {
+        Verdict::Drop(drop)
+    } else {
+        Fast::from_raw(raw).verdict()
     }
 }
 
@@ -354,14 +384,17 @@ fn inbound_guard(cfg: &Config, t: &Tuple) -> Result<(), Stat> {
     Ok(())
 }
 
-fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
-    let Some(cfg) = config() else { return Ok(None) };
+#[inline(always)]
+fn try_uplink_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
+    let Some(cfg) = config() else {
+        return Ok(Fast::STACK);
+    };
     if cfg.uplink_addr == 0 {
-        return Ok(None);
+        return Ok(Fast::STACK);
     }
     let mut pkt = Packet::EMPTY;
     match packet::parse_into(ctx, &mut pkt)? {
-        Kind::Other => return Ok(None),
+        Kind::Other => return Ok(Fast::STACK),
         Kind::Ipv4 => {}
         Kind::IcmpError => {
             let p = &pkt;
@@ -371,14 +404,14 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
             {
                 stats::inc(Stat::IcmpErrors);
             }
-            return Ok(None);
+            return Ok(Fast::STACK);
         }
     };
     inbound_guard(cfg, &pkt.tuple)?;
     // 127/8 from the wire is a martian the kernel drops; a loopback-only mapping must
     // never be reached this way (TC ingress runs before that check: CVE-2020-8558).
     if is_loopback(pkt.tuple.daddr) {
-        return Ok(None);
+        return Ok(Fast::STACK);
     }
     // Replies and port forwards may be addressed to any address of the uplink (a
     // mapping can name a secondary one); the conntrack key includes the address.
@@ -388,7 +421,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
             FragInfo::Ours => {}
             FragInfo::Host => {
                 stats::inc(Stat::FragHost);
-                return Ok(None);
+                return Ok(Fast::STACK);
             }
             FragInfo::Unknown => {
                 // It overtook its first fragment, whose ports say whether it is a
@@ -400,7 +433,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
                         Err(s) => stats::inc(s),
                     }
                 }
-                return Ok(None);
+                return Ok(Fast::STACK);
             }
         }
     }
@@ -429,7 +462,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
                     remember_frag(&pkt, true, None, 0);
                     frag::discard(&frag_key(&pkt));
                 }
-                return Ok(None);
+                return Ok(Fast::STACK);
             }
         },
     };
@@ -463,11 +496,41 @@ fn forward_target(ctx: &TcContext, pkt: &Packet, to_uplink: bool) -> Option<Port
 }
 
 pub fn port_ingress(ctx: &TcContext) -> Verdict {
-    match try_port_ingress(ctx) {
-        Ok(Some(f)) => f.verdict(),
-        Ok(None) => Verdict::Pass,
-        Err(s) => Verdict::Drop(s),
+    let mut drop = Stat::PortPassed;
+    // Each family in a frame of its own, as at the uplink.
+    let raw = if is_ipv6(ctx) {
+        port_ingress6(ctx, &mut drop)
+    } else {
+        port_ingress4(ctx, &mut drop)
+    };
+    verdict_of(raw, drop)
+}
+
+#[inline(never)]
+fn port_ingress4(ctx: &TcContext, drop: &mut Stat) -> u64 {
+    outcome(try_port_ingress(ctx), drop)
+}
+
+#[inline(never)]
+fn port_ingress6(ctx: &TcContext, drop: &mut Stat) -> u64 {
+    outcome(try_port_ingress6(ctx), drop)
+}
+
+/// IPv6 from a container: its own MAC and port, then [`nat6::port_check6`].
+#[inline(always)]
+fn try_port_ingress6(ctx: &TcContext) -> Result<Fast, Stat> {
+    let eth = packet::eth(ctx)?;
+    let Some(port) = (unsafe { BRIDGE_PORTS.get(&skb_ifindex(ctx)) }) else {
+        return Err(Stat::DropNoEndpoint);
+    };
+    if eth.src != port.mac {
+        return Err(Stat::DropSpoofedMac);
     }
+    let cfg = config().ok_or(Stat::DropIpv6Off)?;
+    Ok(match nat6::port_check6(ctx, cfg, port)? {
+        0 => Fast::STACK,
+        ifindex => Fast::out(ifindex),
+    })
 }
 
 /// A container may only send from its own MAC, through its own port, and only IPv4
@@ -476,7 +539,8 @@ pub fn port_ingress(ctx: &TcContext) -> Verdict {
 /// host (ICMP redirects, router adverts). Then hairpin: a container reaching a port
 /// forward through a host address is sent straight to the target container. Returns
 /// the ifindex to redirect to, if any.
-fn try_port_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
+#[inline(always)]
+fn try_port_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
     let eth = packet::eth(ctx)?;
     let Some(port) = (unsafe { BRIDGE_PORTS.get(&skb_ifindex(ctx)) }) else {
         return Err(Stat::DropNoEndpoint);
@@ -500,12 +564,7 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
             if sender_ip != port.addr && sender_ip != 0 {
                 return Err(Stat::DropSpoofedIp);
             }
-            return Ok(None);
-        }
-        ETH_P_IPV6 => {
-            let cfg = config().ok_or(Stat::DropIpv6Off)?;
-            nat6::port_check6(ctx, cfg, port)?;
-            return Ok(None);
+            return Ok(Fast::STACK);
         }
         _ => return Err(Stat::DropEthertype),
     }
@@ -521,15 +580,17 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
         }
     }
     stats::inc(Stat::PortPassed);
-    let Some(cfg) = config() else { return Ok(None) };
+    let Some(cfg) = config() else {
+        return Ok(Fast::STACK);
+    };
     // Every hairpinned packet is addressed to a host address (the uplink's, or the
     // gateway the target replies to).
     if ip.daddr == cfg.uplink_addr || ip.daddr == cfg.gateway {
         let mut ifindex = 0;
         let mut drop = Stat::PortPassed;
         return match hairpin_call(ctx, cfg, &mut ifindex, &mut drop) {
-            0 => Ok(None),
-            1 => Ok(Some(Fast::Out(ifindex))),
+            0 => Ok(Fast::STACK),
+            1 => Ok(Fast::out(ifindex)),
             _ => Err(drop),
         };
     }
@@ -537,21 +598,22 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Option<Fast>, Stat> {
         return Ok(fastpath::to_neighbour(cfg, &eth.dst, ip.daddr));
     }
     if in_subnet(cfg, ip.daddr) || cfg.uplink_addr == 0 {
-        return Ok(None);
+        return Ok(Fast::STACK);
     }
     // A routed destination (`--no-masquerade`, `--allow-inbound`) is the stack's: not
     // translated here, the host routes it (and the uplink's egress counts it). A port
     // forward's reply to such a peer is translated there too.
     if routed_dest(ip.daddr) {
-        return Ok(None);
+        return Ok(Fast::STACK);
     }
     // Routed through the gateway to the outside: translate here and send it out.
     let mut macs = [0u8; 12];
-    let Some(fast) = fastpath::route_out(ctx, cfg, &ip, &mut macs) else {
-        return Ok(None);
-    };
+    let fast = fastpath::route_out(ctx, cfg, &ip, &mut macs);
+    if fast.is_stack() {
+        return Ok(Fast::STACK);
+    }
     if egress_translate(ctx)? == 0 {
-        return Ok(None);
+        return Ok(Fast::STACK);
     }
     Ok(fastpath::finish_out(ctx, fast, &macs))
 }

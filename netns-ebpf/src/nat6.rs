@@ -10,20 +10,20 @@
 
 use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
 use netns_common::{
-    BridgePort, Config, Frag6Key, Frag6Xlat, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, In6, Stat,
-    Tuple6, dir,
+    BridgePort, Config, Frag6Key, Frag6Xlat, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, In6,
+    LOOPBACK_IFINDEX, Stat, Tuple6, ct_kind, dir,
 };
 
 use crate::{
-    conntrack6::{create6, lookup6},
+    conntrack6::{Spec6, create6, lookup6},
     ipv6::{
         self, ICMP6_QUOTE, IP6_DADDR_OFF, IP6_HLEN, IP6_SADDR_OFF, IP6H_DADDR, IP6H_SADDR,
         ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, Packet6,
         eui64_link_local, is_multicast, parse6, rewrite_addr, rewrite6,
     },
-    maps::{CONNTRACK6, FRAGS6},
-    packet::{L4, L4_DPORT, L4_SPORT},
-    stats,
+    maps::{CONNTRACK6, ENDPOINTS6, FRAGS6},
+    packet::{self, L4, L4_DPORT, L4_SPORT, TCP_ACK, TCP_SYN},
+    portfwd, stats,
 };
 
 /// What the IPv6 paths work on, kept off the BPF stack (512 bytes for the whole call
@@ -60,9 +60,11 @@ fn scratch() -> Result<&'static mut Work6, Stat> {
 /// An IPv6 frame arriving from a container on its bridge port: its source must be
 /// the container's address, its EUI-64 link-local address, or :: (duplicate address
 /// detection); neighbour adverts only for its own addresses, with its own MAC; no
-/// router adverts or redirects. What passes goes on to the bridge and the host stack.
+/// router adverts or redirects. What passes goes on to the bridge and the host stack,
+/// except hairpin traffic (a port forward reached through a host address), which is
+/// translated and sent to the target's bridge port: returns that port's ifindex, or 0.
 #[inline(never)]
-pub fn port_check6(ctx: &TcContext, cfg: &Config, port: &BridgePort) -> Result<(), Stat> {
+pub fn port_check6(ctx: &TcContext, cfg: &Config, port: &BridgePort) -> Result<u32, Stat> {
     if !ipv6_on(cfg) || port.addr6.is_zero() {
         return Err(Stat::DropIpv6Off);
     }
@@ -90,7 +92,55 @@ pub fn port_check6(ctx: &TcContext, cfg: &Config, port: &BridgePort) -> Result<(
         }
     }
     stats::inc(Stat::PortPassed);
-    Ok(())
+    let d = &pkt.tuple.daddr;
+    let to_host = *d == cfg.gateway6 || (*d == cfg.uplink_addr6 && !d.is_zero());
+    if !to_host || pkt.l4 != L4::Ports || pkt.later_fragment {
+        return Ok(0);
+    }
+    hairpin6(ctx, cfg)
+}
+
+/// Hairpin NAT, as for IPv4: destination -> the port forward's target, source -> the
+/// gateway with a NAT port, so the target's reply comes back through its own bridge
+/// port, where the reverse half undoes both; frames go port to port.
+#[inline(never)]
+fn hairpin6(ctx: &TcContext, cfg: &Config) -> Result<u32, Stat> {
+    let w = scratch()?;
+    let pkt = &w.pkt;
+    let x = &mut w.xlat;
+    let len = ctx.len();
+    if lookup6(cfg, pkt, dir::BRIDGE, len, x) == 0 {
+        let Some(t) = portfwd::lookup6(&pkt.tuple.daddr, pkt.tuple.dport, pkt.proto) else {
+            return Ok(0);
+        };
+        // Wildcard mappings and ones on the uplink's or the bridge's address; never
+        // loopback-only ones.
+        if t.ifindex != 0 && t.ifindex != cfg.uplink_ifindex && t.ifindex != cfg.bridge_ifindex {
+            return Ok(0);
+        }
+        *x = Tuple6 {
+            saddr: cfg.gateway6,
+            daddr: t.addr,
+            sport: pkt.tuple.sport,
+            dport: t.port,
+        };
+        let spec = Spec6 {
+            fwd_dir: dir::BRIDGE,
+            rev_dir: dir::BRIDGE,
+            kind: ct_kind::HAIRPIN,
+            alloc_port: true,
+            owner: pkt.tuple.saddr,
+        };
+        create6(cfg, pkt, len, &spec, x)?;
+    }
+    // SAFETY: a valid map value, copied out.
+    let Some(ep) = (unsafe { ENDPOINTS6.get(&x.daddr) }).copied() else {
+        return Err(Stat::DropNoEndpoint);
+    };
+    rewrite6(ctx, pkt, x)?;
+    packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac)?;
+    stats::inc(Stat::Hairpin6Packets);
+    Ok(ep.ifindex)
 }
 
 /// The first NDP option, if it is a link-layer address option of type `ty` (source 1,
@@ -151,18 +201,34 @@ pub fn uplink_egress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
         L4::IcmpOther => return Err(Stat::DropIcmpType),
         L4::IcmpQuery if pkt.l4_flags != ipv6::ICMP6_ECHO_REQUEST => {
             // An echo reply or other query with no flow: nothing to translate it by.
-            if !lookup6(cfg, pkt, dir::UPLINK_EGRESS, len, x) {
+            if lookup6(cfg, pkt, dir::UPLINK_EGRESS, len, x) == 0 {
                 return Err(Stat::DropIcmpType);
             }
             return rewrite6(ctx, pkt, x).map(|_| stats::inc(Stat::Snat6Packets));
         }
         _ => {}
     }
-    if !lookup6(cfg, pkt, dir::UPLINK_EGRESS, len, x) {
-        create6(cfg, pkt, len, x)?;
+    let kind = lookup6(cfg, pkt, dir::UPLINK_EGRESS, len, x);
+    if kind == 0 {
+        *x = Tuple6 {
+            saddr: cfg.uplink_addr6,
+            ..pkt.tuple
+        };
+        let spec = Spec6 {
+            fwd_dir: dir::UPLINK_EGRESS,
+            rev_dir: dir::UPLINK_INGRESS,
+            kind: ct_kind::SNAT,
+            alloc_port: true,
+            owner: pkt.tuple.saddr,
+        };
+        create6(cfg, pkt, len, &spec, x)?;
     }
     rewrite6(ctx, pkt, x)?;
-    stats::inc(Stat::Snat6Packets);
+    stats::inc(if kind == ct_kind::DNAT as u32 {
+        Stat::Dnat6ReplyPackets
+    } else {
+        Stat::Snat6Packets
+    });
     Ok(())
 }
 
@@ -218,16 +284,67 @@ pub fn uplink_ingress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
     if matches!(pkt.l4, L4::IcmpOther) {
         return Ok(());
     }
+    // A port forward answers on the uplink's address (docker's "0.0.0.0" is every
+    // host address; IPv6 mappings on others are not taken from the wire yet).
     let x = &mut w.xlat;
-    if !lookup6(cfg, pkt, dir::UPLINK_INGRESS, len, x) {
+    let kind = lookup6(cfg, pkt, dir::UPLINK_INGRESS, len, x);
+    if kind == 0 && !port_forward6(ctx, cfg, pkt, len, x)? {
         return Ok(());
     }
     rewrite6(ctx, pkt, x)?;
     if pkt.fragment {
         let _ = FRAGS6.insert(fk, &Frag6Xlat { addr: x.daddr }, BPF_ANY as u64);
     }
-    stats::inc(Stat::Snat6ReplyPackets);
+    stats::inc(if kind == 0 || kind == ct_kind::DNAT as u32 {
+        Stat::Dnat6Packets
+    } else {
+        Stat::Snat6ReplyPackets
+    });
     Ok(())
+}
+
+/// A new flow from outside to a mapped port of the uplink's address: its pair, and
+/// `x` what it is rewritten to (the peer keeps its address: the container sees it).
+/// False: no mapping, the packet is the host's.
+#[inline(always)]
+fn port_forward6(
+    ctx: &TcContext,
+    cfg: &Config,
+    pkt: &Packet6,
+    len: u32,
+    x: &mut Tuple6,
+) -> Result<bool, Stat> {
+    if pkt.l4 != L4::Ports {
+        return Ok(false);
+    }
+    let Some(t) = portfwd::lookup6(&pkt.tuple.daddr, pkt.tuple.dport, pkt.proto) else {
+        return Ok(false);
+    };
+    // SAFETY: reading a field of the context the kernel handed us.
+    let arrived = unsafe { (*ctx.skb.skb).ifindex };
+    if t.ifindex == LOOPBACK_IFINDEX || (t.ifindex != 0 && t.ifindex != arrived) {
+        return Ok(false);
+    }
+    // State only for a connection's first segment: anything else to a mapped port
+    // with no flow would open a hole for a forged segment.
+    if pkt.proto == IPPROTO_TCP && pkt.l4_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Err(Stat::DropTcpNoState);
+    }
+    *x = Tuple6 {
+        saddr: pkt.tuple.saddr,
+        daddr: t.addr,
+        sport: pkt.tuple.sport,
+        dport: t.port,
+    };
+    let spec = Spec6 {
+        fwd_dir: dir::UPLINK_INGRESS,
+        rev_dir: dir::UPLINK_EGRESS,
+        kind: ct_kind::DNAT,
+        alloc_port: false,
+        owner: t.addr,
+    };
+    create6(cfg, pkt, len, &spec, x)?;
+    Ok(true)
 }
 
 /// An ICMPv6 error about a NAT66 flow (unreachable, packet too big, time exceeded,

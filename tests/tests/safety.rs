@@ -897,7 +897,10 @@ send_l2("eth0", eth("33:33:00:00:00:01", cmac, 0x86dd, ip6(src, dst, 58, icmp6(s
     assert_eq!(accept_ra.trim(), "0", "accept_ra on the bridge");
     let after = t.stats();
     assert!(
-        grew(&before, &after, "drop_icmp_type") + grew(&before, &after, "drop_ethertype") >= 1,
+        grew(&before, &after, "drop_icmp_type")
+            + grew(&before, &after, "drop_ethertype")
+            + grew(&before, &after, "drop_ipv6_off")
+            >= 1,
         "{after}"
     );
 }

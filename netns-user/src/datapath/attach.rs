@@ -31,7 +31,7 @@ const UPLINK_LINKS: [(&str, TcAttachType, &str); 2] = [
 ];
 
 /// The socket programs and their cgroup attach types.
-const SOCK_LINKS: [(&str, CgroupSockAddrAttachType); 5] = [
+const SOCK_LINKS: [(&str, CgroupSockAddrAttachType); 10] = [
     (progs::SOCK_CONNECT4, CgroupSockAddrAttachType::Connect4),
     (progs::SOCK_SENDMSG4, CgroupSockAddrAttachType::UDPSendMsg4),
     (progs::SOCK_RECVMSG4, CgroupSockAddrAttachType::UDPRecvMsg4),
@@ -40,6 +40,14 @@ const SOCK_LINKS: [(&str, CgroupSockAddrAttachType); 5] = [
         CgroupSockAddrAttachType::GetPeerName4,
     ),
     (progs::SOCK_BIND4, CgroupSockAddrAttachType::Bind4),
+    (progs::SOCK_CONNECT6, CgroupSockAddrAttachType::Connect6),
+    (progs::SOCK_SENDMSG6, CgroupSockAddrAttachType::UDPSendMsg6),
+    (progs::SOCK_RECVMSG6, CgroupSockAddrAttachType::UDPRecvMsg6),
+    (
+        progs::SOCK_GETPEERNAME6,
+        CgroupSockAddrAttachType::GetPeerName6,
+    ),
+    (progs::SOCK_BIND6, CgroupSockAddrAttachType::Bind6),
 ];
 
 /// What `netns datapath check` did: every attachment it found missing, re-attached or not.

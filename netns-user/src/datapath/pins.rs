@@ -21,12 +21,17 @@ impl Pins {
         progs::UPLINK_INGRESS,
         progs::PORT_INGRESS,
     ];
-    pub const SOCK_PROGS: [&'static str; 5] = [
+    pub const SOCK_PROGS: [&'static str; 10] = [
         progs::SOCK_CONNECT4,
         progs::SOCK_SENDMSG4,
         progs::SOCK_RECVMSG4,
         progs::SOCK_GETPEERNAME4,
         progs::SOCK_BIND4,
+        progs::SOCK_CONNECT6,
+        progs::SOCK_SENDMSG6,
+        progs::SOCK_RECVMSG6,
+        progs::SOCK_GETPEERNAME6,
+        progs::SOCK_BIND6,
     ];
 
     pub fn new(bpffs_dir: &Path) -> Self {
