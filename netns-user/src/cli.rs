@@ -6,7 +6,8 @@ use std::path::{Component, Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 pub use crate::config::{
-    ArgError, Cidr, Gateway, IPROUTE2_NETNS_DIR, NetConfig, PortRange, parse_cidr, parse_cidr_list,
+    ArgError, Cidr, Gateway, Gateway6, IPROUTE2_NETNS_DIR, NetConfig, PortRange, parse_cidr,
+    parse_cidr_list,
 };
 
 /// iproute2 keeps named network namespaces here; our state must never live there.
@@ -36,6 +37,12 @@ pub struct GlobalArgs {
     /// Gateway address of the bridge with the subnet's prefix length.
     #[arg(long, env = "NETNS_IP", default_value = "172.19.0.1/16", global = true)]
     pub ip: Gateway,
+
+    /// IPv6 for containers: the bridge's IPv6 gateway with the containers' prefix
+    /// (e.g. fd00:19::1/64). A container's address is the prefix plus its IPv4 host
+    /// offset. Masqueraded (NAT66) to the uplink's global IPv6 address.
+    #[arg(long, env = "NETNS_IP6", global = true)]
+    pub ip6: Option<Gateway6>,
 
     /// MTU of bridge and veths [default: the uplink's MTU, 1500 without uplink].
     #[arg(long, env = "NETNS_MTU", value_parser = clap::value_parser!(u32).range(68..=65535), global = true)]
@@ -265,6 +272,7 @@ impl GlobalArgs {
         NetConfig {
             bridge: self.bridge.clone(),
             gateway: self.ip,
+            gateway6: self.ip6,
             mtu: self.mtu,
             uplink: self.uplink.clone(),
             state_dir: self.state_dir.clone(),

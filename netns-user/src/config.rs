@@ -3,7 +3,7 @@
 //! builds a [`NetConfig`]; nothing below the command layer sees clap.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -19,6 +19,8 @@ pub struct NetConfig {
     pub bridge: String,
     /// The bridge's gateway address and the subnet's prefix length.
     pub gateway: Gateway,
+    /// `--ip6`: the bridge's IPv6 gateway and the containers' prefix (None: IPv4 only).
+    pub gateway6: Option<Gateway6>,
     /// MTU of bridge and veths; None: the uplink's.
     pub mtu: Option<u32>,
     /// Where masqueraded traffic leaves; None: the device of the default route.
@@ -72,6 +74,42 @@ pub enum ArgError {
     InboundSyntax(String),
     #[error("{0:?}: prefix length must be 0 to 32")]
     InboundPrefix(String),
+    #[error("{0:?}: expected an IPv6 ADDRESS/PREFIX such as fd00:19::1/64")]
+    Cidr6Syntax(String),
+    #[error(
+        "{0:?}: prefix length must be 8 to 120 (the prefix needs room for the containers' addresses)"
+    )]
+    Prefix6(String),
+    #[error(
+        "{0:?}: the gateway must be a unicast address with host bits set (not the prefix itself, not multicast, not link-local, not an IPv4-mapped address)"
+    )]
+    Gateway6Address(String),
+}
+
+/// Why `--ip6` does not fit the IPv4 subnet (the IPv6 address of a container is the
+/// prefix plus its IPv4 host offset, so every IPv4 host needs room).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Ip6Error {
+    #[error(
+        "--ip6 {gw6}: a /{len6} leaves {host6} host bits, but the IPv4 subnet {subnet} has {host4}; use a /{max} or shorter prefix"
+    )]
+    TooSmall {
+        gw6: Gateway6,
+        len6: u8,
+        host6: u32,
+        subnet: String,
+        host4: u32,
+        max: u32,
+    },
+    #[error(
+        "--ip6 {gw6}: the gateway's host part {host} would be the address of the container at {v4}; use the IPv4 gateway's offset (e.g. {suggest})"
+    )]
+    GatewayClash {
+        gw6: Gateway6,
+        host: u128,
+        v4: Ipv4Addr,
+        suggest: Ipv6Addr,
+    },
 }
 
 /// The bridge's gateway address and the subnet's prefix length.
@@ -120,6 +158,92 @@ impl FromStr for Gateway {
 }
 
 impl fmt::Display for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// The bridge's IPv6 gateway address and the containers' prefix length (`--ip6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateway6 {
+    pub addr: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+impl Gateway6 {
+    pub fn mask(self) -> u128 {
+        u128::MAX
+            .checked_shl(128 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+    pub fn network(self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr) & self.mask())
+    }
+
+    /// The container address of IPv4 `ip` in `gw`'s subnet: this prefix plus the same
+    /// host offset (172.19.0.5/16 -> fd00:19::5/64), so the IPv4 lease decides both.
+    pub fn host_for(self, gw: Gateway, ip: Ipv4Addr) -> Ipv6Addr {
+        let offset = u32::from(ip) & !gw.mask();
+        Ipv6Addr::from(u128::from(self.network()) | u128::from(offset))
+    }
+
+    /// Whether every IPv4 host offset of `gw` fits, and no container gets the gateway's
+    /// own address.
+    pub fn check_fits(self, gw: Gateway) -> Result<(), Ip6Error> {
+        let host4 = 32 - u32::from(gw.prefix_len);
+        let host6 = 128 - u32::from(self.prefix_len);
+        if host6 < host4 {
+            return Err(Ip6Error::TooSmall {
+                gw6: self,
+                len6: self.prefix_len,
+                host6,
+                subnet: gw.subnet(),
+                host4,
+                max: 128 - host4,
+            });
+        }
+        let host = u128::from(self.addr) & !self.mask();
+        let gw_offset = u128::from(u32::from(gw.addr) & !gw.mask());
+        let max_offset = u128::from(!gw.mask());
+        // Offsets 0 and all-ones are IPv4's network and broadcast: never a container.
+        if host != gw_offset && host > 0 && host < max_offset {
+            return Err(Ip6Error::GatewayClash {
+                gw6: self,
+                host,
+                v4: Ipv4Addr::from(u32::from(gw.network()) | host as u32),
+                suggest: Ipv6Addr::from(u128::from(self.network()) | gw_offset),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Gateway6 {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let syntax = || ArgError::Cidr6Syntax(s.to_owned());
+        let (a, p) = s.trim().split_once('/').ok_or_else(syntax)?;
+        let addr: Ipv6Addr = a.parse().map_err(|_| syntax())?;
+        let prefix_len: u8 = p.parse().map_err(|_| syntax())?;
+        if !(8..=120).contains(&prefix_len) {
+            return Err(ArgError::Prefix6(s.to_owned()));
+        }
+        let gw = Gateway6 { addr, prefix_len };
+        let link_local = addr.segments()[0] & 0xffc0 == 0xfe80;
+        if addr == gw.network()
+            || addr.is_multicast()
+            || addr.is_loopback()
+            || addr.is_unspecified()
+            || link_local
+            || addr.to_ipv4_mapped().is_some()
+        {
+            return Err(ArgError::Gateway6Address(s.to_owned()));
+        }
+        Ok(gw)
+    }
+}
+
+impl fmt::Display for Gateway6 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
@@ -235,6 +359,62 @@ mod tests {
         );
         for bad in ["10.0.0.1", "10.0.0.1/", "10.0.0/24", "10.0.0.1/x", "::1/64"] {
             assert_eq!(bad.parse::<Gateway>(), Err(ArgError::CidrSyntax), "{bad}");
+        }
+    }
+
+    #[test]
+    fn gateway6() {
+        let g: Gateway6 = "fd00:19::1/64".parse().unwrap();
+        let v4: Gateway = "172.19.0.1/16".parse().unwrap();
+        assert_eq!(g.network(), "fd00:19::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            g.host_for(v4, Ipv4Addr::new(172, 19, 1, 7)),
+            "fd00:19::107".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(g.check_fits(v4), Ok(()));
+        let small: Gateway6 = "fd00:19::1/120".parse().unwrap();
+        let e = small.check_fits(v4).unwrap_err();
+        assert!(e.to_string().contains("/112 or shorter"), "{e}");
+        let clash: Gateway6 = "fd00:19::5/64".parse().unwrap();
+        let e = clash.check_fits(v4).unwrap_err();
+        assert!(
+            e.to_string().contains("172.19.0.5") && e.to_string().contains("fd00:19::1"),
+            "{e}"
+        );
+        // Outside the IPv4 offsets: no container can get it.
+        assert!(
+            "fd00:19::1:0:1/64"
+                .parse::<Gateway6>()
+                .unwrap()
+                .check_fits(v4)
+                .is_ok()
+        );
+        for bad in ["fd00:19::1", "fd00:19::1/", "172.19.0.1/16", "fd00:19::1/x"] {
+            assert_eq!(
+                bad.parse::<Gateway6>(),
+                Err(ArgError::Cidr6Syntax(bad.into())),
+                "{bad}"
+            );
+        }
+        for bad in ["fd00:19::1/130", "fd00:19::1/4", "fd00:19::1/128"] {
+            assert_eq!(
+                bad.parse::<Gateway6>(),
+                Err(ArgError::Prefix6(bad.into())),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "fd00:19::/64",
+            "ff02::1/64",
+            "fe80::1/64",
+            "::1/64",
+            "::ffff:1.2.3.4/96",
+        ] {
+            assert_eq!(
+                bad.parse::<Gateway6>(),
+                Err(ArgError::Gateway6Address(bad.into())),
+                "{bad}"
+            );
         }
     }
 

@@ -185,7 +185,12 @@ pub fn prestart(cfg: &NetConfig, st: &State) -> Result<(), HookError> {
                 id: id.to_owned(),
                 source,
             })?;
-            let new = portmap::expand(id, Ipv4Addr::UNSPECIFIED, &specs);
+            let new = portmap::expand(
+                id,
+                Ipv4Addr::UNSPECIFIED,
+                portmap::unspecified6(cfg),
+                &specs,
+            );
             portmap::load_table(&lock)
                 .and_then(|t| portmap::validate(&t, &new, true))
                 .map_err(|e| setup_err(e.into()))?;

@@ -48,15 +48,31 @@ pub fn mtu(cfg: &NetConfig, uplink: &Uplink) -> u32 {
     cfg.mtu.or(uplink.mtu).unwrap_or(network::DEFAULT_MTU)
 }
 
-/// The bridge with its address, MTU and hardened sysctls (created if missing).
+/// The bridge with its address, MTU and hardened sysctls (created if missing). A
+/// `--ip6` that does not fit the IPv4 subnet is refused before anything is made.
 pub async fn bridge(cfg: &NetConfig, nl: &Netlink, mtu: u32) -> Result<Link, NetworkError> {
-    bridge::ensure(nl, &cfg.bridge, cfg.gateway, mtu).await
+    if let Some(g6) = cfg.gateway6 {
+        g6.check_fits(cfg.gateway)?;
+    }
+    bridge::ensure(nl, &cfg.bridge, cfg.gateway, cfg.gateway6, mtu).await
 }
 
-/// IPv4 forwarding on in this namespace (the classic hook never did: runc issue 1856).
-pub fn enable_forwarding() -> Result<(), sysctl::SysctlError> {
+/// IPv4 forwarding on in this namespace (the classic hook never did: runc issue 1856),
+/// and IPv6 forwarding with `--ip6` (the uplink keeping its router advertisements).
+pub fn enable_forwarding(cfg: &NetConfig, uplink: &Uplink) -> Result<(), sysctl::SysctlError> {
     if sysctl::enable_ip_forward()? {
         log::info!("enabled IPv4 forwarding");
+    }
+    if cfg.gateway6.is_some() {
+        let r = sysctl::enable_ip6_forward(&uplink.name)?;
+        if let Some(up) = r.kept_ra_on {
+            log::info!(
+                "set net.ipv6.conf.{up}.accept_ra to 2: with IPv6 forwarding on, the uplink keeps accepting router advertisements"
+            );
+        }
+        if r.enabled {
+            log::info!("enabled IPv6 forwarding");
+        }
     }
     Ok(())
 }
@@ -66,7 +82,7 @@ pub async fn prepare(cfg: &NetConfig, nl: &Netlink) -> Result<Host, HostError> {
     let uplink = uplink(cfg, nl).await?;
     let mtu = mtu(cfg, &uplink);
     let bridge = bridge(cfg, nl, mtu).await?;
-    enable_forwarding()?;
+    enable_forwarding(cfg, &uplink)?;
     Ok(Host {
         uplink,
         bridge,
@@ -80,9 +96,11 @@ pub fn datapath_config(cfg: &NetConfig, uplink: &Uplink, bridge: &Link) -> Datap
         bpffs_dir: cfg.bpffs_dir.clone(),
         uplink_ifindex: uplink.index,
         uplink_addr: uplink.addr,
+        uplink_addr6: uplink.addr6,
         bridge_ifindex: bridge.index,
         gateway: cfg.gateway.addr,
         prefix_len: cfg.gateway.prefix_len,
+        gateway6: cfg.gateway6.map(|g| (g.addr, g.prefix_len)),
         nat_ports: (cfg.nat_ports.min, cfg.nat_ports.max),
         ct_max: cfg.ct_max,
         fast_path: cfg.fast_path,

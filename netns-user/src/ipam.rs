@@ -11,11 +11,11 @@
 //! linger in the datapath's conntrack map. Small subnets still reuse addresses at once.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Gateway;
+use crate::config::{Gateway, Gateway6};
 use crate::store::{Locked, StoreError};
 
 pub const LEASES_FILE: &str = "leases.json";
@@ -65,6 +65,14 @@ pub struct Lease {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
+    /// With `--ip6`: the IPv6 address (the prefix plus `ip`'s host offset), its prefix
+    /// length and the bridge's IPv6 gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix6_len: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     /// Container pid at prestart (teardown never relies on it; reconcile checks it is
     /// still the same process in the same namespace).
     pub pid: u32,
@@ -98,6 +106,22 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The IPv6 address, prefix length and gateway, when the lease has IPv6.
+    pub fn addr6(&self) -> Option<(Ipv6Addr, u8, Ipv6Addr)> {
+        Some((self.ip6?, self.prefix6_len?, self.gateway6?))
+    }
+
+    /// Sets (or, with None, clears) the IPv6 part from `--ip6`: derived from the IPv4
+    /// address, so it needs no allocation of its own. True if it changed.
+    pub fn set_ip6(&mut self, gw: Gateway, gw6: Option<Gateway6>) -> bool {
+        let want = gw6.map(|g| (g.host_for(gw, self.ip), g.prefix_len, g.addr));
+        let changed = self.addr6() != want;
+        self.ip6 = want.map(|w| w.0);
+        self.prefix6_len = want.map(|w| w.1);
+        self.gateway6 = want.map(|w| w.2);
+        changed
+    }
+
     /// The interface name inside the container.
     pub fn ifname(&self) -> &str {
         self.ifname
@@ -175,6 +199,9 @@ pub fn allocate(
         ip,
         prefix_len: gw.prefix_len,
         gateway: gw.addr,
+        ip6: None,
+        prefix6_len: None,
+        gateway6: None,
         pid: req.pid,
         pid_start: req.pid_start,
         netns_ino: req.netns_ino,

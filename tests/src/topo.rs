@@ -6,6 +6,9 @@
 //!                                                 |
 //!                                  [wan: wan0 198.51.100.1/24] (+ 203.0.113.0/24 beyond)
 //! ```
+//! With [`Topology::enable_ipv6`] the uplink also has 2001:db8:100::2/64 (wan
+//! 2001:db8:100::1/64) and the host an IPv6 default route via wan.
+//!
 //! Each topology has its own state directory, bpffs directory and cgroup, passed to the
 //! hooks through config.json, so any number of topologies run at once.
 
@@ -25,6 +28,12 @@ pub const UPLINK: &str = "up0";
 pub const UPLINK_IP: &str = "198.51.100.2";
 pub const WAN_IP: &str = "198.51.100.1";
 pub const GATEWAY: &str = "172.19.0.1";
+/// IPv6 on the uplink ([`Topology::enable_ipv6`]): wan's and the host's addresses.
+pub const WAN_IP6: &str = "2001:db8:100::1";
+pub const UPLINK_IP6: &str = "2001:db8:100::2";
+/// IPv6 behind wan ([`Topology::add_far6`]): wan's side and the far host.
+pub const FAR_GW6: &str = "2001:db8:200::1";
+pub const FAR_IP6: &str = "2001:db8:200::2";
 
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -340,6 +349,100 @@ impl Topology {
             .wan
             .cmd("sysctl")
             .args(["-qw", "net.ipv4.ip_forward=1"]));
+        far
+    }
+
+    /// IPv6 on the uplink: `up0` 2001:db8:100::2/64, `wan0` 2001:db8:100::1/64 (both
+    /// nodad), the host's IPv6 default route via wan. Call it before the first
+    /// container starts: the hook reads the uplink's global IPv6 address (NAT66 source).
+    pub fn enable_ipv6(&self) {
+        for (ns, dev) in [(&self.host, UPLINK), (&self.wan, "wan0")] {
+            for kv in [
+                "net.ipv6.conf.all.disable_ipv6=0".to_owned(),
+                "net.ipv6.conf.default.disable_ipv6=0".to_owned(),
+                format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+            ] {
+                ns.sysctl(&kv)
+                    .unwrap_or_else(|e| panic!("IPv6 in {} ({kv}): {e:#}", ns.name));
+            }
+        }
+        self.host.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{UPLINK_IP6}/64"),
+            "dev",
+            UPLINK,
+            "nodad",
+        ]);
+        self.wan.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{WAN_IP6}/64"),
+            "dev",
+            "wan0",
+            "nodad",
+        ]);
+        self.host
+            .ip(&["-6", "route", "add", "default", "via", WAN_IP6]);
+    }
+
+    /// The IPv6 analogue of [`Topology::add_far`]: a far namespace (`<tag>f6`) behind
+    /// wan on 2001:db8:200::/64 (wan `far6` 2001:db8:200::1 with `mtu`, far `eth0`
+    /// 2001:db8:200::2, default route via wan), wan forwarding IPv6. The host reaches
+    /// it through its default route (needs [`Topology::enable_ipv6`] first).
+    pub fn add_far6(&self, mtu: u32) -> NamedNetns {
+        let far = NamedNetns::new(&format!("{}f6", self.tag));
+        self.wan.ip(&[
+            "link",
+            "add",
+            "far6",
+            "mtu",
+            &mtu.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &far.name,
+        ]);
+        for kv in [
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.eth0.disable_ipv6=0",
+        ] {
+            far.sysctl(kv)
+                .unwrap_or_else(|e| panic!("IPv6 in {} ({kv}): {e:#}", far.name));
+        }
+        self.wan
+            .sysctl("net.ipv6.conf.far6.disable_ipv6=0")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        self.wan
+            .sysctl("net.ipv6.conf.all.forwarding=1")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        self.wan.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{FAR_GW6}/64"),
+            "dev",
+            "far6",
+            "nodad",
+        ]);
+        self.wan.ip(&["link", "set", "far6", "up"]);
+        far.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{FAR_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        far.ip(&["link", "set", "eth0", "up"]);
+        far.ip(&["-6", "route", "add", "default", "via", FAR_GW6]);
         far
     }
 

@@ -17,11 +17,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
-use crate::datapath::{BridgePort, Datapath, DatapathError, Endpoint, PortForward, PortForwardKey};
+use crate::datapath::{
+    BridgePort, Datapath, DatapathError, Endpoint, PortForward, PortForward6, PortForward6Key,
+    PortForwardKey,
+};
 use crate::ipam::{self, IpamError, Lease};
 use crate::network::addrs::LocalAddrs;
 use crate::network::netlink::parse_mac;
@@ -40,8 +43,10 @@ pub enum ApplyError {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Maps {
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    pub endpoints6: BTreeMap<Ipv6Addr, Endpoint>,
     pub bridge_ports: BTreeMap<u32, BridgePort>,
     pub forwards: BTreeMap<PortForwardKey, PortForward>,
+    pub forwards6: BTreeMap<PortForward6Key, PortForward6>,
 }
 
 /// What the maps must hold, and what is owned but left as it is.
@@ -51,7 +56,9 @@ pub struct Desired {
     /// Bridge-port ifindex -> the host veth its port link must be on.
     pub port_links: BTreeMap<u32, String>,
     pub keep_ips: HashSet<Ipv4Addr>,
+    pub keep_ips6: HashSet<Ipv6Addr>,
     pub keep_forwards: HashSet<PortForwardKey>,
+    pub keep_forwards6: HashSet<PortForward6Key>,
 }
 
 /// One change to the datapath or the reservation. A plan is a list of them in the
@@ -62,8 +69,14 @@ pub enum Change {
     RemoveForward {
         forward: PortForwardKey,
     },
+    RemoveForward6 {
+        forward: PortForward6Key,
+    },
     RemoveEndpoint {
         ip: Ipv4Addr,
+    },
+    RemoveEndpoint6 {
+        ip: Ipv6Addr,
     },
     RemoveBridgePort {
         ifindex: u32,
@@ -73,12 +86,20 @@ pub enum Change {
         #[serde(skip)]
         endpoint: Endpoint,
     },
+    WriteEndpoint6 {
+        ip: Ipv6Addr,
+        #[serde(skip)]
+        endpoint: Endpoint,
+    },
     WriteBridgePort {
         ifindex: u32,
         port: BridgePort,
     },
     WriteForward {
         forward: PortForward,
+    },
+    WriteForward6 {
+        forward: PortForward6,
     },
     AttachPort {
         ifindex: u32,
@@ -98,11 +119,18 @@ impl fmt::Display for Change {
             Change::RemoveForward { forward } => {
                 write!(f, "remove port entry {forward} (in no port table)")
             }
+            Change::RemoveForward6 { forward } => {
+                write!(f, "remove port entry {forward} (in no port table)")
+            }
             Change::RemoveEndpoint { ip } => write!(f, "remove endpoint {ip} (no lease)"),
+            Change::RemoveEndpoint6 { ip } => write!(f, "remove endpoint {ip} (no lease)"),
             Change::RemoveBridgePort { ifindex: i } => {
                 write!(f, "remove bridge port entry of ifindex {i} (no lease)")
             }
             Change::WriteEndpoint { ip, .. } => write!(f, "write endpoint {ip} (missing or stale)"),
+            Change::WriteEndpoint6 { ip, .. } => {
+                write!(f, "write endpoint {ip} (missing or stale)")
+            }
             Change::WriteBridgePort { ifindex: i, .. } => {
                 write!(
                     f,
@@ -110,6 +138,9 @@ impl fmt::Display for Change {
                 )
             }
             Change::WriteForward { forward } => {
+                write!(f, "write port entry {forward} (missing or stale)")
+            }
+            Change::WriteForward6 { forward } => {
                 write!(f, "write port entry {forward} (missing or stale)")
             }
             Change::AttachPort { ifindex: i } => {
@@ -150,25 +181,44 @@ pub fn desired(leases: &BTreeMap<String, Lease>, table: &[Mapping], addrs: &Loca
                     generation: netns_common::endpoint_generation(id),
                 };
                 d.maps.endpoints.insert(l.ip, ep);
+                if let Some(a) = l.ip6 {
+                    d.maps.endpoints6.insert(a, ep);
+                }
                 d.maps
                     .bridge_ports
-                    .insert(l.host_ifindex, BridgePort::of(l.ip, &ep));
+                    .insert(l.host_ifindex, BridgePort::of(l.ip, l.ip6, &ep));
                 d.port_links.insert(l.host_ifindex, l.host_veth.clone());
             }
             _ => {
                 d.keep_ips.insert(l.ip);
+                d.keep_ips6.extend(l.ip6);
             }
         }
     }
     for m in table {
-        match (leases.get(&m.container_id), m.forward(addrs)) {
-            (None, _) => {}
-            (Some(l), Ok(f)) if l.complete => {
-                d.maps.forwards.insert(f.key(), f);
+        let Some(l) = leases.get(&m.container_id) else {
+            continue;
+        };
+        if m.forwards_v4() {
+            match m.forward(addrs) {
+                Ok(f) if l.complete => {
+                    d.maps.forwards.insert(f.key(), f);
+                }
+                // Host IP not local now, or its container still being set up or torn
+                // down.
+                _ => {
+                    d.keep_forwards.insert(m.key());
+                }
             }
-            // Host IP not local now, or its container still being set up or torn down.
-            _ => {
-                d.keep_forwards.insert(m.key());
+        }
+        if m.forwards_v6() {
+            match m.forward6(addrs) {
+                Ok(Some(f)) if l.complete => {
+                    d.maps.forwards6.insert(f.key(), f);
+                }
+                _ => {
+                    d.keep_forwards6.insert(m.key6());
+                }
             }
         }
     }
@@ -198,8 +248,14 @@ pub fn plan(d: &Desired, have: &Maps) -> Vec<Change> {
     let (rm_f, wr_f) = diff(&w.forwards, &have.forwards, |k, _| {
         d.keep_forwards.contains(k)
     });
+    let (rm_f6, wr_f6) = diff(&w.forwards6, &have.forwards6, |k, _| {
+        d.keep_forwards6.contains(k)
+    });
     let (rm_e, wr_e) = diff(&w.endpoints, &have.endpoints, |ip, _| {
         d.keep_ips.contains(ip)
+    });
+    let (rm_e6, wr_e6) = diff(&w.endpoints6, &have.endpoints6, |ip, _| {
+        d.keep_ips6.contains(ip)
     });
     let (rm_b, wr_b) = diff(&w.bridge_ports, &have.bridge_ports, |_, p| {
         d.keep_ips.contains(&p.ip)
@@ -208,7 +264,13 @@ pub fn plan(d: &Desired, have: &Maps) -> Vec<Change> {
         .into_iter()
         .map(|forward| Change::RemoveForward { forward })
         .collect();
+    out.extend(
+        rm_f6
+            .into_iter()
+            .map(|forward| Change::RemoveForward6 { forward }),
+    );
     out.extend(rm_e.into_iter().map(|ip| Change::RemoveEndpoint { ip }));
+    out.extend(rm_e6.into_iter().map(|ip| Change::RemoveEndpoint6 { ip }));
     out.extend(
         rm_b.into_iter()
             .map(|ifindex| Change::RemoveBridgePort { ifindex }),
@@ -218,12 +280,22 @@ pub fn plan(d: &Desired, have: &Maps) -> Vec<Change> {
             .map(|(ip, endpoint)| Change::WriteEndpoint { ip, endpoint }),
     );
     out.extend(
+        wr_e6
+            .into_iter()
+            .map(|(ip, endpoint)| Change::WriteEndpoint6 { ip, endpoint }),
+    );
+    out.extend(
         wr_b.into_iter()
             .map(|(ifindex, port)| Change::WriteBridgePort { ifindex, port }),
     );
     out.extend(
         wr_f.into_iter()
             .map(|(_, forward)| Change::WriteForward { forward }),
+    );
+    out.extend(
+        wr_f6
+            .into_iter()
+            .map(|(_, forward)| Change::WriteForward6 { forward }),
     );
     out
 }
@@ -293,9 +365,16 @@ pub fn apply(lock: &Locked<'_>, dp: Option<&mut Datapath>) -> Result<Applied, Ap
 fn current(dp: &Datapath) -> Result<Maps, DatapathError> {
     Ok(Maps {
         endpoints: dp.endpoints()?.list()?.into_iter().collect(),
+        endpoints6: dp.endpoints6()?.list()?.into_iter().collect(),
         bridge_ports: dp.bridge_ports()?.list()?.into_iter().collect(),
         forwards: dp
             .port_forwards()?
+            .list()?
+            .into_iter()
+            .map(|f| (f.key(), f))
+            .collect(),
+        forwards6: dp
+            .port_forwards6()?
             .list()?
             .into_iter()
             .map(|f| (f.key(), f))
@@ -311,10 +390,16 @@ fn run(dp: &mut Datapath, c: &Change) -> Result<bool, DatapathError> {
         Change::RemoveEndpoint { ip } => dp.retire_endpoint(*ip).map(done),
         Change::RemoveBridgePort { ifindex } => dp.bridge_ports()?.remove(*ifindex),
         Change::WriteEndpoint { ip, endpoint } => dp.endpoints()?.insert(*ip, *endpoint).map(done),
+        Change::RemoveEndpoint6 { ip } => dp.endpoints6()?.remove(*ip),
+        Change::WriteEndpoint6 { ip, endpoint } => {
+            dp.endpoints6()?.insert(*ip, *endpoint).map(done)
+        }
         Change::WriteBridgePort { ifindex, port } => {
             dp.bridge_ports()?.insert(*ifindex, *port).map(done)
         }
         Change::WriteForward { forward } => dp.port_forwards()?.insert(forward).map(done),
+        Change::RemoveForward6 { forward } => dp.port_forwards6()?.remove(*forward),
+        Change::WriteForward6 { forward } => dp.port_forwards6()?.insert(forward).map(done),
         Change::AttachPort { ifindex } => dp.attach_port(*ifindex).map(done),
         Change::ReservePorts { .. } | Change::ReleasePorts { .. } => Ok(true),
     }

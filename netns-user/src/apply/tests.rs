@@ -8,6 +8,9 @@ fn lease(ip: Ipv4Addr, ifindex: u32, complete: bool) -> Lease {
         ip,
         prefix_len: 16,
         gateway: Ipv4Addr::new(172, 19, 0, 1),
+        ip6: None,
+        prefix6_len: None,
+        gateway6: None,
         pid: 1,
         pid_start: None,
         netns_ino: None,
@@ -31,6 +34,13 @@ fn mapping(id: &str, ip: Ipv4Addr, host_ip: Option<Ipv4Addr>, port: u16) -> Mapp
         host_port: port,
         container_port: 80,
         runtime_binds: false,
+        family: if host_ip.is_some() {
+            crate::portmap::Family::V4
+        } else {
+            crate::portmap::Family::Both
+        },
+        host_ip6: None,
+        container_ip6: None,
     }
 }
 
@@ -63,7 +73,14 @@ fn desired_state_of_leases_and_table() {
         (d.maps.endpoints.len(), ep.ifindex, ep.mac),
         (1, 7, [2, 0, 0, 0, 0, 10])
     );
-    assert_eq!(d.maps.bridge_ports[&7], BridgePort { ip: A, mac: ep.mac });
+    assert_eq!(
+        d.maps.bridge_ports[&7],
+        BridgePort {
+            ip: A,
+            ip6: None,
+            mac: ep.mac
+        }
+    );
     assert_eq!(d.port_links, BTreeMap::from([(7, "netnsv0-7".to_owned())]));
     assert_eq!(d.keep_ips, HashSet::from([B]));
     let f: Vec<_> = d.maps.forwards.values().collect();
@@ -106,7 +123,14 @@ fn plan_writes_what_differs_and_removes_what_nothing_owns() {
     drift.endpoints.insert(A, ep(7, [9; 6]));
     for (ip, i) in [(ORPHAN, 11), (B, 8)] {
         drift.endpoints.insert(ip, ep(i, [1; 6]));
-        drift.bridge_ports.insert(i, BridgePort { ip, mac: [1; 6] });
+        drift.bridge_ports.insert(
+            i,
+            BridgePort {
+                ip,
+                ip6: None,
+                mac: [1; 6],
+            },
+        );
     }
     for m in [
         mapping("gone", ORPHAN, None, 7000),

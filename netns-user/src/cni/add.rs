@@ -176,7 +176,12 @@ async fn attach(
         ipam::release(lock, &key).map_err(|e| step_err(e.into()))?;
     }
     if !specs.is_empty() {
-        let new = portmap::expand(&key, Ipv4Addr::UNSPECIFIED, &specs);
+        let new = portmap::expand(
+            &key,
+            Ipv4Addr::UNSPECIFIED,
+            portmap::unspecified6(cfg),
+            &specs,
+        );
         portmap::load_table(lock)
             .and_then(|t| portmap::validate(&t, &new, true))
             .map_err(|e| step_err(e.into()))?;
@@ -252,15 +257,26 @@ async fn describe(
                 sandbox: Some(netns.to_owned()),
             },
         ],
-        ips: vec![IpConfig {
+        ips: std::iter::once(IpConfig {
             address: format!("{}/{}", lease.ip, lease.prefix_len),
-            gateway: lease.gateway,
+            gateway: lease.gateway.into(),
             interface: 2,
-        }],
-        routes: vec![Route {
+        })
+        .chain(lease.addr6().map(|(ip6, len, gw6)| IpConfig {
+            address: format!("{ip6}/{len}"),
+            gateway: gw6.into(),
+            interface: 2,
+        }))
+        .collect(),
+        routes: std::iter::once(Route {
             dst: "0.0.0.0/0".into(),
-            gw: lease.gateway,
-        }],
+            gw: lease.gateway.into(),
+        })
+        .chain(lease.addr6().map(|(_, _, gw6)| Route {
+            dst: "::/0".into(),
+            gw: gw6.into(),
+        }))
+        .collect(),
         dns: dns.unwrap_or_else(|| json!({})),
     })
 }

@@ -4,7 +4,6 @@
 //! previous result's address.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
 
 use super::conf::NetConf;
 use super::error::{CniError, code, from_error};
@@ -42,11 +41,13 @@ pub fn run(env: &Env, c: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     if !lease.complete {
         problems.push("its ADD never finished".to_owned());
     }
-    let want_addr = format!("{}/{}", lease.ip, lease.prefix_len);
-    if let Some(prev) = &c.prev_result
-        && !result::result_addresses(prev).contains(&want_addr)
-    {
-        problems.push(format!("prevResult does not list {want_addr}"));
+    let want = std::iter::once(format!("{}/{}", lease.ip, lease.prefix_len))
+        .chain(lease.addr6().map(|(a, len, _)| format!("{a}/{len}")));
+    if let Some(prev) = &c.prev_result {
+        let listed = result::result_addresses(prev);
+        for want_addr in want.filter(|w| !listed.contains(w)) {
+            problems.push(format!("prevResult does not list {want_addr}"));
+        }
     }
     runtime()?.block_on(async {
         check_container(netns, ifname, &lease, &mut problems).await;
@@ -103,6 +104,13 @@ async fn check_container(netns: &str, ifname: &str, lease: &Lease, problems: &mu
                 .join(", ")
         )),
         Err(e) => problems.push(crate::error_chain(&e)),
+    }
+    if let Some((ip6, len6, _)) = lease.addr6() {
+        match nl.ipv6_addrs(link.index).await {
+            Ok(a) if a.contains(&(ip6, len6)) => {}
+            Ok(_) => problems.push(format!("{ifname} lacks {ip6}/{len6}")),
+            Err(e) => problems.push(crate::error_chain(&e)),
+        }
     }
     match nl.default_route_ifindex().await {
         Ok(Some(i)) if i == link.index => {}
@@ -195,16 +203,9 @@ fn check_datapath(
             }),
     );
     // Port forwards: runtimeConfig's, the table's and the datapath's must agree.
-    type Sig = (Option<Ipv4Addr>, u16, String, u16);
-    let sig = |m: &portmap::Mapping| -> Sig {
-        (
-            m.host_ip,
-            m.host_port,
-            m.proto.to_string(),
-            m.container_port,
-        )
-    };
-    let want: BTreeSet<Sig> = portmap::expand(key, lease.ip, specs)
+    type Sig = (String, String, u16);
+    let sig = |m: &portmap::Mapping| -> Sig { (m.host(), m.proto.to_string(), m.container_port) };
+    let want: BTreeSet<Sig> = portmap::expand(key, lease.ip, lease.ip6, specs)
         .iter()
         .map(sig)
         .collect();
@@ -213,23 +214,19 @@ fn check_datapath(
         Err(e) => return problems.push(crate::error_chain(&e)),
     };
     let have: BTreeSet<Sig> = table.iter().map(sig).collect();
-    for (ip, port, proto, cport) in want.difference(&have) {
-        let host = ip.map_or(String::new(), |ip| format!("{ip}:"));
-        problems.push(format!(
-            "port forward {host}{port}->{cport}/{proto} is missing"
-        ));
+    for (host, proto, cport) in want.difference(&have) {
+        problems.push(format!("port forward {host}->{cport}/{proto} is missing"));
     }
-    for (ip, port, proto, cport) in have.difference(&want) {
-        let host = ip.map_or(String::new(), |ip| format!("{ip}:"));
+    for (host, proto, cport) in have.difference(&want) {
         problems.push(format!(
-            "port forward {host}{port}->{cport}/{proto} is not in runtimeConfig"
+            "port forward {host}->{cport}/{proto} is not in runtimeConfig"
         ));
     }
     let forwards = match dp.port_forwards() {
         Ok(f) => f,
         Err(e) => return problems.push(crate::error_chain(&e)),
     };
-    for m in &table {
+    for m in table.iter().filter(|m| m.forwards_v4()) {
         match forwards.get(m.key()) {
             Ok(Some(f)) if *f.target.ip() == lease.ip && f.target.port() == m.container_port => {}
             Ok(_) => problems.push(format!(

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::error::{CniError, code};
 use crate::cli::Cli;
 use crate::config::NetConfig;
-use crate::portmap::{PortSpec, Proto};
+use crate::portmap::{Family, PortSpec, Proto};
 
 /// The versions this plugin speaks (VERSION lists them).
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -34,6 +34,8 @@ pub struct NetConf {
     pub kind: String,
     pub bridge: Option<String>,
     pub ip: Option<String>,
+    /// `--ip6`: IPv6 for the containers (e.g. `fd00:19::1/64`).
+    pub ip6: Option<String>,
     pub mtu: Option<u32>,
     pub uplink: Option<String>,
     pub state_dir: Option<String>,
@@ -138,6 +140,7 @@ impl NetConf {
         };
         opt("bridge", "--bridge", self.bridge.clone());
         opt("ip", "--ip", self.ip.clone());
+        opt("ip6", "--ip6", self.ip6.clone());
         opt("mtu", "--mtu", self.mtu.map(|m| m.to_string()));
         opt("uplink", "--uplink", self.uplink.clone());
         opt("stateDir", "--state-dir", self.state_dir.clone());
@@ -255,19 +258,25 @@ fn port_spec(m: &PortMapping) -> Result<Option<PortSpec>, CniError> {
             )));
         }
     };
-    let host_ip = match m.host_ip.as_str() {
-        "" | "0.0.0.0" => None,
+    // docker's rule: no host IP is both families, 0.0.0.0 and [::] each one.
+    let (family, host_ip, host_ip6) = match m.host_ip.as_str() {
+        "" => (Family::Both, None, None),
         s => match s.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => Some(ip),
-            Ok(std::net::IpAddr::V6(_)) => {
-                log::warn!("port mapping {s}:{host}: IPv6 host addresses are not forwarded yet");
-                return Ok(None);
+            Ok(std::net::IpAddr::V4(ip)) => (
+                Family::V4,
+                Some(ip).filter(|ip: &Ipv4Addr| !ip.is_unspecified()),
+                None,
+            ),
+            Ok(std::net::IpAddr::V6(ip)) => {
+                (Family::V6, None, Some(ip).filter(|ip| !ip.is_unspecified()))
             }
             Err(_) => return Err(bad(format!("hostIP {s:?} is not an IP address"))),
         },
     };
     Ok(Some(PortSpec {
-        host_ip: host_ip.filter(|ip: &Ipv4Addr| !ip.is_unspecified()),
+        family,
+        host_ip,
+        host_ip6,
         host: (host, host),
         container: (container, container),
         proto,
@@ -299,12 +308,13 @@ mod tests {
     #[test]
     fn keys_become_the_hook_flags() {
         let c = conf(
-            r#","bridge":"br9","ip":"10.9.0.1/24","stateDir":"/tmp/x","allowInbound":["10.0.0.0/8"],"noMasquerade":["10.0.0.0/8","192.0.2.0/24"],"fastPath":true,"mtu":1400"#,
+            r#","bridge":"br9","ip":"10.9.0.1/24","ip6":"fd00:9::1/64","stateDir":"/tmp/x","allowInbound":["10.0.0.0/8"],"noMasquerade":["10.0.0.0/8","192.0.2.0/24"],"fastPath":true,"mtu":1400"#,
         )
         .unwrap();
         let n = c.net_config().unwrap();
         assert_eq!(n.bridge, "br9");
         assert_eq!(n.gateway.to_string(), "10.9.0.1/24");
+        assert_eq!(n.gateway6.unwrap().to_string(), "fd00:9::1/64");
         assert_eq!(n.state_dir, std::path::PathBuf::from("/tmp/x"));
         assert_eq!(n.mtu, Some(1400));
         assert!(n.fast_path);
@@ -312,6 +322,7 @@ mod tests {
         assert_eq!(n.no_masquerade.len(), 2);
         for (extra, key) in [
             (r#","ip":"10.9.0.0/24""#, "ip"),
+            (r#","ip6":"fd00:9::1/130""#, "ip6"),
             (r#","bridge":"a/b""#, "bridge"),
             (r#","stateDir":"/run/netns/x""#, "stateDir"),
             (r#","allowInbound":["nope"]"#, "allowInbound"),
@@ -331,7 +342,10 @@ mod tests {
         )
         .unwrap();
         let s = c.port_specs().unwrap();
-        assert_eq!(s.len(), 2);
+        assert_eq!(s.len(), 3);
+        assert_eq!((s[2].family, s[2].host_ip6), (Family::V6, None));
+        assert_eq!(s[1].family, Family::V4);
+        assert_eq!(s[0].family, Family::Both);
         assert_eq!(
             (s[0].host, s[0].container, s[0].proto, s[0].host_ip),
             ((8080, 8080), (80, 80), Proto::Tcp, None)

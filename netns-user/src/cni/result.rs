@@ -1,7 +1,7 @@
 //! The ADD result, in the shape of the configuration's CNI version: 0.3.x and 0.4.0
-//! give every IP a `"version": "4"`, 1.0.0 and later do not.
+//! give every IP a `"version"` ("4" or "6"), 1.0.0 and later do not.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -17,9 +17,9 @@ pub struct Interface {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct IpConfig {
-    /// `a.b.c.d/prefix`.
+    /// `a.b.c.d/prefix` or `x::y/prefix`.
     pub address: String,
-    pub gateway: Ipv4Addr,
+    pub gateway: IpAddr,
     /// Index into `interfaces`.
     pub interface: usize,
 }
@@ -27,7 +27,7 @@ pub struct IpConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct Route {
     pub dst: String,
-    pub gw: Ipv4Addr,
+    pub gw: IpAddr,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,7 +46,8 @@ impl CniResult {
             && let Some(ips) = v["ips"].as_array_mut()
         {
             for ip in ips {
-                ip["version"] = "4".into();
+                let v6 = ip["address"].as_str().is_some_and(|a| a.contains(':'));
+                ip["version"] = if v6 { "6" } else { "4" }.into();
             }
         }
         v
@@ -87,15 +88,28 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
                 sandbox: Some("/var/run/netns/x".into()),
             }],
-            ips: vec![IpConfig {
-                address: "172.19.0.2/16".into(),
-                gateway: Ipv4Addr::new(172, 19, 0, 1),
-                interface: 0,
-            }],
-            routes: vec![Route {
-                dst: "0.0.0.0/0".into(),
-                gw: Ipv4Addr::new(172, 19, 0, 1),
-            }],
+            ips: vec![
+                IpConfig {
+                    address: "172.19.0.2/16".into(),
+                    gateway: Ipv4Addr::new(172, 19, 0, 1).into(),
+                    interface: 0,
+                },
+                IpConfig {
+                    address: "fd00:19::2/64".into(),
+                    gateway: "fd00:19::1".parse().unwrap(),
+                    interface: 0,
+                },
+            ],
+            routes: vec![
+                Route {
+                    dst: "0.0.0.0/0".into(),
+                    gw: Ipv4Addr::new(172, 19, 0, 1).into(),
+                },
+                Route {
+                    dst: "::/0".into(),
+                    gw: "fd00:19::1".parse().unwrap(),
+                },
+            ],
             dns: serde_json::json!({}),
         }
     }
@@ -104,6 +118,9 @@ mod tests {
     fn version_shapes() {
         let old = sample().to_json("0.4.0");
         assert_eq!(old["ips"][0]["version"], "4");
+        assert_eq!(old["ips"][1]["version"], "6");
+        assert_eq!(old["ips"][1]["gateway"], "fd00:19::1");
+        assert_eq!(old["routes"][1]["dst"], "::/0");
         assert_eq!(old["cniVersion"], "0.4.0");
         let new = sample().to_json("1.1.0");
         assert!(new["ips"][0].get("version").is_none());
@@ -116,6 +133,9 @@ mod tests {
                 Some(Ipv4Addr::new(172, 19, 0, 1))
             ))
         );
-        assert_eq!(result_addresses(&old), vec!["172.19.0.2/16".to_owned()]);
+        assert_eq!(
+            result_addresses(&old),
+            vec!["172.19.0.2/16".to_owned(), "fd00:19::2/64".to_owned()]
+        );
     }
 }

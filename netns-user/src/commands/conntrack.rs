@@ -1,10 +1,10 @@
 //! `netns conntrack ls [--json] | flush`: the datapath's flows, one line per flow (both
 //! halves joined), like `conntrack -L`, from both tables (`NETNS_CT`, assured, and
-//! `NETNS_CTNEW`, unreplied). Flows the datapath treats as absent (expired, or of a
-//! container that is gone: stale) are hidden unless `all`.
+//! `NETNS_CTNEW`, unreplied) and the IPv6 one (`NETNS_CT6`). Flows the datapath treats
+//! as absent (expired, or of a container that is gone: stale) are hidden unless `all`.
 
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use netns_common::IPPROTO_TCP;
 use serde::Serialize;
@@ -12,22 +12,33 @@ use serde::Serialize;
 use super::CommandError;
 use crate::cli::{ConntrackCommand, GlobalArgs};
 use crate::datapath::gc::{self, Pair, Snapshot, Verdict};
-use crate::datapath::{CtState, Datapath, FlowKind, Tuple};
+use crate::datapath::{CtState, Datapath, Flow6, FlowKind, Tuple, flows6};
 
 #[derive(Debug, Serialize)]
 pub struct Endpoints {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub sport: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dport: u16,
 }
 
 impl From<Tuple> for Endpoints {
     fn from(t: Tuple) -> Self {
         Endpoints {
-            src: *t.src.ip(),
+            src: (*t.src.ip()).into(),
             sport: t.src.port(),
-            dst: *t.dst.ip(),
+            dst: (*t.dst.ip()).into(),
+            dport: t.dst.port(),
+        }
+    }
+}
+
+impl From<crate::datapath::conntrack6::Tuple6Addrs> for Endpoints {
+    fn from(t: crate::datapath::conntrack6::Tuple6Addrs) -> Self {
+        Endpoints {
+            src: (*t.src.ip()).into(),
+            sport: t.src.port(),
+            dst: (*t.dst.ip()).into(),
             dport: t.dst.port(),
         }
     }
@@ -42,7 +53,7 @@ pub struct Flow {
     pub translated: Endpoints,
     pub state: &'static str,
     /// The container the flow belongs to.
-    pub owner: Ipv4Addr,
+    pub owner: IpAddr,
     /// In the main table: TCP handshake done, or a reply seen (else unreplied).
     pub assured: bool,
     /// A packet of the reply direction was seen.
@@ -96,16 +107,12 @@ fn flow(p: &Pair, now: u64) -> Flow {
     let flags = p.flags();
     Flow {
         proto: proto_name(proto),
-        kind: match any.kind {
-            FlowKind::Snat => "snat",
-            FlowKind::Dnat => "dnat",
-            FlowKind::Hairpin => "hairpin",
-        },
+        kind: kind_name(any.kind),
         original: p.fwd_key.tuple.into(),
         // The opening half rewrites to what its partner's key reverses.
         translated: p.rev_key.tuple.reversed().into(),
         state: state_name(proto, gc::flow_state(any, p.fwd.and(p.rev).as_ref())),
-        owner: any.owner,
+        owner: any.owner.into(),
         assured: p.assured(),
         replied: flags.replied,
         stream: flags.stream,
@@ -120,7 +127,47 @@ fn flow(p: &Pair, now: u64) -> Flow {
     }
 }
 
-/// The flows of both tables; with `all` also those the datapath treats as absent.
+fn kind_name(k: FlowKind) -> &'static str {
+    match k {
+        FlowKind::Snat => "snat",
+        FlowKind::Dnat => "dnat",
+        FlowKind::Hairpin => "hairpin",
+    }
+}
+
+/// An IPv6 flow as `ls` shows it. Expiry is the programs' own (an expired pair is
+/// removed when next met), judged here with the same timeouts.
+fn flow6(f: &Flow6, t: &netns_common::Timeouts, now: u64) -> Flow {
+    // ICMPv6 echo times out as ICMP does.
+    let proto = if f.proto == netns_common::IPPROTO_ICMPV6 {
+        netns_common::IPPROTO_ICMP
+    } else {
+        f.proto
+    };
+    let expired = gc::timeout(t, proto, f.state, f.stream)
+        .is_some_and(|d| now.saturating_sub(f.last_seen_ns) > d.as_nanos() as u64);
+    Flow {
+        proto: proto_name(f.proto),
+        kind: kind_name(f.kind),
+        original: f.original.into(),
+        translated: f.translated.into(),
+        state: state_name(f.proto, f.state),
+        owner: f.owner.into(),
+        assured: f.replied,
+        replied: f.replied,
+        stream: f.stream,
+        status: if expired { "expired" } else { "live" },
+        age_secs: now.saturating_sub(f.created_ns) / 1_000_000_000,
+        idle_secs: now.saturating_sub(f.last_seen_ns) / 1_000_000_000,
+        packets: f.packets,
+        bytes: f.bytes,
+        reply_packets: f.reply_packets,
+        reply_bytes: f.reply_bytes,
+        orphan: f.orphan,
+    }
+}
+
+/// The flows of all tables; with `all` also those the datapath treats as absent.
 pub fn flows(dp: &Datapath, all: bool) -> Result<Vec<Flow>, CommandError> {
     let t = dp.config()?.timeouts;
     let snap = Snapshot::read(dp)?;
@@ -130,6 +177,12 @@ pub fn flows(dp: &Datapath, all: bool) -> Result<Vec<Flow>, CommandError> {
         .filter(|p| all || !p.verdict.absent())
         .map(|p| flow(p, now))
         .collect();
+    out.extend(
+        flows6(&dp.conntrack6_entries()?)
+            .iter()
+            .map(|f| flow6(f, &t, now))
+            .filter(|f| all || f.status == "live"),
+    );
     out.sort_by(|a, b| {
         (&a.proto, a.original.src, a.original.sport).cmp(&(
             &b.proto,
@@ -160,20 +213,21 @@ fn write_flow(out: &mut impl std::io::Write, f: &Flow, counters: bool) -> std::i
     if f.status != "live" {
         marks.push(f.status);
     }
+    // IPv6 in brackets, as in a socket address.
+    let hp = |ip: IpAddr, port: u16| match ip {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    };
     writeln!(
         out,
-        "{:<4} {:<7} {:<11} src={}:{} dst={}:{} -> src={}:{} dst={}:{} owner={} age={}s idle={}s{}{}",
+        "{:<4} {:<7} {:<11} src={} dst={} -> src={} dst={} owner={} age={}s idle={}s{}{}",
         f.proto,
         f.kind,
         f.state,
-        o.src,
-        o.sport,
-        o.dst,
-        o.dport,
-        t.src,
-        t.sport,
-        t.dst,
-        t.dport,
+        hp(o.src, o.sport),
+        hp(o.dst, o.dport),
+        hp(t.src, t.sport),
+        hp(t.dst, t.dport),
         f.owner,
         f.age_secs,
         f.idle_secs,
@@ -217,7 +271,7 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
             }
         }
         ConntrackCommand::Flush => {
-            let n = dp.flush_conntrack()?;
+            let n = dp.flush_conntrack()? + dp.flush_conntrack6()?;
             if g.json {
                 return super::print_json(out, &serde_json::json!({ "deleted": n }));
             }
@@ -231,6 +285,7 @@ pub fn run(g: &GlobalArgs, cmd: &ConntrackCommand) -> Result<(), CommandError> {
 mod tests {
     use super::*;
     use crate::datapath::{ConntrackEntry, ConntrackKey, CtFlags, CtTable, Dir};
+    use std::net::Ipv4Addr;
 
     fn t(s: &str, d: &str) -> Tuple {
         Tuple {

@@ -39,6 +39,14 @@ fn write_status(out: &mut impl std::io::Write, st: &Status) -> std::io::Result<(
     };
     writeln!(out, "allow inbound from: {}", list(&st.allow_inbound))?;
     writeln!(out, "no masquerade to: {}", list(&st.no_masquerade))?;
+    match (&st.ipv6.gateway, &st.ipv6.uplink_addr) {
+        (None, _) => writeln!(out, "IPv6: off")?,
+        (Some(g), Some(up)) => writeln!(out, "IPv6: on, gateway {g}, NAT66 source {up}")?,
+        (Some(g), None) => writeln!(
+            out,
+            "IPv6: on, gateway {g}, no NAT66 source (the uplink has no global IPv6 address: container IPv6 to the outside is dropped)"
+        )?,
+    }
     writeln!(out, "programs:")?;
     for p in &st.programs {
         match (p.id, &p.prog_type) {

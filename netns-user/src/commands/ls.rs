@@ -1,14 +1,15 @@
 //! `netns ls [--json]`: containers with a lease in the state directory.
 //!
 //! `--json` prints an array sorted by id; each object has
-//! `id, pid, ip, prefix_len, gateway, host_veth, host_ifindex, mac, bridge,
+//! `id, pid, ip, prefix_len, gateway` (and with `--ip6` `ip6, prefix6_len, gateway6`),
+//! `host_veth, host_ifindex, mac, bridge,
 //! created` (RFC 3339, UTC), `created_unix` (seconds) and `complete` (false while a
 //! prestart is in progress or died half-way), `ifname` (the interface in the
 //! container) and, for CNI attachments (pid 0), `cni` (`container_id`, `ifname`,
 //! `network`, `netns`, `ipam`).
 
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
@@ -24,6 +25,12 @@ pub struct Entry {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix6_len: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     pub host_veth: String,
     pub host_ifindex: u32,
     pub mac: Option<String>,
@@ -52,6 +59,9 @@ pub fn entries(g: &GlobalArgs) -> Result<Vec<Entry>, CommandError> {
             ip: l.ip,
             prefix_len: l.prefix_len,
             gateway: l.gateway,
+            ip6: l.ip6,
+            prefix6_len: l.prefix6_len,
+            gateway6: l.gateway6,
             host_veth: l.host_veth,
             host_ifindex: l.host_ifindex,
             mac: l.mac,
@@ -78,7 +88,10 @@ pub fn run(g: &GlobalArgs, json: bool) -> Result<(), CommandError> {
         "ID", "PID/CNI", "IP", "HOST VETH"
     );
     for e in &list {
-        let ip = format!("{}/{}", e.ip, e.prefix_len);
+        let mut ip = format!("{}/{}", e.ip, e.prefix_len);
+        if let (Some(a), Some(len)) = (e.ip6, e.prefix6_len) {
+            ip.push_str(&format!(" {a}/{len}"));
+        }
         let created = if e.complete {
             e.created.clone()
         } else {

@@ -1,7 +1,7 @@
 //! `netns port add|rm|ls`: port forwards, live (no program reload).
 
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::CommandError;
 use crate::cli::{GlobalArgs, PortCommand};
@@ -10,18 +10,29 @@ use crate::ipam;
 use crate::portmap::{self, PortSpec};
 use crate::store::{Locked, Store};
 
-/// Finds a container by id or by address.
-pub fn resolve(lock: &Locked<'_>, who: &str) -> Result<(String, Ipv4Addr), CommandError> {
+/// A container found by id or address: its id and addresses.
+pub struct Target {
+    pub id: String,
+    pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
+}
+
+/// Finds a container by id or by address (IPv4 or IPv6).
+pub fn resolve(lock: &Locked<'_>, who: &str) -> Result<Target, CommandError> {
     let leases = ipam::list(lock)?;
-    if let Some(l) = leases.get(who) {
-        return Ok((who.to_owned(), l.ip));
+    let found = leases.get_key_value(who).or_else(|| match who.parse() {
+        Ok(std::net::IpAddr::V4(ip)) => leases.iter().find(|(_, l)| l.ip == ip),
+        Ok(std::net::IpAddr::V6(ip)) => leases.iter().find(|(_, l)| l.ip6 == Some(ip)),
+        Err(_) => None,
+    });
+    match found {
+        Some((id, l)) => Ok(Target {
+            id: id.clone(),
+            ip: l.ip,
+            ip6: l.ip6,
+        }),
+        None => Err(CommandError::UnknownContainer(who.to_owned())),
     }
-    if let Ok(ip) = who.parse::<Ipv4Addr>()
-        && let Some((id, l)) = leases.iter().find(|(_, l)| l.ip == ip)
-    {
-        return Ok((id.clone(), l.ip));
-    }
-    Err(CommandError::UnknownContainer(who.to_owned()))
 }
 
 fn parse_specs(specs: &[String]) -> Result<Vec<PortSpec>, CommandError> {
@@ -38,9 +49,9 @@ pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
     match cmd {
         PortCommand::Add { container, specs } => {
             let specs = parse_specs(specs)?;
-            let (id, ip) = resolve(&lock, container)?;
+            let Target { id, ip, ip6 } = resolve(&lock, container)?;
             let dp = Datapath::open_required(&g.bpffs_dir)?;
-            let added = portmap::add(&lock, &dp, &id, ip, &specs)?;
+            let added = portmap::add(&lock, &dp, &id, ip, ip6, &specs)?;
             if g.json {
                 return super::print_json(out, &serde_json::json!({ "added": added }));
             }
@@ -52,7 +63,7 @@ pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
             let owner = if container == "-" {
                 None
             } else {
-                Some(resolve(&lock, container)?.0)
+                Some(resolve(&lock, container)?.id)
             };
             let table = portmap::load_table(&lock)?;
             let doomed = portmap::select(&table, &specs, owner.as_deref())?;
@@ -66,7 +77,7 @@ pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
         }
         PortCommand::Ls => {
             let mut table = portmap::load_table(&lock)?;
-            table.sort_by_key(|m| (m.host_port, m.proto as u8, m.host_ip));
+            table.sort_by_key(|m| (m.host_port, m.proto as u8, m.family, m.host_ip, m.host_ip6));
             if g.json {
                 serde_json::to_writer_pretty(&mut *out, &table)
                     .map_err(|e| CommandError::Output(e.into()))?;
@@ -74,20 +85,26 @@ pub fn run(g: &GlobalArgs, cmd: &PortCommand) -> Result<(), CommandError> {
             } else {
                 writeln!(
                     out,
-                    "{:<6} {:<22} {:<22} CONTAINER",
+                    "{:<6} {:<26} {:<40} CONTAINER",
                     "PROTO", "HOST", "TARGET"
                 )
                 .map_err(CommandError::Output)?;
                 for m in &table {
-                    let host = format!(
-                        "{}:{}",
-                        m.host_ip.map_or("*".to_owned(), |i| i.to_string()),
-                        m.host_port
-                    );
-                    let target = format!("{}:{}", m.container_ip, m.container_port);
+                    let host = match m.family {
+                        portmap::Family::Both => format!("*:{}", m.host_port),
+                        _ => m.host(),
+                    };
+                    let mut targets = Vec::new();
+                    if m.forwards_v4() {
+                        targets.push(format!("{}:{}", m.container_ip, m.container_port));
+                    }
+                    if let Some(ip6) = m.container_ip6.filter(|_| m.forwards_v6()) {
+                        targets.push(format!("[{ip6}]:{}", m.container_port));
+                    }
+                    let target = targets.join(", ");
                     writeln!(
                         out,
-                        "{:<6} {host:<22} {target:<22} {}",
+                        "{:<6} {host:<26} {target:<40} {}",
                         m.proto.to_string(),
                         m.container_id
                     )

@@ -185,7 +185,7 @@ impl Setup<'_> {
         self.check(step)?;
 
         let step = Step::IpForward;
-        host::enable_forwarding().map_err(|e| (step, e.into()))?;
+        host::enable_forwarding(cfg, uplink).map_err(|e| (step, e.into()))?;
         self.check(step)?;
 
         let step = Step::Ipam;
@@ -229,6 +229,7 @@ impl Setup<'_> {
             lease.ip,
             lease.prefix_len,
             lease.gateway,
+            lease.addr6(),
         )
         .await
         .map_err(|e| (step, e.into()))?;
@@ -254,7 +255,7 @@ impl Setup<'_> {
             _pad: [0; 2],
             generation: netns_common::endpoint_generation(self.req.id),
         };
-        dp.add_endpoint(lease.ip, ep)
+        dp.add_endpoint(lease.ip, lease.ip6, ep)
             .map_err(|e| (step, e.into()))?;
         self.undo.push(Undo::Endpoint(lease.ip));
         self.check(step)?;
@@ -262,8 +263,8 @@ impl Setup<'_> {
         let step = Step::PortMap;
         if let Some(specs) = &self.req.ports {
             let dp = self.dp.as_ref().expect("loaded above");
-            let added =
-                portmap::add(self.lock, dp, id, lease.ip, specs).map_err(|e| (step, e.into()))?;
+            let added = portmap::add(self.lock, dp, id, lease.ip, lease.ip6, specs)
+                .map_err(|e| (step, e.into()))?;
             log::debug!("container {id}: {} port forward(s)", added.len());
             self.undo.push(Undo::PortMaps(added));
         }
@@ -321,6 +322,8 @@ impl Setup<'_> {
         };
         let (mut lease, _) = ipam::allocate(self.lock, self.cfg.gateway, r.id, want)?;
         self.undo.push(Undo::Lease);
+        // An existing lease follows `--ip6` as it is now (turned on, off or changed).
+        let v6_changed = lease.set_ip6(self.cfg.gateway, self.cfg.gateway6);
         if lease.pid != r.pid
             || lease.host_veth != host_veth
             || lease.pid_start != r.pid_start
@@ -333,6 +336,8 @@ impl Setup<'_> {
             lease.host_ifindex = 0;
             lease.created_unix = ipam::now_unix();
             lease.complete = false;
+            ipam::update(self.lock, r.id, &lease)?;
+        } else if v6_changed {
             ipam::update(self.lock, r.id, &lease)?;
         }
         Ok(lease)

@@ -1,11 +1,11 @@
 //! `NETNS_CONFIG`: what the programs need to know about the host side, and the
 //! conntrack timeouts the collector reads.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use aya::maps::{Array, MapData};
-use netns_common::{Config, Timeouts, maps};
+use netns_common::{Config, In6, Timeouts, maps};
 
 use super::{Cidr, Datapath, DatapathError, io, map_err, sys};
 
@@ -17,9 +17,13 @@ pub struct DatapathConfig {
     pub uplink_ifindex: u32,
     /// The uplink's IPv4 address (masquerade source); None if it has none yet.
     pub uplink_addr: Option<Ipv4Addr>,
+    /// The uplink's global IPv6 address (NAT66 source); None if it has none yet.
+    pub uplink_addr6: Option<Ipv6Addr>,
     pub bridge_ifindex: u32,
     pub gateway: Ipv4Addr,
     pub prefix_len: u8,
+    /// `--ip6`: the bridge's IPv6 gateway and the containers' prefix length.
+    pub gateway6: Option<(Ipv6Addr, u8)>,
     /// Masquerade port range when a container's source port is taken.
     pub nat_ports: (u16, u16),
     /// Size of the conntrack table when the datapath is first loaded (None: default).
@@ -45,6 +49,10 @@ pub struct Settings {
     pub gateway: Ipv4Addr,
     /// None: the uplink has no address, the programs pass everything untouched.
     pub uplink_addr: Option<Ipv4Addr>,
+    /// IPv6 gateway and prefix length (None: IPv6 off for containers).
+    pub gateway6: Option<(Ipv6Addr, u8)>,
+    /// None: no NAT66 source, container IPv6 to the outside is dropped.
+    pub uplink_addr6: Option<Ipv6Addr>,
     pub uplink_ifindex: u32,
     pub bridge_ifindex: u32,
     pub nat_ports: (u16, u16),
@@ -78,10 +86,14 @@ impl Settings {
             timeouts: self.timeouts,
             ct_per_container: self.ct_per_container,
             port_seed: self.port_seed,
-            subnet6: netns_common::In6::ZERO,
-            subnet6_mask: netns_common::In6::ZERO,
-            gateway6: netns_common::In6::ZERO,
-            uplink_addr6: netns_common::In6::ZERO,
+            subnet6: self.gateway6.map_or(In6::ZERO, |(g, len)| {
+                in6(Ipv6Addr::from(u128::from(g) & prefix_mask6(len)))
+            }),
+            subnet6_mask: self
+                .gateway6
+                .map_or(In6::ZERO, |(_, len)| in6(Ipv6Addr::from(prefix_mask6(len)))),
+            gateway6: self.gateway6.map_or(In6::ZERO, |(g, _)| in6(g)),
+            uplink_addr6: self.uplink_addr6.map_or(In6::ZERO, in6),
         }
     }
 
@@ -102,8 +114,26 @@ impl Settings {
             port_seed: c.port_seed,
             fast_path: c.fast_path != 0,
             ct_counters: c.ct_counters != 0,
+            gateway6: (!c.gateway6.is_zero()).then(|| {
+                (
+                    Ipv6Addr::from(c.gateway6.octets()),
+                    u128::from(Ipv6Addr::from(c.subnet6_mask.octets())).count_ones() as u8,
+                )
+            }),
+            uplink_addr6: (!c.uplink_addr6.is_zero())
+                .then(|| Ipv6Addr::from(c.uplink_addr6.octets())),
         }
     }
+}
+
+fn in6(a: Ipv6Addr) -> In6 {
+    In6::from_octets(a.octets())
+}
+
+fn prefix_mask6(prefix_len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len.min(128)))
+        .unwrap_or(0)
 }
 
 fn prefix_mask(prefix_len: u8) -> u32 {
@@ -129,6 +159,12 @@ impl DatapathConfig {
             prefix_len: self.prefix_len,
             gateway: self.gateway,
             uplink_addr: self.uplink_addr,
+            gateway6: self.gateway6,
+            uplink_addr6: if self.gateway6.is_some() {
+                self.uplink_addr6
+            } else {
+                None
+            },
             uplink_ifindex: self.uplink_ifindex,
             bridge_ifindex: self.bridge_ifindex,
             nat_ports: self.nat_ports,
@@ -217,8 +253,16 @@ mod tests {
             port_seed: 7,
             fast_path: true,
             ct_counters: true,
+            gateway6: Some(("fd00:19::1".parse().unwrap(), 64)),
+            uplink_addr6: Some("2001:db8:100::2".parse().unwrap()),
         };
         let raw = s.to_raw();
+        // IPv6 addresses in memory as on the wire.
+        assert_eq!(raw.subnet6.octets()[..8], [0xfd, 0, 0, 0x19, 0, 0, 0, 0]);
+        assert_eq!(raw.subnet6.octets()[8..], [0; 8]);
+        assert_eq!(raw.subnet6_mask.octets(), [[0xff; 8], [0; 8]].concat()[..]);
+        assert_eq!(raw.gateway6.octets()[15], 1);
+        assert_eq!(raw.uplink_addr6.octets()[..4], [0x20, 0x01, 0x0d, 0xb8]);
         assert_eq!(raw.subnet, u32::from(Ipv4Addr::new(172, 19, 0, 0)).to_be());
         assert_eq!(raw.subnet_mask, 0xffff_0000u32.to_be());
         assert_eq!(raw.gateway, u32::from(s.gateway).to_be());
@@ -236,8 +280,11 @@ mod tests {
         );
         let none = Settings {
             uplink_addr: None,
+            gateway6: None,
+            uplink_addr6: None,
             ..s
         };
+        assert!(none.to_raw().subnet6.is_zero() && none.to_raw().gateway6.is_zero());
         assert_eq!(none.to_raw().uplink_addr, 0);
         assert_eq!(Settings::from_raw(&none.to_raw()).uplink_addr, None);
         assert_eq!(prefix_mask(0), 0);

@@ -129,7 +129,7 @@ pub enum CtState {
 }
 
 impl CtState {
-    fn from_raw(s: u8) -> CtState {
+    pub(super) fn from_raw(s: u8) -> CtState {
         match s {
             ct_state::ESTABLISHED => CtState::Established,
             ct_state::FIN_WAIT => CtState::FinWait,

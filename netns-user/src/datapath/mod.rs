@@ -33,6 +33,7 @@
 mod attach;
 mod config;
 mod conntrack;
+pub mod conntrack6;
 mod endpoints;
 pub mod gc;
 mod inbound;
@@ -58,8 +59,11 @@ pub use conntrack::{
     ConntrackEntry, ConntrackKeep, ConntrackKey, ConntrackSizes, CtFlags, CtState, CtTable, Dir,
     FlowKind, Tuple,
 };
+pub use conntrack6::{Flow6, flows6};
 pub use endpoints::{BridgePort, BridgePorts, Endpoint, Endpoints};
-pub use ports::{PortForward, PortForwardKey, PortForwards, Proto};
+pub use ports::{
+    PortForward, PortForward6, PortForward6Key, PortForwardKey, PortForwards, PortForwards6, Proto,
+};
 pub use status::{Attach, LinkStatus, MapStatus, ProgramStatus, Status};
 
 pub use pins::Pins;

@@ -1,11 +1,13 @@
-//! `NETNS_PORTS`: port forwards, `(host IP or any, host port, proto)` -> container
-//! address and port, and the interface the host IP is on.
+//! `NETNS_PORTS` and `NETNS_PORTS6`: port forwards, `(host IP or any, host port,
+//! proto)` -> container address and port, and the interface the host IP is on.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use aya::maps::{HashMap, MapData};
-use netns_common::{IPPROTO_TCP, IPPROTO_UDP, PortKey, PortTarget, maps};
+use netns_common::{
+    IPPROTO_TCP, IPPROTO_UDP, In6, Port6Key, Port6Target, PortKey, PortTarget, maps,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{Datapath, DatapathError, absent_ok, hash_entries, key_count, map_err};
@@ -178,10 +180,137 @@ impl PortForwards {
     }
 }
 
+/// What identifies an IPv6 port forward: the host side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortForward6Key {
+    /// None: every IPv6 address of the host (`[::]`).
+    pub host_ip: Option<Ipv6Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PortForward6Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ip = self.host_ip.unwrap_or(Ipv6Addr::UNSPECIFIED);
+        write!(f, "[{ip}]:{}/{}", self.host_port, self.proto)
+    }
+}
+
+impl PortForward6Key {
+    fn to_raw(self) -> Port6Key {
+        Port6Key {
+            host_addr: self
+                .host_ip
+                .map_or(In6::ZERO, |a| In6::from_octets(a.octets())),
+            host_port: self.host_port.to_be(),
+            proto: self.proto.number(),
+            _pad: 0,
+        }
+    }
+}
+
+/// One IPv6 port forward, as [`PortForward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PortForward6 {
+    pub host_ip: Option<Ipv6Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
+    pub target: SocketAddrV6,
+    /// As [`PortForward::ifindex`] ([`netns_common::LOOPBACK_IFINDEX`] for `::1`).
+    pub ifindex: u32,
+    pub runtime_binds: bool,
+}
+
+impl PortForward6 {
+    pub fn key(&self) -> PortForward6Key {
+        PortForward6Key {
+            host_ip: self.host_ip,
+            host_port: self.host_port,
+            proto: self.proto,
+        }
+    }
+
+    fn to_raw(self) -> (Port6Key, Port6Target) {
+        (
+            self.key().to_raw(),
+            Port6Target {
+                addr: In6::from_octets(self.target.ip().octets()),
+                port: self.target.port().to_be(),
+                flags: if self.runtime_binds {
+                    netns_common::port_flags::RUNTIME_BINDS
+                } else {
+                    0
+                },
+                _pad: 0,
+                ifindex: self.ifindex,
+            },
+        )
+    }
+
+    fn from_raw(k: &Port6Key, t: &Port6Target) -> Option<PortForward6> {
+        Some(PortForward6 {
+            host_ip: (!k.host_addr.is_zero()).then(|| Ipv6Addr::from(k.host_addr.octets())),
+            host_port: u16::from_be(k.host_port),
+            proto: Proto::from_number(k.proto)?,
+            target: SocketAddrV6::new(Ipv6Addr::from(t.addr.octets()), u16::from_be(t.port), 0, 0),
+            ifindex: t.ifindex,
+            runtime_binds: t.flags & netns_common::port_flags::RUNTIME_BINDS != 0,
+        })
+    }
+}
+
+impl fmt::Display for PortForward6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.key(), self.target)
+    }
+}
+
+/// The IPv6 port-forward map.
+pub struct PortForwards6(HashMap<MapData, Port6Key, Port6Target>);
+
+impl PortForwards6 {
+    /// Writes (or overwrites) a forward.
+    pub fn insert(&mut self, f: &PortForward6) -> Result<(), DatapathError> {
+        let (k, t) = f.to_raw();
+        self.0
+            .insert(k, t, 0)
+            .map_err(map_err(format!("writing port forward {f}")))
+    }
+
+    /// Removes a forward; false if there was none.
+    pub fn remove(&mut self, key: PortForward6Key) -> Result<bool, DatapathError> {
+        Ok(absent_ok(
+            self.0.remove(&key.to_raw()),
+            format!("removing port forward {key}"),
+        )?
+        .is_some())
+    }
+
+    pub fn list(&self) -> Result<Vec<PortForward6>, DatapathError> {
+        Ok(hash_entries(&self.0, "reading the IPv6 port map")?
+            .iter()
+            .filter_map(|(k, t)| PortForward6::from_raw(k, t))
+            .collect())
+    }
+
+    pub fn len(&self) -> usize {
+        key_count(&self.0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl Datapath {
     pub fn port_forwards(&self) -> Result<PortForwards, DatapathError> {
         self.hash_map(maps::PORTS, false, "opening the port map")
             .map(PortForwards)
+    }
+
+    pub fn port_forwards6(&self) -> Result<PortForwards6, DatapathError> {
+        self.hash_map(maps::PORTS6, false, "opening the IPv6 port map")
+            .map(PortForwards6)
     }
 }
 
@@ -216,6 +345,28 @@ mod tests {
         // Not a protocol netns maps.
         let odd = PortKey { proto: 47, ..k };
         assert_eq!(PortForward::from_raw(&odd, &t), None);
+    }
+
+    #[test]
+    fn port_forward6_byte_order() {
+        let f = PortForward6 {
+            host_ip: Some("2001:db8:100::2".parse().unwrap()),
+            host_port: 8080,
+            proto: Proto::Tcp,
+            target: "[fd00:19::2]:80".parse().unwrap(),
+            ifindex: 5,
+            runtime_binds: false,
+        };
+        let (k, t) = f.to_raw();
+        assert_eq!(k.host_addr.octets()[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(k.host_port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(t.addr.octets()[..2], [0xfd, 0x00]);
+        assert_eq!(t.port.to_ne_bytes(), 80u16.to_be_bytes());
+        assert_eq!(PortForward6::from_raw(&k, &t), Some(f));
+        let w = PortForward6 { host_ip: None, ..f };
+        assert!(w.to_raw().0.host_addr.is_zero());
+        assert_eq!(PortForward6::from_raw(&w.to_raw().0, &t), Some(w));
+        assert_eq!(w.to_string(), "[::]:8080/tcp -> [fd00:19::2]:80");
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use aya::programs::ProgramInfo;
 use netns_common::{
-    CtCount, CtEntry, CtKeep, CtKey, FragKey, FragPorts, LAYOUT_VERSION, SockKey, SockOrig, maps,
+    Ct6Entry, Ct6Key, CtCount, CtEntry, CtKeep, CtKey, Frag6Key, Frag6Xlat, FragKey, FragPorts,
+    LAYOUT_VERSION, Port6Key, Port6Target, Sock6Key, Sock6Orig, SockKey, SockOrig, maps,
 };
 use serde::Serialize;
 
@@ -50,9 +51,21 @@ pub struct Status {
     pub allow_inbound: Vec<String>,
     /// `--no-masquerade` CIDRs (the no-masquerade trie).
     pub no_masquerade: Vec<String>,
+    pub ipv6: Ipv6Status,
     pub programs: Vec<ProgramStatus>,
     pub links: Vec<LinkStatus>,
     pub maps: Vec<MapStatus>,
+}
+
+/// IPv6 for containers (`--ip6`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ipv6Status {
+    pub enabled: bool,
+    /// The bridge's IPv6 gateway with the containers' prefix length.
+    pub gateway: Option<String>,
+    /// The NAT66 source (the uplink's global IPv6 address); None: none yet, container
+    /// IPv6 to the outside is dropped.
+    pub uplink_addr: Option<String>,
 }
 
 /// One pinned program; `id` and `type` are None when its pin is missing.
@@ -135,6 +148,11 @@ impl Datapath {
             ct_counters: cfg.ct_counters,
             allow_inbound: cidr_strings(self.inbound_entries()?),
             no_masquerade: cidr_strings(self.nomasq_entries()?),
+            ipv6: Ipv6Status {
+                enabled: cfg.gateway6.is_some(),
+                gateway: cfg.gateway6.map(|(g, len)| format!("{g}/{len}")),
+                uplink_addr: cfg.uplink_addr6.map(|a| a.to_string()),
+            },
             programs: self.program_status(),
             links: self.link_status()?,
             maps: self.map_status()?,
@@ -212,6 +230,11 @@ impl Datapath {
             maps::SOCK_REVNAT,
             maps::CONFIG,
             maps::STATS,
+            maps::CONNTRACK6,
+            maps::ENDPOINTS6,
+            maps::PORTS6,
+            maps::FRAGS6,
+            maps::SOCK_REVNAT6,
         ] {
             let data = self.map_data(name)?;
             let info = data
@@ -242,6 +265,27 @@ impl Datapath {
                 maps::FRAGS => {
                     key_count(&self.hash_map::<FragKey, FragPorts>(name, true, "fragment map")?)
                 }
+                maps::CONNTRACK6 => key_count(&self.hash_map::<Ct6Key, Ct6Entry>(
+                    name,
+                    true,
+                    "IPv6 conntrack map",
+                )?),
+                maps::ENDPOINTS6 => self.endpoints6()?.len(),
+                maps::PORTS6 => key_count(&self.hash_map::<Port6Key, Port6Target>(
+                    name,
+                    false,
+                    "IPv6 port map",
+                )?),
+                maps::FRAGS6 => key_count(&self.hash_map::<Frag6Key, Frag6Xlat>(
+                    name,
+                    true,
+                    "IPv6 fragment map",
+                )?),
+                maps::SOCK_REVNAT6 => key_count(&self.hash_map::<Sock6Key, Sock6Orig>(
+                    name,
+                    true,
+                    "IPv6 socket reverse map",
+                )?),
                 // Arrays: every slot exists.
                 _ => info.max_entries() as usize,
             };
@@ -279,6 +323,11 @@ mod tests {
             ct_counters: false,
             allow_inbound: vec!["172.19.0.0/16".into()],
             no_masquerade: vec!["172.19.0.0/16".into(), "10.0.0.0/8".into()],
+            ipv6: Ipv6Status {
+                enabled: true,
+                gateway: Some("fd00:19::1/64".into()),
+                uplink_addr: None,
+            },
             programs: vec![
                 ProgramStatus {
                     name: "netns_uplink_egress".into(),
@@ -326,6 +375,8 @@ mod tests {
             serde_json::json!(["172.19.0.0/16", "10.0.0.0/8"])
         );
         assert_eq!(v["allow_inbound"], serde_json::json!(["172.19.0.0/16"]));
+        assert_eq!(v["ipv6"]["gateway"], "fd00:19::1/64");
+        assert_eq!(v["ipv6"]["uplink_addr"], serde_json::Value::Null);
         assert_eq!(
             v["programs"][0],
             serde_json::json!({"name": "netns_uplink_egress", "pin": "/p/progs/netns_uplink_egress",

@@ -1,9 +1,9 @@
-//! The host's own IPv4 addresses and the interface each one is on: a port forward with
+//! The host's own IPv4 and IPv6 addresses and the interface each one is on: a port forward with
 //! a host IP matches only packets arriving on that interface, so 127.0.0.1 or an
 //! internal address is never reachable through the uplink.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use netns_common::LOOPBACK_IFINDEX;
 
@@ -13,6 +13,7 @@ use super::{Netlink, NetworkError};
 #[derive(Debug, Clone, Default)]
 pub struct LocalAddrs {
     by_ip: HashMap<Ipv4Addr, u32>,
+    by_ip6: HashMap<Ipv6Addr, u32>,
 }
 
 impl LocalAddrs {
@@ -23,8 +24,10 @@ impl LocalAddrs {
         std::thread::scope(|s| {
             s.spawn(|| {
                 super::runtime()?.block_on(async {
-                    let pairs = Netlink::current()?.all_ipv4_addrs().await?;
-                    Ok(LocalAddrs::from_pairs(pairs))
+                    let nl = Netlink::current()?;
+                    let mut a = LocalAddrs::from_pairs(nl.all_ipv4_addrs().await?);
+                    a.add_ipv6(nl.all_ipv6_addrs().await?);
+                    Ok(a)
                 })
             })
             .join()
@@ -42,7 +45,29 @@ impl LocalAddrs {
                 .and_modify(|i| *i = (*i).min(idx))
                 .or_insert(idx);
         }
-        LocalAddrs { by_ip }
+        LocalAddrs {
+            by_ip,
+            by_ip6: HashMap::new(),
+        }
+    }
+
+    /// Adds (ifindex, IPv6 address) pairs, as [`LocalAddrs::from_pairs`].
+    pub fn add_ipv6(&mut self, pairs: impl IntoIterator<Item = (u32, Ipv6Addr)>) {
+        for (idx, ip) in pairs {
+            self.by_ip6
+                .entry(ip)
+                .and_modify(|i| *i = (*i).min(idx))
+                .or_insert(idx);
+        }
+    }
+
+    /// [`LocalAddrs::ifindex`] for an IPv6 host IP (`::1` is `lo`).
+    pub fn ifindex6(&self, host_ip: Option<Ipv6Addr>) -> Option<u32> {
+        match host_ip {
+            None => Some(0),
+            Some(ip) if ip.is_loopback() => Some(LOOPBACK_IFINDEX),
+            Some(ip) => self.by_ip6.get(&ip).copied(),
+        }
     }
 
     /// The `PortTarget::ifindex` of a mapping's host IP: 0 for a wildcard, `lo` for all
@@ -78,5 +103,15 @@ mod tests {
         assert_eq!(a.ifindex(Some(Ipv4Addr::new(198, 51, 100, 2))), Some(7));
         assert_eq!(a.ifindex(Some(Ipv4Addr::new(10, 0, 0, 1))), Some(4));
         assert_eq!(a.ifindex(Some(Ipv4Addr::new(192, 0, 2, 1))), None);
+        let mut a = a;
+        let up: Ipv6Addr = "2001:db8:100::2".parse().unwrap();
+        a.add_ipv6([(7, up)]);
+        assert_eq!(a.ifindex6(None), Some(0));
+        assert_eq!(
+            a.ifindex6(Some(Ipv6Addr::LOCALHOST)),
+            Some(LOOPBACK_IFINDEX)
+        );
+        assert_eq!(a.ifindex6(Some(up)), Some(7));
+        assert_eq!(a.ifindex6(Some("2001:db8::9".parse().unwrap())), None);
     }
 }

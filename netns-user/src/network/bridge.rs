@@ -4,12 +4,19 @@ use rtnetlink::LinkBridge;
 
 use super::netlink::{Link, Netlink};
 use super::{NetworkError, sysctl};
-use crate::config::Gateway;
+use crate::config::{Gateway, Gateway6};
 
 /// Creates the bridge if it is missing, hardens its sysctls (no RA, no redirect a
 /// container sends configures the host), sets the gateway address and MTU and brings
-/// it up. Never rolled back: other containers share it.
-pub async fn ensure(nl: &Netlink, name: &str, gw: Gateway, mtu: u32) -> Result<Link, NetworkError> {
+/// it up; with `gw6` also the IPv6 gateway (nodad). Never rolled back: other
+/// containers share it.
+pub async fn ensure(
+    nl: &Netlink,
+    name: &str,
+    gw: Gateway,
+    gw6: Option<Gateway6>,
+    mtu: u32,
+) -> Result<Link, NetworkError> {
     let link = match nl.link_by_name(name).await? {
         Some(l) if !l.is_bridge() => {
             return Err(NetworkError::NotABridge {
@@ -42,5 +49,9 @@ pub async fn ensure(nl: &Netlink, name: &str, gw: Gateway, mtu: u32) -> Result<L
     }
     nl.ensure_ipv4_addr(link.index, gw.addr, gw.prefix_len)
         .await?;
+    if let Some(g) = gw6 {
+        nl.ensure_ipv6_addr(link.index, g.addr, g.prefix_len)
+            .await?;
+    }
     Ok(link)
 }

@@ -12,7 +12,7 @@ pub mod sysctl;
 pub mod veth;
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::MetadataExt as _;
 
 pub use netlink::{Link, Netlink, NetlinkError, format_mac};
@@ -24,6 +24,8 @@ pub const DEFAULT_MTU: u32 = 1500;
 pub enum NetworkError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Ip6(#[from] crate::config::Ip6Error),
     #[error("{name} exists but is not a bridge (it is {kind}); choose another --bridge")]
     NotABridge { name: String, kind: String },
     #[error("interface {0} disappeared right after it was created or configured")]
@@ -194,6 +196,8 @@ pub struct Uplink {
     pub mtu: Option<u32>,
     /// First IPv4 address (the masquerade source), None if it has none.
     pub addr: Option<Ipv4Addr>,
+    /// First usable global IPv6 address (the NAT66 source), None if it has none.
+    pub addr6: Option<Ipv6Addr>,
 }
 
 /// Resolves `--uplink` (or the IPv4 default route's device when None).
@@ -214,11 +218,13 @@ pub async fn uplink(nl: &Netlink, name: Option<&str>) -> Result<Uplink, NetworkE
         }
     };
     let addr = first_ipv4(nl, link.index).await?;
+    let addr6 = nl.ipv6_addrs(link.index).await?.first().map(|(a, _)| *a);
     Ok(Uplink {
         name: link.name,
         index: link.index,
         mtu: link.mtu,
         addr,
+        addr6,
     })
 }
 

@@ -6,13 +6,13 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd as _, FromRawFd as _, IntoRawFd as _};
 
 use futures::TryStreamExt as _;
 use nix::sched::{CloneFlags, setns};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteType};
 use rtnetlink::sys::{Socket, TokioSocket, protocols::NETLINK_ROUTE};
@@ -169,6 +169,32 @@ fn ipv4_of(m: &AddressMessage) -> Option<Ipv4Addr> {
         _ => None,
     });
     local.or(addr)
+}
+
+/// A global (not link-local) IPv6 address of an address message, with whether it is
+/// still tentative or deprecated (not usable as a source yet, or any more).
+fn ipv6_of(m: &AddressMessage) -> Option<(Ipv6Addr, bool)> {
+    if m.header.family != AddressFamily::Inet6 {
+        return None;
+    }
+    let addr = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V6(v)) => Some(*v),
+        _ => None,
+    })?;
+    if addr.segments()[0] & 0xffc0 == 0xfe80 || addr.is_loopback() || addr.is_multicast() {
+        return None;
+    }
+    let flags = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(m.header.flags.bits())));
+    let unusable = flags
+        .intersects(AddressFlags::Tentative | AddressFlags::Deprecated | AddressFlags::Dadfailed);
+    Some((addr, unusable))
 }
 
 /// A route-netlink handle bound to one network namespace.
@@ -356,6 +382,77 @@ impl Netlink {
             Err(e) => Err(req(format!(
                 "adding {addr}/{prefix} to interface index {index}"
             ))(e)),
+        }
+    }
+
+    /// Global IPv6 addresses of a link with prefix length, usable ones first (kernel
+    /// order within each group).
+    pub async fn ipv6_addrs(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req(format!("listing addresses of interface index {index}")))?;
+        let mut v: Vec<(bool, Ipv6Addr, u8)> = msgs
+            .iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| ipv6_of(m).map(|(a, bad)| (bad, a, m.header.prefix_len)))
+            .collect();
+        v.sort_by_key(|(bad, _, _)| *bad);
+        Ok(v.into_iter().map(|(_, a, p)| (a, p)).collect())
+    }
+
+    /// Every global IPv6 address of the namespace with the ifindex of its link.
+    pub async fn all_ipv6_addrs(&self) -> Result<Vec<(u32, Ipv6Addr)>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing this namespace's addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| ipv6_of(m).map(|(a, _)| (m.header.index, a)))
+            .collect())
+    }
+
+    /// Adds `addr/prefix` to a link with `nodad` (usable at once: the prefix is ours,
+    /// nobody else on the bridge can hold the address) unless it is there already.
+    pub async fn ensure_ipv6_addr(
+        &self,
+        index: u32,
+        addr: Ipv6Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        if self.ipv6_addrs(index).await?.contains(&(addr, prefix)) {
+            return Ok(());
+        }
+        let mut r = self.handle.address().add(index, IpAddr::V6(addr), prefix);
+        r.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        match r.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(req(format!(
+                "adding {addr}/{prefix} to interface index {index}"
+            ))(e)),
+        }
+    }
+
+    /// Adds `default via gw` for IPv6 (no error if one exists already).
+    pub async fn add_default_route6(&self, gw: Ipv6Addr) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new().gateway(gw).build();
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(req(format!("adding IPv6 default route via {gw}"))(e)),
         }
     }
 

@@ -22,6 +22,47 @@ pub fn enable_ip_forward() -> Result<bool, SysctlError> {
     ensure_one(Path::new(IP_FORWARD))
 }
 
+pub const IP6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// What turning on IPv6 forwarding changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Ip6Forward {
+    /// Forwarding was off.
+    pub enabled: bool,
+    /// The uplink's `accept_ra` went from 1 to 2: with forwarding on, the kernel
+    /// ignores router advertisements on interfaces at 1, and the host would lose its
+    /// SLAAC address and default route on the uplink.
+    pub kept_ra_on: Option<String>,
+}
+
+/// Turns on IPv6 forwarding (for `--ip6`), keeping the uplink's router
+/// advertisements accepted first.
+pub fn enable_ip6_forward(uplink: &str) -> Result<Ip6Forward, SysctlError> {
+    enable_ip6_forward_in(Path::new(NET_ROOT), uplink)
+}
+
+fn enable_ip6_forward_in(net: &Path, uplink: &str) -> Result<Ip6Forward, SysctlError> {
+    let mut out = Ip6Forward::default();
+    let fwd = net.join("ipv6/conf/all/forwarding");
+    let ra = net.join("ipv6/conf").join(uplink).join("accept_ra");
+    let on = read_sysctl(&fwd)
+        .map(|v| v.trim() == "1")
+        .map_err(|source| SysctlError {
+            what: "reading",
+            path: fwd.clone(),
+            source,
+        })?;
+    if on {
+        return Ok(out);
+    }
+    if read_sysctl(&ra).is_ok_and(|v| v.trim() == "1") {
+        ensure_value(&ra, "2")?;
+        out.kept_ra_on = Some(uplink.to_owned());
+    }
+    out.enabled = ensure_one(&fwd)?;
+    Ok(out)
+}
+
 pub const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
 /// Adds `min-max` to an ip_local_reserved_ports file (keeping what is there) so the
@@ -169,6 +210,29 @@ mod tests {
         assert!(!ensure_one(&f).unwrap());
         let e = ensure_one(&tmp.path().join("missing")).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn ip6_forwarding_keeps_the_uplinks_router_adverts() {
+        let d = tempfile::tempdir().unwrap();
+        let net = d.path();
+        std::fs::create_dir_all(net.join("ipv6/conf/all")).unwrap();
+        std::fs::create_dir_all(net.join("ipv6/conf/up0")).unwrap();
+        std::fs::write(net.join("ipv6/conf/all/forwarding"), "0\n").unwrap();
+        std::fs::write(net.join("ipv6/conf/up0/accept_ra"), "1\n").unwrap();
+        let r = enable_ip6_forward_in(net, "up0").unwrap();
+        assert!(r.enabled);
+        assert_eq!(r.kept_ra_on.as_deref(), Some("up0"));
+        let read = |f: &str| std::fs::read_to_string(net.join(f)).unwrap();
+        assert_eq!(read("ipv6/conf/all/forwarding").trim(), "1");
+        assert_eq!(read("ipv6/conf/up0/accept_ra").trim(), "2");
+        // Already on: nothing touched (an admin's accept_ra stays).
+        std::fs::write(net.join("ipv6/conf/up0/accept_ra"), "1\n").unwrap();
+        assert_eq!(
+            enable_ip6_forward_in(net, "up0").unwrap(),
+            Ip6Forward::default()
+        );
+        assert_eq!(read("ipv6/conf/up0/accept_ra").trim(), "1");
     }
 
     #[test]

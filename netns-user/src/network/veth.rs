@@ -1,7 +1,7 @@
 //! The container's veth pair: host end on the bridge, `eth0` in the container.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd as _;
 
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
@@ -87,14 +87,19 @@ pub async fn attach_host_end(
     Ok(host.set_link(index, true, None, Some(bridge_index)).await?)
 }
 
+/// The container's IPv6: address, prefix length, gateway.
+pub type Addr6 = (Ipv6Addr, u8, Ipv6Addr);
+
 /// Inside the container: `lo` and `ifname` up, `ip/prefix` on it, default route via
-/// `gateway`. Returns its MAC address, read back from the kernel.
+/// `gateway`, and with `v6` its IPv6 address (nodad) and IPv6 default route. Returns
+/// its MAC address, read back from the kernel.
 pub async fn configure_container(
     ns: &Netlink,
     ifname: &str,
     ip: Ipv4Addr,
     prefix_len: u8,
     gateway: Ipv4Addr,
+    v6: Option<Addr6>,
 ) -> Result<[u8; 6], NetworkError> {
     if let Some(lo) = ns.link_by_name("lo").await?
         && !lo.up
@@ -106,8 +111,16 @@ pub async fn configure_container(
         .await?
         .ok_or_else(|| NetworkError::Vanished(ifname.to_owned()))?;
     ns.ensure_ipv4_addr(link.index, ip, prefix_len).await?;
+    if let Some((ip6, len6, _)) = v6 {
+        // Before the link goes up: the address must be usable, not tentative, when the
+        // container's process starts.
+        ns.ensure_ipv6_addr(link.index, ip6, len6).await?;
+    }
     ns.set_link(link.index, true, None, None).await?;
     ns.add_default_route(gateway).await?;
+    if let Some((_, _, gw6)) = v6 {
+        ns.add_default_route6(gw6).await?;
+    }
     let link = ns
         .link_by_name(ifname)
         .await?

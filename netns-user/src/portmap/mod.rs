@@ -18,14 +18,17 @@ mod spec;
 mod validate;
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::{PortSpec, Proto, SpecError, parse_list};
+pub use spec::{Family, PortSpec, Proto, SpecError, parse_list};
 pub use validate::{select, validate};
 
-use crate::datapath::{ConntrackEntry, Datapath, DatapathError, Dir, PortForward, PortForwardKey};
+use crate::datapath::{
+    ConntrackEntry, Datapath, DatapathError, Dir, PortForward, PortForward6, PortForward6Key,
+    PortForwardKey,
+};
 use crate::network::NetworkError;
 use crate::network::addrs::LocalAddrs;
 use crate::network::portset::PortSet;
@@ -52,10 +55,79 @@ pub struct Mapping {
     /// The container runtime binds the host port itself (CNI `portMappings`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub runtime_binds: bool,
+    /// The families it forwards (mappings made before IPv6 read as `both`: with no
+    /// `container_ip6` that is IPv4 only).
+    #[serde(default)]
+    pub family: Family,
+    /// The IPv6 host address of a `v6` mapping (None: `[::]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip6: Option<Ipv6Addr>,
+    /// The container's IPv6 address, the target of the IPv6 side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_ip6: Option<Ipv6Addr>,
+}
+
+/// What identifies a mapping in the table: its host side in every family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MappingKey {
+    pub family: Family,
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip6: Option<Ipv6Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
 }
 
 impl Mapping {
-    /// The host side, which identifies the datapath's entry.
+    pub fn ident(&self) -> MappingKey {
+        MappingKey {
+            family: self.family,
+            host_ip: self.host_ip,
+            host_ip6: self.host_ip6,
+            host_port: self.host_port,
+            proto: self.proto,
+        }
+    }
+
+    /// Whether it has an IPv4 entry in the datapath.
+    pub fn forwards_v4(&self) -> bool {
+        self.family.v4()
+    }
+
+    /// Whether it has an IPv6 entry in the datapath.
+    pub fn forwards_v6(&self) -> bool {
+        self.family.v6() && self.container_ip6.is_some()
+    }
+
+    /// The host side of the IPv6 entry.
+    pub fn key6(&self) -> PortForward6Key {
+        PortForward6Key {
+            host_ip: self.host_ip6,
+            host_port: self.host_port,
+            proto: self.proto,
+        }
+    }
+
+    /// The datapath's IPv6 entry (None: the mapping has none).
+    pub fn forward6(&self, addrs: &LocalAddrs) -> Result<Option<PortForward6>, PortMapError> {
+        let Some(ip6) = self.container_ip6.filter(|_| self.family.v6()) else {
+            return Ok(None);
+        };
+        let ifindex = addrs
+            .ifindex6(self.host_ip6)
+            .ok_or(PortMapError::NotLocal6(
+                self.host_ip6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            ))?;
+        Ok(Some(PortForward6 {
+            host_ip: self.host_ip6,
+            host_port: self.host_port,
+            proto: self.proto,
+            target: SocketAddrV6::new(ip6, self.container_port, 0, 0),
+            ifindex,
+            runtime_binds: self.runtime_binds,
+        }))
+    }
+
+    /// The host side, which identifies the datapath's IPv4 entry.
     pub fn key(&self) -> PortForwardKey {
         PortForwardKey {
             host_ip: self.host_ip,
@@ -79,23 +151,49 @@ impl Mapping {
         })
     }
 
-    /// Same protocol and port on addresses that overlap (a wildcard overlaps all).
+    /// Same protocol and port on addresses that overlap in a family both forward (a
+    /// wildcard overlaps all of its family).
     pub(super) fn collides(&self, o: &Mapping) -> bool {
+        fn overlap<T: PartialEq>(a: Option<T>, b: Option<T>) -> bool {
+            a.is_none() || b.is_none() || a == b
+        }
         self.proto == o.proto
             && self.host_port == o.host_port
-            && (self.host_ip.is_none() || o.host_ip.is_none() || self.host_ip == o.host_ip)
+            && ((self.family.v4() && o.family.v4() && overlap(self.host_ip, o.host_ip))
+                || (self.family.v6() && o.family.v6() && overlap(self.host_ip6, o.host_ip6)))
     }
 
-    pub(super) fn describe(&self) -> String {
-        match self.host_ip {
-            Some(ip) => format!("{ip}:{}/{}", self.host_port, self.proto),
-            None => format!("{}/{}", self.host_port, self.proto),
+    /// The host side as a spec writes it.
+    pub fn describe(&self) -> String {
+        format!("{}/{}", self.host(), self.proto)
+    }
+
+    /// `ADDR:PORT` of the host side (`[::]:PORT`, `0.0.0.0:PORT`, or `PORT` for both).
+    pub fn host(&self) -> String {
+        match (self.family, self.host_ip, self.host_ip6) {
+            (Family::V6, _, ip6) => {
+                format!(
+                    "[{}]:{}",
+                    ip6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+                    self.host_port
+                )
+            }
+            (Family::V4, ip, _) => {
+                format!("{}:{}", ip.unwrap_or(Ipv4Addr::UNSPECIFIED), self.host_port)
+            }
+            (Family::Both, _, _) => self.host_port.to_string(),
         }
     }
 }
 
-/// Expands specs for one container into single-port mappings.
-pub fn expand(container_id: &str, container_ip: Ipv4Addr, specs: &[PortSpec]) -> Vec<Mapping> {
+/// Expands specs for one container (with `container_ip6` when it has IPv6) into
+/// single-port mappings.
+pub fn expand(
+    container_id: &str,
+    container_ip: Ipv4Addr,
+    container_ip6: Option<Ipv6Addr>,
+    specs: &[PortSpec],
+) -> Vec<Mapping> {
     let mut out = Vec::new();
     for s in specs {
         for i in 0..=(s.host.1 - s.host.0) {
@@ -107,6 +205,9 @@ pub fn expand(container_id: &str, container_ip: Ipv4Addr, specs: &[PortSpec]) ->
                 host_port: s.host.0 + i,
                 container_port: s.container.0 + i,
                 runtime_binds: s.runtime_binds,
+                family: s.family,
+                host_ip6: s.host_ip6,
+                container_ip6,
             });
         }
     }
@@ -129,6 +230,12 @@ pub enum PortMapError {
     NotMapped(String),
     #[error("host IP {0} is not an address of this host")]
     NotLocal(Ipv4Addr),
+    #[error("host IP {0} is not an address of this host")]
+    NotLocal6(Ipv6Addr),
+    #[error(
+        "{spec} is an IPv6 forward but container {container} has no IPv6 address (start it with --ip6)"
+    )]
+    NoIpv6 { spec: String, container: String },
     #[error(transparent)]
     Network(#[from] NetworkError),
     #[error(transparent)]
@@ -161,10 +268,11 @@ pub fn add(
     dp: &Datapath,
     id: &str,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     specs: &[PortSpec],
 ) -> Result<Vec<Mapping>, PortMapError> {
     let mut table = load_table(lock)?;
-    let new = expand(id, ip, specs);
+    let new = expand(id, ip, ip6, specs);
     validate(&table, &new, true)?;
     let before = table.len();
     table.extend(new.iter().cloned());
@@ -205,9 +313,9 @@ pub fn remove(
     if let Some(dp) = dp {
         uninstall(dp, ms)?;
     }
-    let gone: HashSet<PortForwardKey> = ms.iter().map(Mapping::key).collect();
+    let gone: HashSet<MappingKey> = ms.iter().map(Mapping::ident).collect();
     let mut table = load_table(lock)?;
-    table.retain(|t| !gone.contains(&t.key()));
+    table.retain(|t| !gone.contains(&t.ident()));
     save_table(lock, &table)?;
     // Released only now that nothing forwards them.
     reserve::sync(lock, &host_ports(&table))?;
@@ -230,12 +338,18 @@ pub fn remove_container(
     Ok(mine.len())
 }
 
-/// The host's addresses, read only when a mapping names a host IP outside 127/8.
+/// The container IPv6 address to validate specs with before the container has one:
+/// any address when `--ip6` is on (so `[::]` specs pass), None when it is off.
+pub fn unspecified6(cfg: &crate::config::NetConfig) -> Option<Ipv6Addr> {
+    cfg.gateway6.map(|_| Ipv6Addr::UNSPECIFIED)
+}
+
+/// The host's addresses, read only when a mapping names a host IP outside 127/8
+/// and `::1`.
 pub fn local_addrs_for(ms: &[Mapping]) -> Result<LocalAddrs, PortMapError> {
-    if ms
-        .iter()
-        .all(|m| m.host_ip.is_none_or(|ip| ip.is_loopback()))
-    {
+    if ms.iter().all(|m| {
+        m.host_ip.is_none_or(|ip| ip.is_loopback()) && m.host_ip6.is_none_or(|ip| ip.is_loopback())
+    }) {
         return Ok(LocalAddrs::default());
     }
     Ok(LocalAddrs::read()?)
@@ -270,26 +384,56 @@ pub fn flush_conntrack(dp: &Datapath, ms: &[Mapping]) -> Result<usize, DatapathE
     dp.delete_conntrack(&doomed)
 }
 
-/// Writes mappings into the datapath; on failure removes what it wrote.
+/// Writes mappings into the datapath (each family's entry); on failure removes what
+/// it wrote.
 pub fn install(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
     let addrs = local_addrs_for(ms)?;
-    let forwards: Vec<PortForward> = ms
-        .iter()
-        .map(|m| m.forward(&addrs))
-        .collect::<Result<_, _>>()?;
-    let mut map = dp.port_forwards()?;
-    for (i, f) in forwards.iter().enumerate() {
-        if let Err(e) = map.insert(f) {
-            for done in &forwards[..i] {
-                if let Err(u) = map.remove(done.key()) {
-                    log::warn!(
-                        "rolling back port forward {done}: {}",
-                        crate::error_chain(&u)
-                    );
-                }
-            }
-            return Err(e.into());
+    let mut forwards: Vec<PortForward> = Vec::new();
+    let mut forwards6: Vec<PortForward6> = Vec::new();
+    for m in ms {
+        if m.forwards_v4() {
+            forwards.push(m.forward(&addrs)?);
         }
+        forwards6.extend(m.forward6(&addrs)?);
+    }
+    let mut map = dp.port_forwards()?;
+    let mut map6 = dp.port_forwards6()?;
+    let mut written = (0, 0);
+    let mut r = Ok(());
+    for f in &forwards {
+        r = map.insert(f);
+        if r.is_err() {
+            break;
+        }
+        written.0 += 1;
+    }
+    if r.is_ok() {
+        for f in &forwards6 {
+            r = map6.insert(f);
+            if r.is_err() {
+                break;
+            }
+            written.1 += 1;
+        }
+    }
+    if let Err(e) = r {
+        for done in &forwards[..written.0] {
+            if let Err(u) = map.remove(done.key()) {
+                log::warn!(
+                    "rolling back port forward {done}: {}",
+                    crate::error_chain(&u)
+                );
+            }
+        }
+        for done in &forwards6[..written.1] {
+            if let Err(u) = map6.remove(done.key()) {
+                log::warn!(
+                    "rolling back port forward {done}: {}",
+                    crate::error_chain(&u)
+                );
+            }
+        }
+        return Err(e.into());
     }
     flush_conntrack(dp, ms)?;
     Ok(())
@@ -300,8 +444,14 @@ pub fn install(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
 /// conntrack walk.
 pub fn uninstall(dp: &Datapath, ms: &[Mapping]) -> Result<(), PortMapError> {
     let mut map = dp.port_forwards()?;
+    let mut map6 = dp.port_forwards6()?;
     for m in ms {
-        map.remove(m.key())?;
+        if m.forwards_v4() {
+            map.remove(m.key())?;
+        }
+        if m.forwards_v6() {
+            map6.remove(m.key6())?;
+        }
     }
     Ok(())
 }
@@ -319,6 +469,7 @@ mod tests {
         let ms = expand(
             "c",
             Ipv4Addr::new(172, 19, 0, 2),
+            None,
             &[spec("8000-8002:9000-9002/udp")],
         );
         let pairs: Vec<_> = ms.iter().map(|m| (m.host_port, m.container_port)).collect();
@@ -329,7 +480,7 @@ mod tests {
     fn targets_carry_the_host_ip_interface() {
         let addrs = LocalAddrs::from_pairs([(5, Ipv4Addr::new(198, 51, 100, 3))]);
         let ip = Ipv4Addr::new(172, 19, 0, 2);
-        let t = |s: &str| expand("c", ip, &[spec(s)])[0].forward(&addrs);
+        let t = |s: &str| expand("c", ip, None, &[spec(s)])[0].forward(&addrs);
         let w = t("8080:80").unwrap();
         assert_eq!(
             (w.target, w.ifindex, w.host_port),
@@ -344,5 +495,56 @@ mod tests {
             t("198.51.100.4:8080:80"),
             Err(PortMapError::NotLocal(_))
         ));
+    }
+
+    #[test]
+    fn ipv6_sides_and_families() {
+        let mut addrs = LocalAddrs::from_pairs([(5, Ipv4Addr::new(198, 51, 100, 3))]);
+        let up: Ipv6Addr = "2001:db8:100::2".parse().unwrap();
+        addrs.add_ipv6([(5, up)]);
+        let ip = Ipv4Addr::new(172, 19, 0, 2);
+        let ip6: Ipv6Addr = "fd00:19::2".parse().unwrap();
+        let m = |s: &str| expand("c", ip, Some(ip6), &[spec(s)]).remove(0);
+        // No host IP: both families.
+        let both = m("8080:80");
+        assert!(both.forwards_v4() && both.forwards_v6());
+        let f6 = both.forward6(&addrs).unwrap().unwrap();
+        assert_eq!(
+            (f6.host_ip, f6.ifindex, f6.target),
+            (None, 0, SocketAddrV6::new(ip6, 80, 0, 0))
+        );
+        // Without IPv6 in the container, the same spec is IPv4 only.
+        let v4_only = expand("c", ip, None, &[spec("8080:80")]).remove(0);
+        assert!(v4_only.forwards_v4() && !v4_only.forwards_v6());
+        assert_eq!(v4_only.forward6(&addrs).unwrap(), None);
+        let any6 = m("[::]:8080:80");
+        assert!(!any6.forwards_v4() && any6.forwards_v6());
+        assert_eq!(any6.describe(), "[::]:8080/tcp");
+        assert_eq!(
+            m("[::1]:8080:80")
+                .forward6(&addrs)
+                .unwrap()
+                .unwrap()
+                .ifindex,
+            netns_common::LOOPBACK_IFINDEX
+        );
+        assert_eq!(
+            m("[2001:db8:100::2]:8080:80")
+                .forward6(&addrs)
+                .unwrap()
+                .unwrap()
+                .ifindex,
+            5
+        );
+        assert!(matches!(
+            m("[2001:db8:100::9]:8080:80").forward6(&addrs),
+            Err(PortMapError::NotLocal6(_))
+        ));
+        // Collisions by family: [::] and 0.0.0.0 on one port coexist, both collide with each.
+        let v4 = m("0.0.0.0:8080:80");
+        assert!(!any6.collides(&v4) && !v4.collides(&any6));
+        assert!(both.collides(&any6) && both.collides(&v4));
+        assert!(any6.collides(&m("[2001:db8:100::2]:8080:80")));
+        assert_ne!(any6.ident(), v4.ident());
     }
 }

@@ -1,15 +1,30 @@
 //! Validation of new mappings against the table, each other and the host's sockets;
 //! selection of mappings by spec.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::collections::HashMap;
+use std::net::{
+    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket,
+};
 
-use super::{Mapping, PortMapError, PortSpec, Proto, local_addrs_for};
+use super::{Family, Mapping, PortMapError, PortSpec, Proto, local_addrs_for};
 
 /// Is a host socket bound to the port? Try binding it, as docker does when it holds
-/// the port.
+/// the port (an IPv6-only mapping tries its IPv6 address: a `[::]` bind also finds
+/// dual-stack sockets).
 fn check_host_port_free(m: &Mapping) -> Result<(), PortMapError> {
-    let addr = SocketAddrV4::new(m.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), m.host_port);
+    let addr = if m.family == Family::V6 {
+        SocketAddr::V6(SocketAddrV6::new(
+            m.host_ip6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            m.host_port,
+            0,
+            0,
+        ))
+    } else {
+        SocketAddr::V4(SocketAddrV4::new(
+            m.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            m.host_port,
+        ))
+    };
     let r = match m.proto {
         Proto::Tcp => TcpListener::bind(addr).map(drop),
         Proto::Udp => UdpSocket::bind(addr).map(drop),
@@ -28,24 +43,22 @@ fn check_host_port_free(m: &Mapping) -> Result<(), PortMapError> {
 
 /// Validates `new` against the table, itself and the host's sockets.
 pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<(), PortMapError> {
-    // Within the batch: the same (proto, port, address) twice, or a wildcard next to
-    // the same port on one address. Sets keep 10,000 mappings linear.
-    let mut seen: HashSet<(Proto, u16, Option<Ipv4Addr>)> = HashSet::new();
-    let mut wildcard: HashSet<(Proto, u16)> = HashSet::new();
-    let mut specific: HashSet<(Proto, u16)> = HashSet::new();
+    // Within the batch: two mappings of one port whose addresses overlap in a family
+    // (the same one twice, or a wildcard next to an address). Indexed by (proto, port)
+    // so 10,000 mappings stay linear.
+    let mut batch: HashMap<(Proto, u16), Vec<&Mapping>> = HashMap::new();
     for m in new {
-        let pp = (m.proto, m.host_port);
-        let clash = match m.host_ip {
-            None => wildcard.contains(&pp) || specific.contains(&pp),
-            Some(_) => wildcard.contains(&pp),
-        };
-        if clash || !seen.insert((m.proto, m.host_port, m.host_ip)) {
+        if m.family == Family::V6 && m.container_ip6.is_none() {
+            return Err(PortMapError::NoIpv6 {
+                spec: m.describe(),
+                container: m.container_id.clone(),
+            });
+        }
+        let same_port = batch.entry((m.proto, m.host_port)).or_default();
+        if same_port.iter().any(|o| o.collides(m)) {
             return Err(PortMapError::Duplicate(m.describe()));
         }
-        match m.host_ip {
-            None => wildcard.insert(pp),
-            Some(_) => specific.insert(pp),
-        };
+        same_port.push(m);
     }
     // Index the table by (proto, port) so 10,000 mappings validate in linear time.
     let mut by_port: HashMap<(Proto, u16), Vec<&Mapping>> = HashMap::new();
@@ -66,7 +79,10 @@ pub fn validate(table: &[Mapping], new: &[Mapping], check_host: bool) -> Result<
     if check_host {
         let addrs = local_addrs_for(new)?;
         for m in new {
-            m.forward(&addrs)?;
+            if m.forwards_v4() {
+                m.forward(&addrs)?;
+            }
+            m.forward6(&addrs)?;
             check_host_port_free(m)?;
         }
     }
@@ -87,17 +103,27 @@ pub fn select(
             let found = table.iter().find(|t| {
                 t.proto == s.proto
                     && t.host_port == port
+                    && t.family == s.family
                     && t.host_ip == s.host_ip
+                    && t.host_ip6 == s.host_ip6
                     && container.is_none_or(|c| t.container_id == c)
             });
             match found {
                 Some(t) => out.push((*t).clone()),
                 None => {
-                    let d = match s.host_ip {
-                        Some(ip) => format!("{ip}:{port}/{}", s.proto),
-                        None => format!("{port}/{}", s.proto),
+                    let probe = Mapping {
+                        container_id: String::new(),
+                        container_ip: Ipv4Addr::UNSPECIFIED,
+                        proto: s.proto,
+                        host_ip: s.host_ip,
+                        host_port: port,
+                        container_port: 0,
+                        runtime_binds: false,
+                        family: s.family,
+                        host_ip6: s.host_ip6,
+                        container_ip6: None,
                     };
-                    return Err(PortMapError::NotMapped(d));
+                    return Err(PortMapError::NotMapped(probe.describe()));
                 }
             }
         }
@@ -117,30 +143,40 @@ mod tests {
     #[test]
     fn detects_collisions() {
         let ip = Ipv4Addr::new(172, 19, 0, 2);
-        let table = expand("a", ip, &[spec("8080:80")]);
-        let err = validate(&table, &expand("b", ip, &[spec("8080:81")]), false).unwrap_err();
+        let table = expand("a", ip, None, &[spec("8080:80")]);
+        let err = validate(&table, &expand("b", ip, None, &[spec("8080:81")]), false).unwrap_err();
         assert!(
             matches!(err, PortMapError::Collision { ref owner, .. } if owner == "a"),
             "{err}"
         );
         // Same port, other protocol: fine. Specific address vs wildcard: collides.
-        validate(&table, &expand("b", ip, &[spec("8080:80/udp")]), false).unwrap();
+        validate(
+            &table,
+            &expand("b", ip, None, &[spec("8080:80/udp")]),
+            false,
+        )
+        .unwrap();
         assert!(
             validate(
                 &table,
-                &expand("b", ip, &[spec("127.0.0.1:8080:80")]),
+                &expand("b", ip, None, &[spec("127.0.0.1:8080:80")]),
                 false
             )
             .is_err()
         );
         // Two specific addresses do not collide.
-        let t2 = expand("a", ip, &[spec("127.0.0.1:9090:80")]);
-        validate(&t2, &expand("b", ip, &[spec("127.0.0.2:9090:80")]), false).unwrap();
+        let t2 = expand("a", ip, None, &[spec("127.0.0.1:9090:80")]);
+        validate(
+            &t2,
+            &expand("b", ip, None, &[spec("127.0.0.2:9090:80")]),
+            false,
+        )
+        .unwrap();
         // Duplicates inside one request.
         assert!(matches!(
             validate(
                 &[],
-                &expand("b", ip, &[spec("7000:70"), spec("7000:71")]),
+                &expand("b", ip, None, &[spec("7000:70"), spec("7000:71")]),
                 false
             ),
             Err(PortMapError::Duplicate(_))
@@ -154,6 +190,7 @@ mod tests {
         let ms = expand(
             "c",
             Ipv4Addr::new(172, 19, 0, 2),
+            None,
             &[spec(&format!("127.0.0.1:{port}:80"))],
         );
         assert!(matches!(
@@ -170,6 +207,7 @@ mod tests {
         let ms = expand(
             "c",
             Ipv4Addr::new(172, 19, 0, 2),
+            None,
             &[spec("192.0.2.77:8080:80")],
         );
         let e = validate(&[], &ms, true).unwrap_err();
@@ -188,7 +226,7 @@ mod tests {
     #[test]
     fn selects_and_reports_missing() {
         let ip = Ipv4Addr::new(172, 19, 0, 2);
-        let table = expand("a", ip, &[spec("8080-8081:80-81")]);
+        let table = expand("a", ip, None, &[spec("8080-8081:80-81")]);
         assert_eq!(select(&table, &[spec("8081:1")], None).unwrap().len(), 1);
         assert!(matches!(
             select(&table, &[spec("9999:1")], None),
