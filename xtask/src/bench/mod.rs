@@ -31,7 +31,7 @@ use sys::run as sh_run;
 use sys::{Bg, check, run_raw, run_to};
 use topo::{
     BASE_MAPPINGS, CTR_TCP, CTR_TCP_PP, CTR_UDP, Cni, FWD_TCP, FWD_TCP_PP, FWD_UDP, Kind, Topo,
-    UPLINK_IP, WAN_IP, WAN_IPERF, WAN_UDP,
+    UPLINK_IP, WAN_IP, WAN_IP6, WAN_IPERF, WAN_IPERF6, WAN_UDP,
 };
 
 #[derive(Parser, Debug)]
@@ -89,7 +89,7 @@ struct Opts {
     /// measuring) during UDP rate runs.
     #[arg(long)]
     profile: bool,
-    /// Comma-separated subset of: latency,tcprr,udp,c2c,tcp,conn,install,start,cni [default: all].
+    /// Comma-separated subset of: latency,tcprr,udp,c2c,tcp,conn,ipv6,install,start,cni [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -294,8 +294,8 @@ fn step(s: &str) {
 }
 
 /// Workloads that need the five topologies (workload 7 has beds of its own).
-const TOPOLOGY_WORKLOADS: [&str; 8] = [
-    "latency", "tcprr", "udp", "c2c", "tcp", "conn", "install", "start",
+const TOPOLOGY_WORKLOADS: [&str; 9] = [
+    "latency", "tcprr", "udp", "c2c", "tcp", "conn", "ipv6", "install", "start",
 ];
 
 fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyhow::Result<()> {
@@ -444,6 +444,7 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
         || o.wants("c2c")
         || o.wants("tcp")
         || o.wants("conn")
+        || o.wants("ipv6")
     {
         for r in 1..=o.rounds {
             step(&format!(
@@ -503,6 +504,25 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
                     let c = conn_rate(b, &self_exe, d, o.conn_threads)?;
                     res.push(Metric::Conn1, k, c);
                     let _ = write!(line, " conn {c:.0}/s");
+                }
+                if o.wants("ipv6") {
+                    if b.t.ctrs[0].ip6.is_none() {
+                        for m in [Metric::Udp6Out, Metric::Tcp6Up, Metric::Tcp6Down] {
+                            res.na(m, k, "IPv4 only");
+                        }
+                    } else {
+                        let udp = iperf6(b, false, true, d)?;
+                        let up = iperf6(b, false, false, d)?;
+                        let down = iperf6(b, true, false, d)?;
+                        res.push(Metric::Udp6Out, k, udp);
+                        res.push(Metric::Tcp6Up, k, up);
+                        res.push(Metric::Tcp6Down, k, down);
+                        let _ = write!(
+                            line,
+                            " ipv6 udp {:.0}k msg/s tcp {up:.2}/{down:.2} Gbit/s",
+                            udp / 1e3
+                        );
+                    }
                 }
                 println!("{line}");
             }
@@ -623,6 +643,9 @@ fn start_servers(mut t: Topo, self_exe: &Path) -> anyhow::Result<Bed> {
     let mut c = t.wan().cmd("iperf3");
     c.args(["-s", "-B", WAN_IP, "-p", &WAN_IPERF.to_string()]);
     t.spawn_server(&mut c, "wan-iperf3")?;
+    let mut c = t.wan().cmd("iperf3");
+    c.args(["-s", "-B", WAN_IP6, "-p", &WAN_IPERF6.to_string()]);
+    t.spawn_server(&mut c, "wan-iperf3-v6")?;
     let mut c = t.ctrs[0].cmd(self_exe);
     c.args(["bench", "__conn-server", &CTR_TCP.to_string()]);
     t.spawn_server(&mut c, "ctr-conn")?;
@@ -972,6 +995,56 @@ fn iperf(b: &mut Bed, reverse: bool, d: u64) -> anyhow::Result<f64> {
             std::thread::sleep(Duration::from_millis(500));
             let out = run_to(&mut c, Duration::from_secs(d + 20))?;
             parse_iperf(&out.stdout)
+        }
+    }
+}
+
+/// iperf3 over IPv6 from container a to the wan's IPv6 server: TCP bulk (Gbit/s
+/// received; `reverse`: wan sends), or with `udp64` 64-byte UDP datagrams delivered
+/// per second (sent as fast as iperf3 can, minus those the receiver lost).
+fn iperf6(b: &mut Bed, reverse: bool, udp64: bool, d: u64) -> anyhow::Result<f64> {
+    let mut c = b.t.ctrs[0].cmd("iperf3");
+    c.args([
+        "-6",
+        "-c",
+        WAN_IP6,
+        "-p",
+        &WAN_IPERF6.to_string(),
+        "-t",
+        &d.to_string(),
+        "-J",
+    ]);
+    if reverse {
+        c.arg("-R");
+    }
+    if udp64 {
+        c.args(["-u", "-l", "64", "-b", "0"]);
+    }
+    let parse = |out: &str| -> anyhow::Result<f64> {
+        if !udp64 {
+            return parse_iperf(out);
+        }
+        let v: serde_json::Value = serde_json::from_str(out).context("iperf3 -J output")?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("iperf3: {e}");
+        }
+        let sum = &v["end"]["sum"];
+        let (Some(p), Some(lost), Some(secs)) = (
+            sum["packets"].as_f64(),
+            sum["lost_packets"].as_f64(),
+            sum["seconds"].as_f64(),
+        ) else {
+            bail!("no end.sum packets in iperf3 output");
+        };
+        Ok((p - lost).max(0.0) / secs.max(1e-9))
+    };
+    let out = run_raw(&mut c, None, Duration::from_secs(d + 20))?;
+    match parse(&out.stdout) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            std::thread::sleep(Duration::from_millis(500));
+            let out = run_to(&mut c, Duration::from_secs(d + 20))?;
+            parse(&out.stdout)
         }
     }
 }
@@ -1586,7 +1659,13 @@ fn document(o: &Opts, bin: &Path, res: &Results, elapsed: Duration, load: &str) 
          in between, no NAT; it has no container b. \
          Each measurement runs against the five in turn, several rounds, so drift hits all alike. \
          Port forward: uplink 8080/tcp → container a 5001, 8081/udp → 5002, 8082/tcp → 5003 (TCP \
-         request/response). Nothing runs in the root network namespace.\n"
+         request/response). The four with a host are dual stack for workload 8: uplink \
+         2001:db8:100::2/64, wan 2001:db8:100::1/64, bridge fd00:19::1/64, containers fd00:19::2 \
+         and ::3; no NAT routes fd00:19::/64 back, iptables has an `ip6tables` `MASQUERADE` for \
+         fd00:19::/64, eBPF runs with `--ip6` (NAT66, which has no fast path: eBPF fast measures the \
+         same IPv6 path). sockperf 3.7 has no IPv6, so workload 8 uses iperf3 (64-byte UDP sent as \
+         fast as one iperf3 thread can, TCP bulk both ways); the floor is IPv4 only. \
+         Nothing runs in the root network namespace.\n"
         );
     }
     s.push_str(&res.markdown(o.rounds));

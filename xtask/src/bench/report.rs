@@ -23,10 +23,13 @@ pub enum Metric {
     TcpDown,
     Conn1,
     Conn10k,
+    Udp6Out,
+    Tcp6Up,
+    Tcp6Down,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 18] = [
         Metric::LatOutP50,
         Metric::LatOutP99,
         Metric::LatInP50,
@@ -42,6 +45,9 @@ impl Metric {
         Metric::TcpDown,
         Metric::Conn1,
         Metric::Conn10k,
+        Metric::Udp6Out,
+        Metric::Tcp6Up,
+        Metric::Tcp6Down,
     ];
 
     pub fn label(self) -> &'static str {
@@ -61,6 +67,9 @@ impl Metric {
             Metric::TcpDown => "3. TCP bulk, wan → container (iperf3 -R)",
             Metric::Conn1 => "4. TCP connections, port forward, 1 mapping",
             Metric::Conn10k => "4. TCP connections, port forward, 10,000 mappings",
+            Metric::Udp6Out => "8. IPv6 UDP 64 B delivered, container → wan (NAT66; iperf3)",
+            Metric::Tcp6Up => "8. IPv6 TCP bulk, container → wan (NAT66; iperf3)",
+            Metric::Tcp6Down => "8. IPv6 TCP bulk, wan → container (NAT66; iperf3 -R)",
         }
     }
 
@@ -74,8 +83,8 @@ impl Metric {
             | Metric::TcpRrOutP99
             | Metric::TcpRrInP50
             | Metric::TcpRrInP99 => "µs",
-            Metric::UdpOut | Metric::UdpIn | Metric::UdpC2c => "msg/s",
-            Metric::TcpUp | Metric::TcpDown => "Gbit/s",
+            Metric::UdpOut | Metric::UdpIn | Metric::UdpC2c | Metric::Udp6Out => "msg/s",
+            Metric::TcpUp | Metric::TcpDown | Metric::Tcp6Up | Metric::Tcp6Down => "Gbit/s",
             Metric::Conn1 | Metric::Conn10k => "conn/s",
         }
     }

@@ -17,6 +17,9 @@
 //! ```text
 //!  [ctr a 172.19.0.2 eth0]==veth==fl0 172.19.0.1/16 [wan] (also wan0 198.51.100.1/24)
 //! ```
+//! All but the floor are dual stack: uplink 2001:db8:100::2/64, wan 2001:db8:100::1/64,
+//! bridge fd00:19::1/64, containers fd00:19::2 and ::3 (no NAT: wan routes
+//! fd00:19::/64 via the uplink; iptables: ip6tables MASQUERADE; eBPF: `--ip6`, NAT66).
 //! Everything is named `nb<pid>…` and removed on drop.
 
 use std::fs;
@@ -30,10 +33,12 @@ use netns_tests::topo::{self as harness, Topology};
 
 use super::sys::{self, Bg, in_ns, run, run_raw, run_to};
 
-pub use netns_tests::topo::{UPLINK_IP, WAN_IP};
+pub use netns_tests::topo::{UPLINK_IP, UPLINK_IP6, WAN_IP, WAN_IP6};
 pub const GW: &str = netns_tests::topo::GATEWAY;
 pub const SUBNET: &str = "172.19.0.0/16";
 pub const BRIDGE: &str = "br0";
+pub const GW6: &str = "fd00:19::1";
+pub const SUBNET6: &str = "fd00:19::/64";
 /// Host port forwarded (TCP) to container a's CTR_TCP, and (UDP) FWD_UDP to CTR_UDP.
 pub const FWD_TCP: u16 = 8080;
 pub const CTR_TCP: u16 = 5001;
@@ -51,6 +56,8 @@ pub const FLOOR_WAN_IP: &str = "172.19.0.1";
 /// Servers in the wan namespace.
 pub const WAN_UDP: u16 = 11111;
 pub const WAN_IPERF: u16 = 5201;
+/// The wan's iperf3 server on its IPv6 address.
+pub const WAN_IPERF6: u16 = 5202;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Kind {
@@ -98,6 +105,8 @@ impl Kind {
 pub struct Container {
     pub id: String,
     pub ip: String,
+    /// Its IPv6 address (None: the floor's container is IPv4 only).
+    pub ip6: Option<String>,
     /// /run/netns/NAME or /proc/PID/ns/net.
     pub ns_path: String,
     _ns: Option<NamedNetns>,
@@ -225,6 +234,28 @@ impl Topo {
             tmp,
         };
         t.host().sysctl("net.ipv4.ip_forward=1")?;
+        // IPv6 on the uplink (the eBPF hook reads its NAT66 source at each start).
+        let (host, wan) = (t.host(), t.wan());
+        host.sysctl("net.ipv6.conf.all.forwarding=1")?;
+        host.try_ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{UPLINK_IP6}/64"),
+            "dev",
+            harness::UPLINK,
+            "nodad",
+        ])?;
+        wan.try_ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{WAN_IP6}/64"),
+            "dev",
+            "wan0",
+            "nodad",
+        ])?;
+        host.try_ip(&["-6", "route", "add", "default", "via", WAN_IP6])?;
         // The connection-rate client opens many short connections from wan.
         t.wan().sysctl("net.ipv4.ip_local_port_range=1024 60999")?;
         t.wan().sysctl("net.ipv4.tcp_tw_reuse=1")?;
@@ -248,22 +279,43 @@ impl Topo {
         let host = self.host();
         host.try_ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         host.try_ip(&["addr", "add", &format!("{GW}/16"), "dev", BRIDGE])?;
+        host.try_ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{GW6}/64"),
+            "dev",
+            BRIDGE,
+            "nodad",
+        ])?;
         host.try_ip(&["link", "set", BRIDGE, "up"])?;
         let mut ctrs = Vec::new();
         for (i, id) in ["a", "b"].iter().enumerate() {
             let ns = NamedNetns::create(&format!("{prefix}{id}"), sys::spawner)?;
             let ip = format!("172.19.0.{}", i + 2);
+            let ip6 = format!("fd00:19::{}", i + 2);
             let hv = format!("veth{id}");
             host.try_ip(&[
                 "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
             ])?;
             host.try_ip(&["link", "set", &hv, "master", BRIDGE, "up"])?;
             ns.try_ip(&["addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+            ns.try_ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ns.try_ip(&["link", "set", "eth0", "up"])?;
             ns.try_ip(&["route", "add", "default", "via", GW])?;
+            ns.try_ip(&["-6", "route", "add", "default", "via", GW6])?;
             ctrs.push(Container {
                 id: id.to_string(),
                 ip,
+                ip6: Some(ip6),
                 ns_path: ns.path(),
                 _ns: Some(ns),
                 sleeper: None,
@@ -277,6 +329,8 @@ impl Topo {
         let t = Topo::manual(Kind::NoNat, tag, tmp)?;
         t.wan()
             .try_ip(&["route", "add", SUBNET, "via", UPLINK_IP])?;
+        t.wan()
+            .try_ip(&["-6", "route", "add", SUBNET6, "via", UPLINK_IP6])?;
         Ok(t)
     }
 
@@ -306,6 +360,7 @@ impl Topo {
         t.ctrs.push(Container {
             id: "a".into(),
             ip,
+            ip6: None,
             ns_path: ns.path(),
             _ns: Some(ns),
             sleeper: None,
@@ -333,6 +388,20 @@ impl Topo {
             let args: Vec<&str> = r.split_whitespace().collect();
             t.ipt(&args)?;
         }
+        run(t.host().cmd("ip6tables").args([
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            SUBNET6,
+            "!",
+            "-o",
+            BRIDGE,
+            "-j",
+            "MASQUERADE",
+        ]))?;
         Ok(t)
     }
 
@@ -381,6 +450,8 @@ impl Topo {
                 BRIDGE.into(),
                 "--ip".into(),
                 format!("{GW}/16"),
+                "--ip6".into(),
+                format!("{GW6}/64"),
                 "--fast-path".into(),
                 if fast { "on" } else { "off" }.into(),
             ],
@@ -419,15 +490,19 @@ impl Topo {
         self.hook(id, sl.pid(), "creating")?;
         let ls: serde_json::Value =
             serde_json::from_str(&self.netns_run(&["ls", "--json"])?).context("netns ls --json")?;
-        let ip = ls
+        let entry = ls
             .as_array()
             .and_then(|a| a.iter().find(|c| c["id"] == id))
-            .and_then(|c| c["ip"].as_str())
-            .with_context(|| format!("container {id} not in `netns ls --json`: {ls}"))?
+            .with_context(|| format!("container {id} not in `netns ls --json`: {ls}"))?;
+        let ip = entry["ip"]
+            .as_str()
+            .with_context(|| format!("container {id} has no ip: {entry}"))?
             .to_owned();
+        let ip6 = entry["ip6"].as_str().map(str::to_owned);
         Ok(Container {
             id: id.to_owned(),
             ip,
+            ip6,
             ns_path: format!("/proc/{}/ns/net", sl.pid()),
             _ns: None,
             sleeper: Some(sl),
