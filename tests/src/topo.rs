@@ -261,12 +261,21 @@ impl Topology {
     /// The container addresses the datapath has endpoints for: the keys of the pinned
     /// endpoint map (IPv4 in network order), sorted.
     pub fn endpoints(&self) -> Vec<Ipv4Addr> {
-        let mut v: Vec<Ipv4Addr> = self
-            .map_dump(netns_common::maps::ENDPOINTS)
+        self.endpoint_keys::<4, Ipv4Addr>(netns_common::maps::ENDPOINTS)
+    }
+
+    /// The same for IPv6 (`NETNS_EPS6`, the address's 16 bytes).
+    pub fn endpoints6(&self) -> Vec<std::net::Ipv6Addr> {
+        self.endpoint_keys::<16, std::net::Ipv6Addr>(netns_common::maps::ENDPOINTS6)
+    }
+
+    fn endpoint_keys<const N: usize, A: From<[u8; N]> + Ord>(&self, map: &str) -> Vec<A> {
+        let mut v: Vec<A> = self
+            .map_dump(map)
             .iter()
             .map(|e| {
-                let k: [u8; 4] = e.key.as_slice().try_into().expect("4-byte endpoint key");
-                Ipv4Addr::from(k)
+                let k: [u8; N] = e.key.as_slice().try_into().expect("an address-sized key");
+                A::from(k)
             })
             .collect();
         v.sort();

@@ -372,6 +372,8 @@ fn a_deleted_containers_ipv6_lease_is_released_and_a_new_container_gets_its_offs
     let ls = t.containers();
     assert_eq!(ls.len(), 1, "only A is left: {ls:?}");
     assert_eq!(ls[0]["ip6"].as_str(), Some(a6.to_string().as_str()));
+    // The datapath forgot the stopped containers' IPv6 endpoints too.
+    assert_eq!(t.endpoints6(), vec![a6], "NETNS_EPS6 holds A only");
 }
 
 #[test]
@@ -782,6 +784,12 @@ fn port_forward_from_the_wan_keeps_the_peer_address() {
         !gone.contains("peer="),
         "removed forward still answers: {gone}"
     );
+    assert_eq!(t.map_entries(netns_common::maps::PORTS6), 1, "the UDP one is left");
+    // The container's stop removes its remaining IPv6 forward from the datapath.
+    let o = c.delete();
+    assert!(o.status.success(), "runc delete: {}", both(&o));
+    assert_eq!(t.map_entries(netns_common::maps::PORTS6), 0, "NETNS_PORTS6 after the stop");
+    assert!(!t.netns(&["port", "ls"]).contains("]:8081"));
 }
 
 #[test]
@@ -1065,4 +1073,53 @@ s.sendto(b"container-marker", (uplink6, 9100))
     );
     let after = t.stats();
     assert!(grew(&before, &after, "drop_inbound") >= 4, "{after}");
+}
+
+// 6. The CNI plugin with `"ip6"` in its configuration.
+
+#[test]
+fn a_cni_attachment_gets_both_addresses_routes_and_nat66() {
+    let t = topology();
+    let cni = netns_tests::cni::Cni::new(&t);
+    for v in ["0.4.0", "1.0.0"] {
+        let p = netns_tests::cni::pod();
+        let id = netns_tests::util::unique("ctr");
+        let mut conf = cni.conf(v);
+        conf["ip6"] = PREFIX6.into();
+        let r = cni.call("ADD", &id, Some(&p), "eth0", &conf).ok();
+        let ips = r["ips"].as_array().expect("ips");
+        assert_eq!(ips.len(), 2, "{v}: both families in the result: {r}");
+        let a4 = ips[0]["address"].as_str().expect("IPv4 address");
+        let a6 = ips[1]["address"].as_str().expect("IPv6 address");
+        let ip4 = a4.split('/').next().unwrap();
+        let want6 = format!("{}/64", expected_ip6(ip4));
+        assert_eq!(a6, want6, "{v}: {r}");
+        assert_eq!(ips[1]["gateway"], GATEWAY6, "{v}: {r}");
+        assert_eq!(
+            ips[1].get("version").and_then(|x| x.as_str()),
+            v.starts_with("0.").then_some("6"),
+            "{v}: {r}"
+        );
+        let routes = r["routes"].as_array().expect("routes");
+        assert!(
+            routes
+                .iter()
+                .any(|x| x["dst"] == "::/0" && x["gw"] == GATEWAY6),
+            "{v}: {r}"
+        );
+        let shown = p.ip(&["-6", "addr", "show", "dev", "eth0"]);
+        assert!(shown.contains(&want6), "{v}: {shown}");
+        assert!(p.ip(&["-6", "route"]).contains(&format!("default via {GATEWAY6}")));
+        let ping = ping6(p.cmd("ping"), WAN_IP6);
+        assert!(ping.status.success(), "{v}: pod -> wan over NAT66: {}", both(&ping));
+        let mut c = conf.clone();
+        c["prevResult"] = r.clone();
+        cni.call("CHECK", &id, Some(&p), "eth0", &c).ok();
+        cni.call("DEL", &id, Some(&p), "eth0", &conf).ok();
+        assert_eq!(
+            t.map_entries(netns_common::maps::ENDPOINTS6),
+            0,
+            "{v}: IPv6 endpoint left after DEL"
+        );
+    }
 }
