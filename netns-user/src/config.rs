@@ -91,23 +91,20 @@ pub enum ArgError {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Ip6Error {
     #[error(
-        "--ip6 {gw6}: a /{len6} leaves {host6} host bits, but the IPv4 subnet {subnet} has {host4}; use a /{max} or shorter prefix"
+        "--ip6 {gw6}: a /{} leaves {} host bits, but the IPv4 subnet {} has {}; use a /{} or shorter prefix",
+        gw6.prefix_len,
+        128 - u32::from(gw6.prefix_len),
+        v4.subnet(),
+        32 - u32::from(v4.prefix_len),
+        96 + u32::from(v4.prefix_len)
     )]
-    TooSmall {
-        gw6: Gateway6,
-        len6: u8,
-        host6: u32,
-        subnet: String,
-        host4: u32,
-        max: u32,
-    },
+    TooSmall { gw6: Gateway6, v4: Gateway },
     #[error(
-        "--ip6 {gw6}: the gateway's host part {host} would be the address of the container at {v4}; use the IPv4 gateway's offset (e.g. {suggest})"
+        "--ip6 {gw6}: the gateway's host part would be the address of the container at {clash}; use the IPv4 gateway's offset (e.g. {suggest})"
     )]
     GatewayClash {
         gw6: Gateway6,
-        host: u128,
-        v4: Ipv4Addr,
+        clash: Ipv4Addr,
         suggest: Ipv6Addr,
     },
 }
@@ -193,14 +190,7 @@ impl Gateway6 {
         let host4 = 32 - u32::from(gw.prefix_len);
         let host6 = 128 - u32::from(self.prefix_len);
         if host6 < host4 {
-            return Err(Ip6Error::TooSmall {
-                gw6: self,
-                len6: self.prefix_len,
-                host6,
-                subnet: gw.subnet(),
-                host4,
-                max: 128 - host4,
-            });
+            return Err(Ip6Error::TooSmall { gw6: self, v4: gw });
         }
         let host = u128::from(self.addr) & !self.mask();
         let gw_offset = u128::from(u32::from(gw.addr) & !gw.mask());
@@ -209,8 +199,7 @@ impl Gateway6 {
         if host != gw_offset && host > 0 && host < max_offset {
             return Err(Ip6Error::GatewayClash {
                 gw6: self,
-                host,
-                v4: Ipv4Addr::from(u32::from(gw.network()) | host as u32),
+                clash: Ipv4Addr::from(u32::from(gw.network()) | host as u32),
                 suggest: Ipv6Addr::from(u128::from(self.network()) | gw_offset),
             });
         }

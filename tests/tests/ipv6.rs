@@ -784,11 +784,19 @@ fn port_forward_from_the_wan_keeps_the_peer_address() {
         !gone.contains("peer="),
         "removed forward still answers: {gone}"
     );
-    assert_eq!(t.map_entries(netns_common::maps::PORTS6), 1, "the UDP one is left");
+    assert_eq!(
+        t.map_entries(netns_common::maps::PORTS6),
+        1,
+        "the UDP one is left"
+    );
     // The container's stop removes its remaining IPv6 forward from the datapath.
     let o = c.delete();
     assert!(o.status.success(), "runc delete: {}", both(&o));
-    assert_eq!(t.map_entries(netns_common::maps::PORTS6), 0, "NETNS_PORTS6 after the stop");
+    assert_eq!(
+        t.map_entries(netns_common::maps::PORTS6),
+        0,
+        "NETNS_PORTS6 after the stop"
+    );
     assert!(!t.netns(&["port", "ls"]).contains("]:8081"));
 }
 
@@ -1109,9 +1117,16 @@ fn a_cni_attachment_gets_both_addresses_routes_and_nat66() {
         );
         let shown = p.ip(&["-6", "addr", "show", "dev", "eth0"]);
         assert!(shown.contains(&want6), "{v}: {shown}");
-        assert!(p.ip(&["-6", "route"]).contains(&format!("default via {GATEWAY6}")));
+        assert!(
+            p.ip(&["-6", "route"])
+                .contains(&format!("default via {GATEWAY6}"))
+        );
         let ping = ping6(p.cmd("ping"), WAN_IP6);
-        assert!(ping.status.success(), "{v}: pod -> wan over NAT66: {}", both(&ping));
+        assert!(
+            ping.status.success(),
+            "{v}: pod -> wan over NAT66: {}",
+            both(&ping)
+        );
         let mut c = conf.clone();
         c["prevResult"] = r.clone();
         cni.call("CHECK", &id, Some(&p), "eth0", &c).ok();

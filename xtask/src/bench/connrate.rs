@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-/// Accepts forever (bounded: exits after an hour): read 1 byte, write it back, wait
-/// for the client's close. Four accepting threads.
-pub fn server(port: u16) -> anyhow::Result<()> {
-    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind :{port}"))?;
+/// Accepts forever (bounded: exits after an hour) on `addr` (`0.0.0.0`, or `::` for
+/// the IPv6 workload): read 1 byte, write it back, wait for the client's close. Four
+/// accepting threads.
+pub fn server(addr: &str, port: u16) -> anyhow::Result<()> {
+    let l = TcpListener::bind((addr, port)).with_context(|| format!("bind {addr} :{port}"))?;
     for _ in 0..4 {
         let l = l.try_clone()?;
         std::thread::spawn(move || {

@@ -30,8 +30,8 @@ use report::{Metric, Results, fmt_secs};
 use sys::run as sh_run;
 use sys::{Bg, check, run_raw, run_to};
 use topo::{
-    BASE_MAPPINGS, CTR_TCP, CTR_TCP_PP, CTR_UDP, Cni, FWD_TCP, FWD_TCP_PP, FWD_UDP, Kind, Topo,
-    UPLINK_IP, WAN_IP, WAN_IP6, WAN_IPERF, WAN_IPERF6, WAN_UDP,
+    BASE_MAPPINGS, CTR_TCP, CTR_TCP_PP, CTR_TCP6, CTR_UDP, Cni, FWD_TCP, FWD_TCP_PP, FWD_TCP6,
+    FWD_UDP, Kind, Topo, UPLINK_IP, UPLINK_IP6, WAN_IP, WAN_IP6, WAN_IPERF, WAN_IPERF6, WAN_UDP,
 };
 
 #[derive(Parser, Debug)]
@@ -104,6 +104,8 @@ impl Opts {
 /// measurement: see `udp_server`).
 struct Bed {
     t: Topo,
+    /// The IPv6 port forward of workload 8 is in place.
+    fwd6: bool,
 }
 
 impl Bed {
@@ -187,7 +189,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // Helper modes, run by the benchmark itself inside its namespaces.
     match args.first().map(String::as_str) {
         Some("__conn-server") => {
-            return connrate::server(args.get(1).context("port")?.parse()?);
+            let addr = args.get(2).map_or("0.0.0.0", String::as_str);
+            return connrate::server(addr, args.get(1).context("port")?.parse()?);
         }
         Some("__conn-client") => {
             let addr = args.get(1).context("addr")?;
@@ -507,19 +510,26 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
                 }
                 if o.wants("ipv6") {
                     if b.t.ctrs[0].ip6.is_none() {
-                        for m in [Metric::Udp6Out, Metric::Tcp6Up, Metric::Tcp6Down] {
+                        for m in [
+                            Metric::Udp6Out,
+                            Metric::Tcp6Up,
+                            Metric::Tcp6Down,
+                            Metric::Conn6,
+                        ] {
                             res.na(m, k, "IPv4 only");
                         }
                     } else {
                         let udp = iperf6(b, false, true, d)?;
                         let up = iperf6(b, false, false, d)?;
                         let down = iperf6(b, true, false, d)?;
+                        let conn = conn6_rate(b, &self_exe, d, o.conn_threads)?;
                         res.push(Metric::Udp6Out, k, udp);
                         res.push(Metric::Tcp6Up, k, up);
                         res.push(Metric::Tcp6Down, k, down);
+                        res.push(Metric::Conn6, k, conn);
                         let _ = write!(
                             line,
-                            " ipv6 udp {:.0}k msg/s tcp {up:.2}/{down:.2} Gbit/s",
+                            " ipv6 udp {:.0}k msg/s tcp {up:.2}/{down:.2} Gbit/s conn {conn:.0}/s",
                             udp / 1e3
                         );
                     }
@@ -649,9 +659,14 @@ fn start_servers(mut t: Topo, self_exe: &Path) -> anyhow::Result<Bed> {
     let mut c = t.ctrs[0].cmd(self_exe);
     c.args(["bench", "__conn-server", &CTR_TCP.to_string()]);
     t.spawn_server(&mut c, "ctr-conn")?;
+    if t.ctrs[0].ip6.is_some() {
+        let mut c = t.ctrs[0].cmd(self_exe);
+        c.args(["bench", "__conn-server", &CTR_TCP6.to_string(), "::"]);
+        t.spawn_server(&mut c, "ctr-conn6")?;
+    }
     std::thread::sleep(Duration::from_millis(200));
     t.check_servers()?;
-    Ok(Bed { t })
+    Ok(Bed { t, fwd6: false })
 }
 
 /// A sockperf server for one measurement: in wan (WAN_IP:WAN_UDP) or, `inbound`, in
@@ -1049,13 +1064,80 @@ fn iperf6(b: &mut Bed, reverse: bool, udp64: bool, d: u64) -> anyhow::Result<f64
     }
 }
 
+/// The IPv6 port forward of workload 8, made the first time: `[::]:FWD_TCP6` to
+/// container a's CTR_TCP6 (netns `port add`, or an ip6tables DNAT rule).
+fn ensure_fwd6(b: &mut Bed) -> anyhow::Result<()> {
+    if b.fwd6 || b.kind().direct() {
+        return Ok(());
+    }
+    let ip6 = b.t.ctrs[0]
+        .ip6
+        .clone()
+        .context("container a has no IPv6 address")?;
+    if b.kind() == Kind::Iptables {
+        sh_run(b.t.host().cmd("ip6tables").args([
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            UPLINK_IP6,
+            "-p",
+            "tcp",
+            "--dport",
+            &FWD_TCP6.to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("[{ip6}]:{CTR_TCP6}"),
+        ]))?;
+    } else {
+        b.t.netns_run(&[
+            "port",
+            "add",
+            "a",
+            &format!("[::]:{FWD_TCP6}:{CTR_TCP6}/tcp"),
+        ])?;
+    }
+    b.fwd6 = true;
+    Ok(())
+}
+
+/// Connections per second from wan to container a over IPv6: through the uplink's
+/// IPv6 address and the IPv6 port forward, or (no NAT) to its address directly.
+fn conn6_rate(b: &mut Bed, self_exe: &Path, d: u64, threads: usize) -> anyhow::Result<f64> {
+    ensure_fwd6(b)?;
+    let addr = if b.kind().direct() {
+        let ip6 = b.t.ctrs[0]
+            .ip6
+            .clone()
+            .context("container a has no IPv6 address")?;
+        format!("[{ip6}]:{CTR_TCP6}")
+    } else {
+        format!("[{UPLINK_IP6}]:{FWD_TCP6}")
+    };
+    conn_client(b, self_exe, &addr, d, threads)
+}
+
 fn conn_rate(b: &mut Bed, self_exe: &Path, d: u64, threads: usize) -> anyhow::Result<f64> {
     let (ip, port) = b.inbound(FWD_TCP, CTR_TCP);
+    conn_client(b, self_exe, &format!("{ip}:{port}"), d, threads)
+}
+
+/// The connection-rate client in wan against `addr` for `d` s.
+fn conn_client(
+    b: &mut Bed,
+    self_exe: &Path,
+    addr: &str,
+    d: u64,
+    threads: usize,
+) -> anyhow::Result<f64> {
     let mut c = b.t.wan().cmd(self_exe);
     c.args([
         "bench",
         "__conn-client",
-        &format!("{ip}:{port}"),
+        addr,
         &d.to_string(),
         &threads.to_string(),
     ]);
@@ -1664,7 +1746,9 @@ fn document(o: &Opts, bin: &Path, res: &Results, elapsed: Duration, load: &str) 
          and ::3; no NAT routes fd00:19::/64 back, iptables has an `ip6tables` `MASQUERADE` for \
          fd00:19::/64, eBPF runs with `--ip6` (NAT66, which has no fast path: eBPF fast measures the \
          same IPv6 path). sockperf 3.7 has no IPv6, so workload 8 uses iperf3 (64-byte UDP sent as \
-         fast as one iperf3 thread can, TCP bulk both ways); the floor is IPv4 only. \
+         fast as one iperf3 thread can, TCP bulk both ways) and the connection-rate tool through an \
+         IPv6-only forward `[::]:8083` → container a 5004 (netns `port add`, an `ip6tables` DNAT; \
+         no NAT connects to the container directly); the floor is IPv4 only. \
          Nothing runs in the root network namespace.\n"
         );
     }

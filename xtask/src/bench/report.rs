@@ -26,10 +26,11 @@ pub enum Metric {
     Udp6Out,
     Tcp6Up,
     Tcp6Down,
+    Conn6,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 18] = [
+    pub const ALL: [Metric; 19] = [
         Metric::LatOutP50,
         Metric::LatOutP99,
         Metric::LatInP50,
@@ -48,6 +49,7 @@ impl Metric {
         Metric::Udp6Out,
         Metric::Tcp6Up,
         Metric::Tcp6Down,
+        Metric::Conn6,
     ];
 
     pub fn label(self) -> &'static str {
@@ -70,6 +72,7 @@ impl Metric {
             Metric::Udp6Out => "8. IPv6 UDP 64 B delivered, container → wan (NAT66; iperf3)",
             Metric::Tcp6Up => "8. IPv6 TCP bulk, container → wan (NAT66; iperf3)",
             Metric::Tcp6Down => "8. IPv6 TCP bulk, wan → container (NAT66; iperf3 -R)",
+            Metric::Conn6 => "8. IPv6 TCP connections, port forward [::]:8083, 1 mapping",
         }
     }
 
@@ -85,7 +88,7 @@ impl Metric {
             | Metric::TcpRrInP99 => "µs",
             Metric::UdpOut | Metric::UdpIn | Metric::UdpC2c | Metric::Udp6Out => "msg/s",
             Metric::TcpUp | Metric::TcpDown | Metric::Tcp6Up | Metric::Tcp6Down => "Gbit/s",
-            Metric::Conn1 | Metric::Conn10k => "conn/s",
+            Metric::Conn1 | Metric::Conn10k | Metric::Conn6 => "conn/s",
         }
     }
 

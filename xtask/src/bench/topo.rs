@@ -48,6 +48,10 @@ pub const CTR_UDP: u16 = 5002;
 /// server (the connection-rate server has CTR_TCP).
 pub const FWD_TCP_PP: u16 = 8082;
 pub const CTR_TCP_PP: u16 = 5003;
+/// Host port forwarded over IPv6 only (TCP, `[::]:8083` -> container a's CTR_TCP6:
+/// the IPv6 connection-rate server), made when workload 8 first runs.
+pub const FWD_TCP6: u16 = 8083;
+pub const CTR_TCP6: u16 = 5004;
 /// Port mappings every topology with NAT has (8080/tcp, 8081/udp, 8082/tcp).
 pub const BASE_MAPPINGS: usize = 3;
 /// Address of the wan side of the floor topology's container veth (the container's
