@@ -322,6 +322,19 @@ fn address_route_and_ls() {
     // And they reach each other's IPv6 address over the bridge.
     let p = ping6(a.cmd("ping"), &seen[1].to_string());
     assert!(p.status.success(), "A -> B over IPv6: {}", both(&p));
+    // `datapath status` says IPv6 is on, with which gateway and NAT66 source.
+    let st: serde_json::Value =
+        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).expect("status JSON");
+    assert_eq!(st["ipv6"]["enabled"], true, "{st}");
+    assert_eq!(st["ipv6"]["gateway"], PREFIX6, "{st}");
+    assert_eq!(st["ipv6"]["uplink_addr"], UPLINK_IP6, "{st}");
+    let text = t.netns(&["datapath", "status"]);
+    assert!(
+        text.contains(&format!(
+            "IPv6: on, gateway {PREFIX6}, NAT66 source {UPLINK_IP6}"
+        )),
+        "{text}"
+    );
 }
 
 #[test]
@@ -1137,4 +1150,106 @@ fn a_cni_attachment_gets_both_addresses_routes_and_nat66() {
             "{v}: IPv6 endpoint left after DEL"
         );
     }
+}
+
+// 7. Nothing a container sends configures the host, and the host's own fragments pass.
+
+#[test]
+fn a_router_advert_or_redirect_from_a_container_is_dropped_with_ipv6_on() {
+    let t = topology();
+    let c = Container::start(&t);
+    let before = t.stats();
+    let o = python(
+        c.cmd("python3"),
+        r#"
+cmac, src = sys.argv[1], sys.argv[2]
+ll = "fe80::bad:1"
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+ra += struct.pack("!BB", 1, 1) + mac(cmac)
+ra += struct.pack("!BBBBIII", 3, 4, 64, 0xc0, 86400, 14400, 0) + socket.inet_pton(socket.AF_INET6, "2001:db8:5::")
+# From its own address (not a spoofed one): dropped for what it is.
+for s in (ll, src):
+    send_l2("eth0", eth("33:33:00:00:00:01", cmac, 0x86dd, ip6(s, "ff02::1", 58, icmp6(s, "ff02::1", ra))))
+# A redirect to the gateway: "reach 2001:db8:100::1 via me".
+rd = struct.pack("!BBHI", 137, 0, 0, 0) + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, "2001:db8:100::1")
+send_l2("eth0", eth("33:33:00:00:00:01", cmac, 0x86dd, ip6(src, "fd00:19::1", 58, icmp6(src, "fd00:19::1", rd))))
+"#,
+        &[&c.mac(), &ip6(&c).to_string()],
+    );
+    assert!(o.status.success(), "{}", both(&o));
+    let p = ping6(c.cmd("ping"), GATEWAY6);
+    assert!(
+        p.status.success(),
+        "the container still reaches the gateway: {}",
+        both(&p)
+    );
+    let addrs = t.host.ip(&["-6", "addr", "show", "dev", BRIDGE]);
+    assert!(
+        !addrs.contains("2001:db8:5:"),
+        "the host took an address from the RA: {addrs}"
+    );
+    let routes = t.host.ip(&["-6", "route", "show"]);
+    assert!(
+        !routes.contains("2001:db8:5:"),
+        "the host took a route from the RA: {routes}"
+    );
+    let r = t.host.ip(&["-6", "route", "get", WAN_IP6]);
+    assert!(
+        r.contains(&format!("dev {}", netns_tests::topo::UPLINK)),
+        "redirect followed: {r}"
+    );
+    let after = t.stats();
+    // The RA and the redirect from its own address for what they are; the RA from a
+    // link-local address that is not its own already for its source.
+    assert!(grew(&before, &after, "drop_icmp_type") >= 2, "{after}");
+    assert!(grew(&before, &after, "drop_spoofed_ip") >= 1, "{after}");
+}
+
+#[test]
+fn the_hosts_own_fragmented_ipv6_datagrams_arrive_intact() {
+    let t = topology();
+    let _c = Container::start(&t);
+    // A host listener (not a mapped port), answering with the length it got.
+    let ready = t.path("frag-ready");
+    let srv = ChildGuard::spawn(
+        t.host
+            .cmd("python3")
+            .arg("-c")
+            .arg(
+                r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", 9300)); open(sys.argv[1], "w").close()
+s.settimeout(20)
+for _ in range(3):
+    d, a = s.recvfrom(65535)
+    s.sendto(b"x" * len(d), a)
+"#,
+            )
+            .arg(&ready),
+    );
+    assert!(
+        wait_for(SHORT, || ready.exists().then_some(())).is_some(),
+        "host listener did not start"
+    );
+    let o = python(
+        t.wan.cmd("python3"),
+        r#"
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(3)
+ok = 0
+for n in (4000, 6000, 9000):
+    s.sendto(b"y" * n, (sys.argv[1], 9300))
+    d, _ = s.recvfrom(65535)
+    ok += len(d) == n
+print("ok", ok)
+"#,
+        &[UPLINK_IP6],
+    );
+    assert_eq!(
+        out(&o),
+        "ok 3",
+        "fragmented datagrams to and from the host: {}",
+        both(&o)
+    );
+    drop(srv);
 }
