@@ -1407,9 +1407,7 @@ fn install_10k(b: &mut Bed) -> anyhow::Result<()> {
             // the IPv4 map the measured flows use).
             let want = 9999 + BASE_MAPPINGS + usize::from(b.fwd6);
             if n != want {
-                bail!(
-                    "netns port ls shows {n} mappings, expected {want} (9,999 + the base ones)"
-                );
+                bail!("netns port ls shows {n} mappings, expected {want} (9,999 + the base ones)");
             }
             Ok(())
         }
