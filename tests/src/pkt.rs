@@ -278,3 +278,8 @@ pub fn mac_of(mut ip_cmd: Command, dev: &str) -> String {
         .unwrap_or_else(|| panic!("no MAC for {dev}: {o}"))
         .to_owned()
 }
+
+/// Runs a python script (PY_LIB prepended) with `cmd`, which picks the namespace.
+pub fn python(mut cmd: std::process::Command, body: &str, args: &[&str]) -> std::process::Output {
+    crate::util::output(cmd.arg("-c").arg(py(body)).args(args))
+}

@@ -313,6 +313,18 @@ impl Topology {
         output(self.host.cmd("sh").arg("-c").arg(full))
     }
 
+    /// Python (PY_LIB prepended) in the host namespace, inside this topology's cgroup,
+    /// so the socket programs see it as they see any host process.
+    pub fn host_python(&self, body: &str, args: &[&str]) -> Output {
+        let script = self.path(&unique("py"));
+        std::fs::write(&script, crate::pkt::py(body)).expect("write script");
+        let mut line = format!("exec python3 {}", script.display());
+        for a in args {
+            line.push_str(&format!(" '{a}'"));
+        }
+        self.host_sh(&line)
+    }
+
     /// Runs `script` with sh in the wan namespace.
     pub fn wan_sh(&self, script: &str) -> Output {
         output(self.wan.cmd("sh").arg("-c").arg(script))

@@ -336,3 +336,28 @@ pub fn busybox_rootfs(rootfs: &Path) {
         }
     }
 }
+
+/// A command's stdout, trimmed.
+pub fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+/// A command's stdout and stderr, for an assertion's message.
+pub fn both(o: &Output) -> String {
+    format!(
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout).trim(),
+        String::from_utf8_lossy(&o.stderr).trim()
+    )
+}
+
+/// How much counter `name` grew between two `stats --json` snapshots; panics naming
+/// the counter if the datapath has no such counter.
+pub fn grew(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u64 {
+    let get = |s: &serde_json::Value| {
+        s[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in netns stats: {s}"))
+    };
+    get(after).saturating_sub(get(before))
+}

@@ -12,44 +12,17 @@
 //! spoofed 203.0.113.0/24 addresses sent from the wan namespace onto the uplink veth.
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use netns_common::{IPPROTO_TCP, dir, maps};
-use netns_tests::pkt::{Capture, Lines, mac_of, py};
+use netns_tests::pkt::python;
+use netns_tests::pkt::{Capture, Lines, mac_of};
 use netns_tests::topo::{UPLINK, UPLINK_IP, WAN_IP};
-use netns_tests::util::output;
+use netns_tests::util::{both, grew, out};
 use netns_tests::{Container, Topology};
 
 const SHORT: Duration = Duration::from_secs(5);
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-fn both(o: &Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
-}
-
-/// Runs a python script (PY_LIB prepended) with `cmd`, which picks the namespace.
-fn python(mut cmd: Command, body: &str, args: &[&str]) -> Output {
-    output(cmd.arg("-c").arg(py(body)).args(args))
-}
-
-/// How much counter `name` grew between two `stats --json` snapshots; panics naming
-/// the counter if the datapath has no such counter.
-fn grew(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u64 {
-    let get = |s: &serde_json::Value| {
-        s[name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name} in netns stats: {s}"))
-    };
-    get(after).saturating_sub(get(before))
-}
 
 fn flows(t: &Topology) -> Vec<serde_json::Value> {
     serde_json::from_str(&t.netns(&["conntrack", "ls", "--json"])).expect("conntrack ls --json")

@@ -14,12 +14,14 @@
 //! each test's private topology (198.51.100.0/24, 172.19.0.0/16).
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use netns_tests::pkt::{Capture, Lines, py};
+use netns_tests::pkt::python;
+use netns_tests::pkt::{Capture, Lines};
 use netns_tests::topo::{GATEWAY, UPLINK, UPLINK_IP, WAN_IP};
-use netns_tests::util::{UDP_WHO, output, run, udp_ask};
+use netns_tests::util::{UDP_WHO, run, udp_ask};
+use netns_tests::util::{both, grew, out};
 use netns_tests::{Container, Topology};
 
 /// The bridge the topology's hooks make (the default `--bridge`).
@@ -29,29 +31,6 @@ const BRIDGE: &str = "netns0";
 /// `NETNS_TEST_FAST_PATH`, which runs other suites in either mode).
 fn topology(mode: &str) -> Topology {
     Topology::with_flags(&["--fast-path", mode])
-}
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-fn both(o: &Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
-}
-
-/// How much counter `name` grew between two `stats --json` snapshots; panics naming
-/// the counter if the datapath has no such counter.
-fn grew(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u64 {
-    let get = |s: &serde_json::Value| {
-        s[name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name} in netns stats: {s}"))
-    };
-    get(after).saturating_sub(get(before))
 }
 
 /// `Ip: ForwDatagrams` of the namespace `cat` runs in: the packets its stack forwarded.
@@ -82,11 +61,6 @@ fn tx_packets(t: &Topology, dev: &str) -> u64 {
     j[0]["stats64"]["tx"]["packets"]
         .as_u64()
         .unwrap_or_else(|| panic!("no tx packets for {dev}: {j}"))
-}
-
-/// Runs a python script (PY_LIB prepended) with `cmd`, which picks the namespace.
-fn python(mut cmd: Command, body: &str, args: &[&str]) -> Output {
-    output(cmd.arg("-c").arg(py(body)).args(args))
 }
 
 fn annotated<'t>(t: &'t Topology, ports: &str) -> Container<'t> {

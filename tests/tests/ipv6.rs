@@ -15,9 +15,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use netns_tests::pkt::{Capture, Lines, mac_of, py};
+use netns_tests::pkt::python;
+use netns_tests::pkt::{Capture, Lines, mac_of};
 use netns_tests::topo::{FAR_IP6, GATEWAY, UPLINK_IP, UPLINK_IP6, WAN_IP, WAN_IP6};
 use netns_tests::util::{ChildGuard, assert_bridge_address, output, run, sh, wait_for};
+use netns_tests::util::{both, grew, out};
 use netns_tests::{Container, Topology};
 
 /// The `--ip6` every test passes: the bridge gets the gateway address, containers the
@@ -29,52 +31,12 @@ const BRIDGE: &str = "netns0";
 
 const SHORT: Duration = Duration::from_secs(5);
 
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-fn both(o: &Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
-}
-
-/// How much counter `name` grew between two `stats --json` snapshots; panics naming
-/// the counter if the datapath has no such counter.
-fn grew(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u64 {
-    let get = |s: &serde_json::Value| {
-        s[name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name} in netns stats: {s}"))
-    };
-    get(after).saturating_sub(get(before))
-}
-
 /// A topology with `--ip6 fd00:19::1/64` (hooks included) and IPv6 on the uplink,
 /// set up before any container starts.
 fn topology() -> Topology {
     let t = Topology::with_flags(&["--ip6", PREFIX6]);
     t.enable_ipv6();
     t
-}
-
-/// Runs a python script (PY_LIB prepended) with `cmd`, which picks the namespace.
-fn python(mut cmd: Command, body: &str, args: &[&str]) -> Output {
-    output(cmd.arg("-c").arg(py(body)).args(args))
-}
-
-/// Python (PY_LIB prepended) in the host namespace, inside the topology's cgroup, so
-/// the socket programs see it as they see any host process.
-fn host_python(t: &Topology, body: &str, args: &[&str]) -> Output {
-    let script = t.path(&netns_tests::unique("py"));
-    std::fs::write(&script, py(body)).expect("write script");
-    let mut line = format!("exec python3 {}", script.display());
-    for a in args {
-        line.push_str(&format!(" '{a}'"));
-    }
-    t.host_sh(&line)
 }
 
 /// The container's global IPv6 address on eth0.
@@ -214,7 +176,7 @@ fn ask(cmd: Command, proto: &str, addr: &str, port: u16) -> String {
 
 /// An [`ASK`] from a host process in the topology's cgroup.
 fn host_ask(t: &Topology, proto: &str, addr: &str, port: u16) -> String {
-    answer(&host_python(t, ASK, &[proto, addr, &port.to_string()]))
+    answer(&t.host_python(ASK, &[proto, addr, &port.to_string()]))
 }
 
 /// Retries `f` for a while (the first packets to a new neighbour may wait for

@@ -12,12 +12,9 @@ use netns_common::{LAYOUT_VERSION, maps, progs};
 use netns_tests::bpf;
 use netns_tests::runc::Bundle;
 use netns_tests::topo::{UPLINK, UPLINK_IP, WAN_IP};
+use netns_tests::util::out;
 use netns_tests::util::{ChildGuard, pids_with_arg, sh, unique, wait_for};
 use netns_tests::{Container, Topology};
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
 
 fn stats(t: &Topology) -> serde_json::Value {
     serde_json::from_str(&t.netns(&["stats", "--json"])).unwrap()

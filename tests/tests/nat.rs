@@ -1,17 +1,13 @@
 //! Issue 4: NAT that holds up: port allocation, host sockets, connection state and
 //! expiry, a full table, ICMP errors, fragments (also out of order), and the CLI.
 
-use std::process::Output;
 use std::time::Duration;
 
 use netns_tests::pkt::Lines;
 use netns_tests::topo::{UPLINK_IP, WAN_IP};
+use netns_tests::util::out;
 use netns_tests::util::{ChildGuard, UDP_WHO, tcp_ask, tcp_who_server, udp_ask, wait_for};
 use netns_tests::{Container, Topology};
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
 
 fn py(script: &str) -> String {
     format!("python3 -c '{}'", script.replace('\'', "'\\''"))

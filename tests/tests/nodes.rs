@@ -18,6 +18,7 @@ use std::process::{Command, Output};
 use netns_tests::cni::{Cni, pod, with_ports};
 use netns_tests::ns::{NamedNetns, plain};
 use netns_tests::topo::{Config, UPLINK};
+use netns_tests::util::out;
 use netns_tests::util::{ChildGuard, UDP_WHO, output, tcp_ask, tcp_who_server, udp_ask};
 use netns_tests::{Container, Topology, unique};
 
@@ -28,10 +29,6 @@ const LAN_HOST: &str = "198.51.100.50";
 const WAN_GW: &str = "203.0.113.254";
 const WAN: &str = "203.0.113.1";
 const PODS: &str = "172.19.0.0/16";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
 
 fn counter(t: &Topology, name: &str) -> u64 {
     t.stat(name)

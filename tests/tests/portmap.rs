@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use netns_common::maps;
 use netns_tests::topo::{GATEWAY, UPLINK_IP, WAN_IP};
+use netns_tests::util::out;
 use netns_tests::util::{ChildGuard, wait_for};
 use netns_tests::{Container, NamedNetns, Topology};
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
 
 /// A UDP server answering every datagram with "TAG peer=ADDR" (one socket, no fork:
 /// socat's forking UDP server drops datagrams that arrive while it forks).

@@ -6,38 +6,17 @@
 //! topology (198.51.100.0/24, 203.0.113.0/24, 172.19.0.0/16, 2001:db8::/32).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
+use netns_tests::pkt::python;
 use netns_tests::pkt::{Capture, Lines, has_tag, mac_of};
 use netns_tests::topo::{GATEWAY, UPLINK, UPLINK_IP, WAN_IP};
 use netns_tests::util::{ChildGuard, UDP_WHO, netns_bin, run, tcp_ask, tcp_who_server, udp_ask};
+use netns_tests::util::{both, grew, out};
 use netns_tests::{Container, Topology};
 
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-fn both(o: &Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout).trim(),
-        String::from_utf8_lossy(&o.stderr).trim()
-    )
-}
-
 const SHORT: Duration = Duration::from_secs(5);
-
-/// How much counter `name` grew between two `stats --json` snapshots; panics naming
-/// the counter if the datapath has no such counter.
-fn grew(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u64 {
-    let get = |s: &serde_json::Value| {
-        s[name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name} in netns stats: {s}"))
-    };
-    get(after).saturating_sub(get(before))
-}
 
 /// UDP server on argv[1]: prints "ADDR:PORT PAYLOAD" for every datagram and echoes it.
 const LOG_UDP: &str = r#"
@@ -100,23 +79,6 @@ fn container_udp(c: &Container<'_>, script: &str, port: u16) -> Lines {
     s
 }
 
-/// Runs a python script (PY_LIB prepended) with `cmd`, which picks the namespace.
-fn python(mut cmd: Command, body: &str, args: &[&str]) -> Output {
-    netns_tests::util::output(cmd.arg("-c").arg(netns_tests::pkt::py(body)).args(args))
-}
-
-/// Python (PY_LIB prepended) in the host namespace, inside the topology's cgroup, so
-/// the socket programs see it as they see any host process.
-fn host_python(t: &Topology, body: &str, args: &[&str]) -> Output {
-    let script = t.path(&netns_tests::unique("py"));
-    std::fs::write(&script, netns_tests::pkt::py(body)).expect("write script");
-    let mut line = format!("exec python3 {}", script.display());
-    for a in args {
-        line.push_str(&format!(" '{a}'"));
-    }
-    t.host_sh(&line)
-}
-
 // 1. Fragments addressed to the host itself are delivered.
 
 #[test]
@@ -151,9 +113,9 @@ try:
 except socket.timeout:
     print("timeout")
 "#;
-    let small = host_python(&t, ask, &[WAN_IP, "7300", "1000"]);
+    let small = t.host_python(ask, &[WAN_IP, "7300", "1000"]);
     assert_eq!(out(&small), "1000 True", "control: {}", both(&small));
-    let big = host_python(&t, ask, &[WAN_IP, "7300", "3000"]);
+    let big = t.host_python(ask, &[WAN_IP, "7300", "3000"]);
     assert_eq!(
         out(&big),
         "3000 True",
@@ -314,7 +276,7 @@ fn host_queries_from_ephemeral_ports_inside_a_mapped_range_get_their_replies() {
     let c = Container::start(&t);
     let _echo = wan_udp(&t, UDP_ECHO, 7400);
     t.netns(&["port", "add", &c.id, "40000-40099:40000-40099/udp"]);
-    let o = host_python(&t, EPHEMERAL_QUERIES, &[WAN_IP, "7400", "40"]);
+    let o = t.host_python(EPHEMERAL_QUERIES, &[WAN_IP, "7400", "40"]);
     let v: serde_json::Value =
         serde_json::from_str(&out(&o)).unwrap_or_else(|e| panic!("{e}: {}", both(&o)));
     let ports: Vec<u64> = v["ports"]
@@ -358,8 +320,7 @@ while True:
         cont.stderr()
     );
     // Now a host process opens port 5000 and asks the same peer.
-    let host = host_python(
-        &t,
+    let host = t.host_python(
         r#"
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("", 5000)); s.settimeout(2)
 s.sendto(b"H", (sys.argv[1], 7000))
@@ -1111,7 +1072,7 @@ fn concurrent_localhost_and_uplink_clients_of_one_udp_forward_see_their_own_peer
     let c = Container::start(&t);
     let _echo = container_udp(&c, UDP_ECHO, 53);
     t.netns(&["port", "add", &c.id, "8053:53/udp"]);
-    let o = host_python(&t, TWO_CLIENTS, &[UPLINK_IP]);
+    let o = t.host_python(TWO_CLIENTS, &[UPLINK_IP]);
     let o_text = out(&o);
     assert_eq!(o_text.lines().count(), 10, "{}", both(&o));
     for l in o_text.lines() {
