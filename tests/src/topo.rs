@@ -73,6 +73,45 @@ pub fn host_and_wan(prefix: &str, spawner: Spawner) -> anyhow::Result<(NamedNetn
     Ok((host, wan))
 }
 
+/// IPv6 not disabled in `ns`, on `dev` and for interfaces made later.
+fn ipv6_on(ns: &NamedNetns, dev: &str) -> anyhow::Result<()> {
+    for kv in [
+        "net.ipv6.conf.all.disable_ipv6=0".to_owned(),
+        "net.ipv6.conf.default.disable_ipv6=0".to_owned(),
+        format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+    ] {
+        ns.sysctl(&kv).with_context(|| kv.clone())?;
+    }
+    Ok(())
+}
+
+/// IPv6 on the uplink of [`host_and_wan`]'s namespaces: `up0` 2001:db8:100::2/64,
+/// `wan0` 2001:db8:100::1/64 (both nodad), the host's IPv6 default route via wan.
+pub fn ipv6_uplink(host: &NamedNetns, wan: &NamedNetns) -> anyhow::Result<()> {
+    ipv6_on(host, UPLINK)?;
+    ipv6_on(wan, "wan0")?;
+    host.try_ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{UPLINK_IP6}/64"),
+        "dev",
+        UPLINK,
+        "nodad",
+    ])?;
+    wan.try_ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{WAN_IP6}/64"),
+        "dev",
+        "wan0",
+        "nodad",
+    ])?;
+    host.try_ip(&["-6", "route", "add", "default", "via", WAN_IP6])?;
+    Ok(())
+}
+
 /// What a [`Topology`] is made of: names, directories and flags.
 pub struct Config {
     /// Namespace prefix: the host is `<tag>h`, wan `<tag>w` (a far one `<tag>f`).
@@ -345,21 +384,7 @@ impl Topology {
     /// Adds a second hop behind wan: 203.0.113.0/24 on a far namespace, reached through
     /// wan (which routes), with `mtu` on wan's side of that link.
     pub fn add_far(&self, mtu: u32) -> NamedNetns {
-        let far = NamedNetns::new(&format!("{}f", self.tag));
-        self.wan.ip(&[
-            "link",
-            "add",
-            "far0",
-            "mtu",
-            &mtu.to_string(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &far.name,
-        ]);
+        let far = self.far_link("f", "far0", mtu);
         self.wan
             .ip(&["addr", "add", "203.0.113.254/24", "dev", "far0"]);
         self.wan.ip(&["link", "set", "far0", "up"]);
@@ -373,52 +398,14 @@ impl Topology {
         far
     }
 
-    /// IPv6 on the uplink: `up0` 2001:db8:100::2/64, `wan0` 2001:db8:100::1/64 (both
-    /// nodad), the host's IPv6 default route via wan. Call it before the first
-    /// container starts: the hook reads the uplink's global IPv6 address (NAT66 source).
-    pub fn enable_ipv6(&self) {
-        for (ns, dev) in [(&self.host, UPLINK), (&self.wan, "wan0")] {
-            for kv in [
-                "net.ipv6.conf.all.disable_ipv6=0".to_owned(),
-                "net.ipv6.conf.default.disable_ipv6=0".to_owned(),
-                format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
-            ] {
-                ns.sysctl(&kv)
-                    .unwrap_or_else(|e| panic!("IPv6 in {} ({kv}): {e:#}", ns.name));
-            }
-        }
-        self.host.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{UPLINK_IP6}/64"),
-            "dev",
-            UPLINK,
-            "nodad",
-        ]);
-        self.wan.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{WAN_IP6}/64"),
-            "dev",
-            "wan0",
-            "nodad",
-        ]);
-        self.host
-            .ip(&["-6", "route", "add", "default", "via", WAN_IP6]);
-    }
-
-    /// The IPv6 analogue of [`Topology::add_far`]: a far namespace (`<tag>f6`) behind
-    /// wan on 2001:db8:200::/64 (wan `far6` 2001:db8:200::1 with `mtu`, far `eth0`
-    /// 2001:db8:200::2, default route via wan), wan forwarding IPv6. The host reaches
-    /// it through its default route (needs [`Topology::enable_ipv6`] first).
-    pub fn add_far6(&self, mtu: u32) -> NamedNetns {
-        let far = NamedNetns::new(&format!("{}f6", self.tag));
+    /// A far namespace `<tag><suffix>` joined to wan by a veth: `wan_dev` (with `mtu`)
+    /// in wan, `eth0` in the far namespace.
+    fn far_link(&self, suffix: &str, wan_dev: &str, mtu: u32) -> NamedNetns {
+        let far = NamedNetns::new(&format!("{}{suffix}", self.tag));
         self.wan.ip(&[
             "link",
             "add",
-            "far6",
+            wan_dev,
             "mtu",
             &mtu.to_string(),
             "type",
@@ -429,17 +416,26 @@ impl Topology {
             "netns",
             &far.name,
         ]);
-        for kv in [
-            "net.ipv6.conf.all.disable_ipv6=0",
-            "net.ipv6.conf.default.disable_ipv6=0",
-            "net.ipv6.conf.eth0.disable_ipv6=0",
-        ] {
-            far.sysctl(kv)
-                .unwrap_or_else(|e| panic!("IPv6 in {} ({kv}): {e:#}", far.name));
-        }
-        self.wan
-            .sysctl("net.ipv6.conf.far6.disable_ipv6=0")
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        far
+    }
+
+    /// IPv6 on the uplink (see [`ipv6_uplink`]). Call it before the first container
+    /// starts: the hook reads the uplink's global IPv6 address (NAT66 source).
+    pub fn enable_ipv6(&self) {
+        ipv6_uplink(&self.host, &self.wan).unwrap_or_else(|e| panic!("IPv6 on the uplink: {e:#}"));
+    }
+
+    /// The IPv6 analogue of [`Topology::add_far`]: a far namespace (`<tag>f6`) behind
+    /// wan on 2001:db8:200::/64 (wan `far6` 2001:db8:200::1 with `mtu`, far `eth0`
+    /// 2001:db8:200::2, default route via wan), wan forwarding IPv6. The host reaches
+    /// it through its default route (needs [`Topology::enable_ipv6`] first).
+    pub fn add_far6(&self, mtu: u32) -> NamedNetns {
+        let far = self.far_link("f6", "far6", mtu);
+        let on = |ns: &NamedNetns, dev: &str| {
+            ipv6_on(ns, dev).unwrap_or_else(|e| panic!("IPv6 in {}: {e:#}", ns.name));
+        };
+        on(&far, "eth0");
+        on(&self.wan, "far6");
         self.wan
             .sysctl("net.ipv6.conf.all.forwarding=1")
             .unwrap_or_else(|e| panic!("{e:#}"));

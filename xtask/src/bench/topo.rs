@@ -239,27 +239,8 @@ impl Topo {
         };
         t.host().sysctl("net.ipv4.ip_forward=1")?;
         // IPv6 on the uplink (the eBPF hook reads its NAT66 source at each start).
-        let (host, wan) = (t.host(), t.wan());
-        host.sysctl("net.ipv6.conf.all.forwarding=1")?;
-        host.try_ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{UPLINK_IP6}/64"),
-            "dev",
-            harness::UPLINK,
-            "nodad",
-        ])?;
-        wan.try_ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{WAN_IP6}/64"),
-            "dev",
-            "wan0",
-            "nodad",
-        ])?;
-        host.try_ip(&["-6", "route", "add", "default", "via", WAN_IP6])?;
+        t.host().sysctl("net.ipv6.conf.all.forwarding=1")?;
+        harness::ipv6_uplink(t.host(), t.wan())?;
         // The connection-rate client opens many short connections from wan.
         t.wan().sysctl("net.ipv4.ip_local_port_range=1024 60999")?;
         t.wan().sysctl("net.ipv4.tcp_tw_reuse=1")?;
