@@ -24,9 +24,9 @@ impl LocalAddrs {
         std::thread::scope(|s| {
             s.spawn(|| {
                 super::runtime()?.block_on(async {
-                    let nl = Netlink::current()?;
-                    let mut a = LocalAddrs::from_pairs(nl.all_ipv4_addrs().await?);
-                    a.add_ipv6(nl.all_ipv6_addrs().await?);
+                    let (v4, v6) = Netlink::current()?.all_addrs().await?;
+                    let mut a = LocalAddrs::from_pairs(v4);
+                    a.add_ipv6(v6);
                     Ok(a)
                 })
             })
@@ -38,27 +38,14 @@ impl LocalAddrs {
     /// From (ifindex, address) pairs. An address on two interfaces keeps the lower
     /// ifindex, so the choice does not depend on listing order.
     pub fn from_pairs(pairs: impl IntoIterator<Item = (u32, Ipv4Addr)>) -> LocalAddrs {
-        let mut by_ip: HashMap<Ipv4Addr, u32> = HashMap::new();
-        for (idx, ip) in pairs {
-            by_ip
-                .entry(ip)
-                .and_modify(|i| *i = (*i).min(idx))
-                .or_insert(idx);
-        }
-        LocalAddrs {
-            by_ip,
-            by_ip6: HashMap::new(),
-        }
+        let mut a = LocalAddrs::default();
+        add_lowest(&mut a.by_ip, pairs);
+        a
     }
 
     /// Adds (ifindex, IPv6 address) pairs, as [`LocalAddrs::from_pairs`].
     pub fn add_ipv6(&mut self, pairs: impl IntoIterator<Item = (u32, Ipv6Addr)>) {
-        for (idx, ip) in pairs {
-            self.by_ip6
-                .entry(ip)
-                .and_modify(|i| *i = (*i).min(idx))
-                .or_insert(idx);
-        }
+        add_lowest(&mut self.by_ip6, pairs);
     }
 
     /// [`LocalAddrs::ifindex`] for an IPv6 host IP (`::1` is `lo`).
@@ -79,6 +66,19 @@ impl LocalAddrs {
             Some(ip) if ip.is_loopback() => Some(LOOPBACK_IFINDEX),
             Some(ip) => self.by_ip.get(&ip).copied(),
         }
+    }
+}
+
+/// Records each address's interface, the lower ifindex when it is on several.
+fn add_lowest<A: std::hash::Hash + Eq>(
+    by_ip: &mut HashMap<A, u32>,
+    pairs: impl IntoIterator<Item = (u32, A)>,
+) {
+    for (idx, ip) in pairs {
+        by_ip
+            .entry(ip)
+            .and_modify(|i| *i = (*i).min(idx))
+            .or_insert(idx);
     }
 }
 

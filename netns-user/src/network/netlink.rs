@@ -326,38 +326,64 @@ impl Netlink {
             .map_err(req(what))
     }
 
+    /// The address messages of link `index`, or of the whole namespace.
+    async fn address_messages(
+        &self,
+        index: Option<u32>,
+    ) -> Result<Vec<AddressMessage>, NetlinkError> {
+        let mut get = self.handle.address().get();
+        if let Some(i) = index {
+            get = get.set_link_index_filter(i);
+        }
+        let what = match index {
+            Some(i) => format!("listing addresses of interface index {i}"),
+            None => "listing this namespace's addresses".to_owned(),
+        };
+        let msgs: Vec<AddressMessage> = get.execute().try_collect().await.map_err(req(what))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| index.is_none_or(|i| m.header.index == i))
+            .collect())
+    }
+
     /// IPv4 addresses with prefix length of a link, in kernel order (primary first).
     pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(req(format!("listing addresses of interface index {index}")))?;
-        Ok(msgs
+        Ok(self
+            .address_messages(Some(index))
+            .await?
             .iter()
-            .filter(|m| m.header.index == index)
             .filter_map(|m| ipv4_of(m).map(|a| (a, m.header.prefix_len)))
             .collect())
     }
 
-    /// Every IPv4 address of the namespace with the ifindex of its link.
-    pub async fn all_ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Addr)>, NetlinkError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(req("listing this namespace's addresses"))?;
-        Ok(msgs
+    /// Global IPv6 addresses of a link with prefix length, usable ones first (kernel
+    /// order within each group).
+    pub async fn ipv6_addrs(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, NetlinkError> {
+        let mut v: Vec<(bool, Ipv6Addr, u8)> = self
+            .address_messages(Some(index))
+            .await?
+            .iter()
+            .filter_map(|m| ipv6_of(m).map(|(a, bad)| (bad, a, m.header.prefix_len)))
+            .collect();
+        v.sort_by_key(|(bad, _, _)| *bad);
+        Ok(v.into_iter().map(|(_, a, p)| (a, p)).collect())
+    }
+
+    /// Every IPv4 and global IPv6 address of the namespace with the ifindex of its
+    /// link (one dump).
+    pub async fn all_addrs(
+        &self,
+    ) -> Result<(Vec<(u32, Ipv4Addr)>, Vec<(u32, Ipv6Addr)>), NetlinkError> {
+        let msgs = self.address_messages(None).await?;
+        let v4 = msgs
             .iter()
             .filter_map(|m| ipv4_of(m).map(|a| (m.header.index, a)))
-            .collect())
+            .collect();
+        let v6 = msgs
+            .iter()
+            .filter_map(|m| ipv6_of(m).map(|(a, _)| (m.header.index, a)))
+            .collect();
+        Ok((v4, v6))
     }
 
     /// Adds `addr/prefix` to a link unless it is there already.
@@ -370,56 +396,7 @@ impl Netlink {
         if self.ipv4_addrs(index).await?.contains(&(addr, prefix)) {
             return Ok(());
         }
-        match self
-            .handle
-            .address()
-            .add(index, IpAddr::V4(addr), prefix)
-            .execute()
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
-            Err(e) => Err(req(format!(
-                "adding {addr}/{prefix} to interface index {index}"
-            ))(e)),
-        }
-    }
-
-    /// Global IPv6 addresses of a link with prefix length, usable ones first (kernel
-    /// order within each group).
-    pub async fn ipv6_addrs(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, NetlinkError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(req(format!("listing addresses of interface index {index}")))?;
-        let mut v: Vec<(bool, Ipv6Addr, u8)> = msgs
-            .iter()
-            .filter(|m| m.header.index == index)
-            .filter_map(|m| ipv6_of(m).map(|(a, bad)| (bad, a, m.header.prefix_len)))
-            .collect();
-        v.sort_by_key(|(bad, _, _)| *bad);
-        Ok(v.into_iter().map(|(_, a, p)| (a, p)).collect())
-    }
-
-    /// Every global IPv6 address of the namespace with the ifindex of its link.
-    pub async fn all_ipv6_addrs(&self) -> Result<Vec<(u32, Ipv6Addr)>, NetlinkError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(req("listing this namespace's addresses"))?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| ipv6_of(m).map(|(a, _)| (m.header.index, a)))
-            .collect())
+        self.add_address(index, IpAddr::V4(addr), prefix).await
     }
 
     /// Adds `addr/prefix` to a link with `nodad` (usable at once: the prefix is ours,
@@ -433,26 +410,23 @@ impl Netlink {
         if self.ipv6_addrs(index).await?.contains(&(addr, prefix)) {
             return Ok(());
         }
-        let mut r = self.handle.address().add(index, IpAddr::V6(addr), prefix);
-        r.message_mut()
-            .attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        self.add_address(index, IpAddr::V6(addr), prefix).await
+    }
+
+    /// Adds an address (an IPv6 one with `nodad`); one that exists already is fine.
+    async fn add_address(&self, index: u32, addr: IpAddr, prefix: u8) -> Result<(), NetlinkError> {
+        let mut r = self.handle.address().add(index, addr, prefix);
+        if addr.is_ipv6() {
+            r.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
         match r.execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
             Err(e) => Err(req(format!(
                 "adding {addr}/{prefix} to interface index {index}"
             ))(e)),
-        }
-    }
-
-    /// Adds `default via gw` for IPv6 (no error if one exists already).
-    pub async fn add_default_route6(&self, gw: Ipv6Addr) -> Result<(), NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv6Addr>::new().gateway(gw).build();
-        match self.handle.route().add(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
-            Err(e) => Err(req(format!("adding IPv6 default route via {gw}"))(e)),
         }
     }
 
@@ -504,9 +478,13 @@ impl Netlink {
         Ok(best.map(|(_, o)| o))
     }
 
-    /// Adds `default via gw` (no error if a default route exists already).
-    pub async fn add_default_route(&self, gw: Ipv4Addr) -> Result<(), NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build();
+    /// Adds `default via gw`, IPv4 or IPv6 (no error if a default route of that
+    /// family exists already).
+    pub async fn add_default_route(&self, gw: IpAddr) -> Result<(), NetlinkError> {
+        let msg = match gw {
+            IpAddr::V4(g) => RouteMessageBuilder::<Ipv4Addr>::new().gateway(g).build(),
+            IpAddr::V6(g) => RouteMessageBuilder::<Ipv6Addr>::new().gateway(g).build(),
+        };
         match self.handle.route().add(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),

@@ -117,9 +117,9 @@ pub async fn configure_container(
         ns.ensure_ipv6_addr(link.index, ip6, len6).await?;
     }
     ns.set_link(link.index, true, None, None).await?;
-    ns.add_default_route(gateway).await?;
+    ns.add_default_route(gateway.into()).await?;
     if let Some((_, _, gw6)) = v6 {
-        ns.add_default_route6(gw6).await?;
+        ns.add_default_route(gw6.into()).await?;
     }
     let link = ns
         .link_by_name(ifname)
