@@ -17,7 +17,7 @@ use aya::maps::{HashMap, MapData};
 use netns_common::{CtCount, CtEntry, CtKeep, CtKey, Stat, ct_flags, ct_kind, ct_state, dir, maps};
 use serde::Serialize;
 
-use super::{Datapath, DatapathError, absent_ok, hash_entries, io, map_err, sys};
+use super::{Datapath, DatapathError, absent_ok, clear_map, hash_entries, io, map_err, sys};
 
 /// Source and destination of a packet. For ICMP queries the identifier stands in for
 /// the port: the source port of a request, the destination port of a reply.
@@ -504,29 +504,10 @@ impl Datapath {
     pub fn flush_conntrack(&self) -> Result<usize, DatapathError> {
         let mut n = 0;
         for t in CtTable::ALL {
-            let mut m = self.ct_table(t)?;
-            let keys: Vec<CtKey> = sys::lookup_batch(&m)
-                .map_err(io(format!("reading {}", t.map_name())))?
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
-            n += sys::delete_batch(&mut m, &keys)
-                .map_err(io(format!("deleting from {}", t.map_name())))?;
+            n += clear_map(&mut self.ct_table(t)?, t.map_name())?;
         }
-        let mut keep = self.ct_keep_map()?;
-        let keys: Vec<CtKey> = sys::lookup_batch(&keep)
-            .map_err(io("reading NETNS_CTKEEP"))?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        sys::delete_batch(&mut keep, &keys).map_err(io("deleting from NETNS_CTKEEP"))?;
-        let mut counts = self.ct_count_map()?;
-        let keys: Vec<u32> = sys::lookup_batch(&counts)
-            .map_err(io("reading NETNS_CTCOUNT"))?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        sys::delete_batch(&mut counts, &keys).map_err(io("deleting from NETNS_CTCOUNT"))?;
+        clear_map(&mut self.ct_keep_map()?, maps::CT_KEEP)?;
+        clear_map(&mut self.ct_count_map()?, maps::CT_COUNT)?;
         self.add_stat(Stat::CtUserRemoved, n as u64)?;
         Ok(n)
     }

@@ -8,7 +8,7 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 use netns_common::{Ct6Entry, Ct6Key, Tuple6, ct_flags, ct_kind, maps};
 
 use super::conntrack::{CtState, FlowKind};
-use super::{Datapath, DatapathError, io, sys};
+use super::{Datapath, DatapathError, clear_map, io, sys};
 
 /// A tuple in host order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,13 +100,7 @@ impl Datapath {
 
     /// Empties `NETNS_CT6`; returns how many halves it held.
     pub fn flush_conntrack6(&self) -> Result<usize, DatapathError> {
-        let mut m = self.ct6_map()?;
-        let keys: Vec<Ct6Key> = sys::lookup_batch(&m)
-            .map_err(io("reading NETNS_CT6"))?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        sys::delete_batch(&mut m, &keys).map_err(io("deleting from NETNS_CT6"))
+        clear_map(&mut self.ct6_map()?, maps::CONNTRACK6)
     }
 }
 

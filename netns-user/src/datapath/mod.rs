@@ -203,6 +203,20 @@ fn hash_entries<K: aya::Pod, V: aya::Pod>(
     sys::lookup_batch(m).map_err(io(what))
 }
 
+/// Deletes every entry of the hash map `name` (one batch read, one batch delete);
+/// returns how many went.
+fn clear_map<K: aya::Pod, V: aya::Pod>(
+    m: &mut aya::maps::HashMap<MapData, K, V>,
+    name: &str,
+) -> Result<usize, DatapathError> {
+    let keys: Vec<K> = sys::lookup_batch(m)
+        .map_err(io(format!("reading {name}")))?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    sys::delete_batch(m, &keys).map_err(io(format!("deleting from {name}")))
+}
+
 /// How many entries a hash map holds now (0 if it cannot be read).
 fn key_count<K: aya::Pod, V: aya::Pod>(m: &aya::maps::HashMap<MapData, K, V>) -> usize {
     sys::lookup_batch(m).map_or(0, |v| v.len())
