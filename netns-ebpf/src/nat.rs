@@ -8,7 +8,7 @@
 
 use aya_ebpf::{bindings::BPF_ANY, programs::TcContext};
 use netns_common::{
-    Config, FragKey, FragPorts, IPPROTO_ICMP, PortTarget, Stat, Tuple, ct_kind, dir,
+    BridgePort, Config, FragKey, FragPorts, IPPROTO_ICMP, PortTarget, Stat, Tuple, ct_kind, dir,
 };
 
 use crate::{
@@ -18,7 +18,9 @@ use crate::{
     ipv6::ETH_P_IPV6,
     maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed, routed_dest},
     nat6,
-    packet::{self, ETH_HLEN, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet},
+    packet::{
+        self, ETH_HLEN, EthHdr, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet,
+    },
     portfwd,
     stats::{self, Verdict},
 };
@@ -516,16 +518,25 @@ fn port_ingress6(ctx: &TcContext, drop: &mut Stat) -> u64 {
     outcome(try_port_ingress6(ctx), drop)
 }
 
-/// IPv6 from a container: its own MAC and port, then [`nat6::port_check6`].
+/// The frame's Ethernet header and the bridge port it arrived on, which must be a
+/// container's and carry that container's own MAC as the source.
 #[inline(always)]
-fn try_port_ingress6(ctx: &TcContext) -> Result<Fast, Stat> {
+fn own_port(ctx: &TcContext) -> Result<(EthHdr, &'static BridgePort), Stat> {
     let eth = packet::eth(ctx)?;
+    // SAFETY: a valid map value, read at once.
     let Some(port) = (unsafe { BRIDGE_PORTS.get(&skb_ifindex(ctx)) }) else {
         return Err(Stat::DropNoEndpoint);
     };
     if eth.src != port.mac {
         return Err(Stat::DropSpoofedMac);
     }
+    Ok((eth, port))
+}
+
+/// IPv6 from a container: its own MAC and port, then [`nat6::port_check6`].
+#[inline(always)]
+fn try_port_ingress6(ctx: &TcContext) -> Result<Fast, Stat> {
+    let (_, port) = own_port(ctx)?;
     let cfg = config().ok_or(Stat::DropIpv6Off)?;
     Ok(match nat6::port_check6(ctx, cfg, port)? {
         0 => Fast::STACK,
@@ -541,13 +552,7 @@ fn try_port_ingress6(ctx: &TcContext) -> Result<Fast, Stat> {
 /// the ifindex to redirect to, if any.
 #[inline(always)]
 fn try_port_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
-    let eth = packet::eth(ctx)?;
-    let Some(port) = (unsafe { BRIDGE_PORTS.get(&skb_ifindex(ctx)) }) else {
-        return Err(Stat::DropNoEndpoint);
-    };
-    if eth.src != port.mac {
-        return Err(Stat::DropSpoofedMac);
-    }
+    let (eth, port) = own_port(ctx)?;
     match u16::from_be(eth.proto) {
         ETH_P_IP => {}
         ETH_P_ARP => {
