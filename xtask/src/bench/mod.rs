@@ -989,42 +989,31 @@ fn parse_iperf(out: &str) -> anyhow::Result<f64> {
 
 /// iperf3 from container a to the wan server (reverse: wan sends); Gbit/s received.
 fn iperf(b: &mut Bed, reverse: bool, d: u64) -> anyhow::Result<f64> {
-    let mut c = b.t.ctrs[0].cmd("iperf3");
-    c.args([
-        "-c",
-        WAN_IP,
-        "-p",
-        &WAN_IPERF.to_string(),
-        "-t",
-        &d.to_string(),
-        "-J",
-    ]);
-    if reverse {
-        c.arg("-R");
-    }
-    // iperf3 sometimes finds its server busy right after the previous test: retry once.
-    let out = run_raw(&mut c, None, Duration::from_secs(d + 20))?;
-    match parse_iperf(&out.stdout) {
-        Ok(v) => Ok(v),
-        Err(_) => {
-            std::thread::sleep(Duration::from_millis(500));
-            let out = run_to(&mut c, Duration::from_secs(d + 20))?;
-            parse_iperf(&out.stdout)
-        }
-    }
+    iperf3(b, false, reverse, false, d)
 }
 
 /// iperf3 over IPv6 from container a to the wan's IPv6 server: TCP bulk (Gbit/s
 /// received; `reverse`: wan sends), or with `udp64` 64-byte UDP datagrams delivered
 /// per second (sent as fast as iperf3 can, minus those the receiver lost).
 fn iperf6(b: &mut Bed, reverse: bool, udp64: bool, d: u64) -> anyhow::Result<f64> {
+    iperf3(b, true, reverse, udp64, d)
+}
+
+fn iperf3(b: &mut Bed, v6: bool, reverse: bool, udp64: bool, d: u64) -> anyhow::Result<f64> {
+    let (server, port) = if v6 {
+        (WAN_IP6, WAN_IPERF6)
+    } else {
+        (WAN_IP, WAN_IPERF)
+    };
     let mut c = b.t.ctrs[0].cmd("iperf3");
+    if v6 {
+        c.arg("-6");
+    }
     c.args([
-        "-6",
         "-c",
-        WAN_IP6,
+        server,
         "-p",
-        &WAN_IPERF6.to_string(),
+        &port.to_string(),
         "-t",
         &d.to_string(),
         "-J",
@@ -1053,6 +1042,7 @@ fn iperf6(b: &mut Bed, reverse: bool, udp64: bool, d: u64) -> anyhow::Result<f64
         };
         Ok((p - lost).max(0.0) / secs.max(1e-9))
     };
+    // iperf3 sometimes finds its server busy right after the previous test: retry once.
     let out = run_raw(&mut c, None, Duration::from_secs(d + 20))?;
     match parse(&out.stdout) {
         Ok(v) => Ok(v),
