@@ -300,6 +300,10 @@ pub struct Config {
     pub fast_path: u8,
     /// 1: conntrack entries count packets and bytes (`--ct-counters on`).
     pub ct_counters: u8,
+    /// [`empty`] bits: tries known to be empty, whose lookups the programs skip. Zero
+    /// (a fresh map, or one an older version wrote) means look them up.
+    pub empty: u8,
+    pub _pad: [u8; 3],
     /// Cookie of the network namespace netns manages: socket hooks act only there.
     pub netns_cookie: u64,
     /// Conntrack timeouts (seconds): the datapath expires entries by them on lookup,
@@ -321,6 +325,14 @@ pub struct Config {
     pub uplink_addr6: In6,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 152);
+
+/// Bits of [`Config::empty`].
+pub mod empty {
+    /// `--no-masquerade` has no CIDR.
+    pub const NOMASQ: u8 = 1;
+    /// `--allow-inbound` has no CIDR.
+    pub const INBOUND: u8 = 2;
+}
 
 /// An IPv6 address as four 32-bit words, each in network order (the bytes of the
 /// address in order): compared and masked a word at a time.
@@ -570,6 +582,32 @@ pub struct Endpoint {
     pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
+
+/// One's-complement checksum arithmetic for headers the datapath rewrites in place
+/// (RFC 1624). Words are taken as they lie in memory (`from_ne_bytes` of the wire
+/// bytes): the one's-complement sum does not depend on the byte order, so neither the
+/// datapath nor these functions swap anything.
+pub mod csum {
+    /// Folds a 32-bit sum of 16-bit words to 16 bits with end-around carry.
+    #[inline(always)]
+    pub const fn fold(s: u32) -> u16 {
+        let s = (s & 0xffff) + (s >> 16);
+        ((s & 0xffff) + (s >> 16)) as u16
+    }
+
+    /// The checksum `check` after the 16-bit word `old` became `new`
+    /// (HC' = ~(~HC + ~m + m')).
+    #[inline(always)]
+    pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
+        !fold(!check as u32 + !old as u32 + new as u32)
+    }
+
+    /// The checksum `check` after the 32-bit field `old` (two words) became `new`.
+    #[inline(always)]
+    pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
+        !fold(!check as u32 + (!old & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16))
+    }
+}
 
 /// 32-bit FNV-1a of `bytes`: stable across builds and platforms, for names and
 /// generations that must come out the same in every run.
@@ -1086,6 +1124,42 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    /// The IPv4 header checksum from scratch, words as they lie in memory.
+    fn ip_csum(h: &[u8; 20]) -> u16 {
+        let mut s = 0u32;
+        for (i, w) in h.chunks(2).enumerate() {
+            if i != 5 {
+                s += u16::from_ne_bytes([w[0], w[1]]) as u32;
+            }
+        }
+        !csum::fold(s)
+    }
+
+    #[test]
+    fn incremental_checksums_match_a_recompute() {
+        let mut h: [u8; 20] = [
+            0x45, 0, 0, 84, 0x1c, 0x46, 0x40, 0, 64, 17, 0, 0, 172, 19, 0, 2, 198, 51, 100, 1,
+        ];
+        let c = ip_csum(&h);
+        h[10..12].copy_from_slice(&c.to_ne_bytes());
+        // Source address rewritten (SNAT), then the TTL decremented, as the fast path does.
+        for (new, ttl) in [
+            ([198, 51, 100, 2], 63u8),
+            ([255, 255, 255, 255], 1),
+            ([0; 4], 0),
+        ] {
+            let old = u32::from_ne_bytes(h[12..16].try_into().unwrap());
+            let n = u32::from_ne_bytes(new);
+            let c = csum::replace4(u16::from_ne_bytes([h[10], h[11]]), old, n);
+            h[12..16].copy_from_slice(&new);
+            let w = u16::from_ne_bytes([h[8], h[9]]);
+            h[8] = ttl;
+            let c = csum::replace2(c, w, u16::from_ne_bytes([h[8], h[9]]));
+            h[10..12].copy_from_slice(&c.to_ne_bytes());
+            assert_eq!(c, ip_csum(&h), "after {new:?} ttl {ttl}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -17,6 +17,7 @@ use netns_common::{Config, Stat};
 
 use crate::{
     maps::ENDPOINTS,
+    mem,
     packet::{self, ETH_HLEN, Ipv4Hdr},
     stats::{self, Verdict},
 };
@@ -26,7 +27,6 @@ use crate::{
 pub const MARK: u32 = 0x6e65_7473;
 
 const AF_INET: u8 = 2;
-const IP_TTL_OFF: usize = ETH_HLEN + 8;
 
 /// Where the fast path sends a packet: its kind above the ifindex in one scalar,
 /// [`Fast::STACK`] for the stack's path. Not an enum: LLVM moves an enum's payload
@@ -80,27 +80,6 @@ impl Fast {
     }
 }
 
-/// Decrements the TTL, fixing the header checksum. False (nothing changed) when it
-/// would expire: the stack sends the time-exceeded error then.
-#[inline(always)]
-fn dec_ttl(ctx: &TcContext) -> bool {
-    let Ok(w) = ctx.load::<u16>(IP_TTL_OFF) else {
-        return false;
-    };
-    let ttl = (u16::from_be(w) >> 8) as u8;
-    if ttl <= 1 {
-        return false;
-    }
-    let nw = (u16::from_be(w) - 0x100).to_be();
-    if ctx
-        .l3_csum_replace(packet::IP_CSUM_OFF, w as u64, nw as u64, 2)
-        .is_err()
-    {
-        return false;
-    }
-    ctx.store(IP_TTL_OFF, &nw, 0).is_ok()
-}
-
 /// Uplink ingress, after translation: a packet now addressed to a container goes
 /// straight into its namespace.
 #[inline(always)]
@@ -112,7 +91,7 @@ pub fn to_container(ctx: &TcContext, cfg: &Config, daddr: u32) -> Fast {
     let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
         return Fast::STACK;
     };
-    if packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac).is_err() || !dec_ttl(ctx) {
+    if packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac).is_err() || !packet::dec_ttl(ctx) {
         return Fast::STACK;
     }
     stats::inc(Stat::FastIn);
@@ -137,17 +116,25 @@ pub fn to_neighbour(cfg: &Config, dst_mac: &[u8; 6], daddr: u32) -> Fast {
     Fast::peer(ep.ifindex)
 }
 
+/// The next hop's and the uplink's MACs, as the Ethernet header starts (aligned for
+/// [`mem::zeroed`]).
+#[repr(C, align(4))]
+pub struct Macs(pub [u8; 12]);
+
 /// The route of a container's packet to the gateway: the uplink and the next hop's
 /// MACs, or None when the stack must handle it (another interface, fragmentation
 /// needed, no route, TTL expiring).
 /// A function of its own: the lookup's parameter block stays off the caller's stack.
 #[inline(never)]
-pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12]) -> Fast {
+pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut Macs) -> Fast {
     if cfg.fast_path == 0 || ip.ttl <= 1 {
         return Fast::STACK;
     }
-    // SAFETY: zeroed is a valid bpf_fib_lookup; the IPv4 members are filled in.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // Zeroed is a valid bpf_fib_lookup; the IPv4 members are filled in.
+    let mut p = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    mem::zero_in_place(p.as_mut_ptr());
+    // SAFETY: every byte written just above.
+    let p = unsafe { &mut *p.as_mut_ptr() };
     p.family = AF_INET;
     p.l4_protocol = ip.proto;
     p.__bindgen_anon_1.tot_len = wire_len(ctx, ip);
@@ -159,7 +146,7 @@ pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12
     let rc = unsafe {
         fib_lookup(
             ctx.skb.skb.cast(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -167,8 +154,8 @@ pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut [u8; 12
     if p.ifindex != cfg.uplink_ifindex {
         return Fast::STACK;
     }
-    macs[..6].copy_from_slice(&p.dmac);
-    macs[6..].copy_from_slice(&p.smac);
+    macs.0[..6].copy_from_slice(&p.dmac);
+    macs.0[6..].copy_from_slice(&p.smac);
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Fast::out(p.ifindex),
         BPF_FIB_LKUP_RET_NO_NEIGH => Fast::neigh(p.ifindex),
@@ -202,15 +189,19 @@ fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
 
 /// After the packet was translated: the MACs, the TTL, the mark.
 #[inline(always)]
-pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &[u8; 12]) -> Fast {
+pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &Macs) -> Fast {
     // Marked first: translated, it must not be translated again at the uplink, even
     // if it falls back to the stack below.
     // SAFETY: writing a field of the context the kernel handed us (writable in TC).
     unsafe { (*ctx.skb.skb).mark = MARK };
-    if fast.0 >> 32 == Fast::OUT && ctx.store(0, macs, 0).is_err() {
-        return Fast::STACK;
+    if fast.0 >> 32 == Fast::OUT {
+        let Some(p) = packet::Frame::at(ctx).ptr::<[u8; 12]>(0) else {
+            return Fast::STACK;
+        };
+        // SAFETY: bounds checked by `ptr`.
+        unsafe { *p = macs.0 };
     }
-    if !dec_ttl(ctx) {
+    if !packet::dec_ttl(ctx) {
         return Fast::STACK;
     }
     stats::inc(Stat::FastOut);

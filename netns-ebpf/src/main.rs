@@ -18,6 +18,7 @@ mod frag;
 mod icmp;
 mod ipv6;
 mod maps;
+mod mem;
 mod nat;
 mod nat6;
 mod packet;

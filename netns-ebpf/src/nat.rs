@@ -17,9 +17,9 @@ use crate::{
     frag, icmp,
     ipv6::ETH_P_IPV6,
     maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed, routed_dest},
-    nat6,
+    mem, nat6,
     packet::{
-        self, ETH_HLEN, EthHdr, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet,
+        self, ETH_HLEN, EthHdr, Frame, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet,
     },
     portfwd,
     stats::{self, Verdict},
@@ -63,7 +63,7 @@ enum Leaving {
 fn leaving(cfg: &Config, t: &Tuple) -> Leaving {
     if !in_subnet(cfg, t.saddr) || t.saddr == cfg.gateway || in_subnet(cfg, t.daddr) {
         Leaving::NotOurs
-    } else if routed_dest(t.daddr) {
+    } else if routed_dest(cfg, t.daddr) {
         Leaving::Routed
     } else {
         Leaving::Masquerade
@@ -90,8 +90,9 @@ fn is_loopback(addr: u32) -> bool {
 
 #[inline(always)]
 fn is_ipv6(ctx: &TcContext) -> bool {
-    ctx.load::<u16>(packet::ETH_PROTO_OFF)
-        .is_ok_and(|p| u16::from_be(p) == ETH_P_IPV6)
+    Frame::at(ctx)
+        .get::<u16>(packet::ETH_PROTO_OFF)
+        .is_some_and(|p| u16::from_be(p) == ETH_P_IPV6)
 }
 
 #[inline(always)]
@@ -269,7 +270,7 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
         return packet::rewrite(ctx, pkt, &new).map(|()| true);
     }
     let len = ctx.len();
-    let mut xlat = Tuple::default();
+    let mut xlat: Tuple = mem::zeroed();
     let hit = match conntrack::lookup(pkt, dir::UPLINK_EGRESS, len, &mut xlat) {
         Lookup::Hit(kind) => {
             stats::inc(if kind == ct_kind::DNAT {
@@ -380,7 +381,7 @@ fn inbound_guard(cfg: &Config, t: &Tuple) -> Result<(), Stat> {
     if in_subnet(cfg, t.saddr) {
         return Err(Stat::DropInboundSpoofed);
     }
-    if in_subnet(cfg, t.daddr) && t.daddr != cfg.gateway && !inbound_allowed(t.saddr) {
+    if in_subnet(cfg, t.daddr) && t.daddr != cfg.gateway && !inbound_allowed(cfg, t.saddr) {
         return Err(Stat::DropInbound);
     }
     Ok(())
@@ -440,7 +441,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
         }
     }
     let len = ctx.len();
-    let mut xlat = Tuple::default();
+    let mut xlat: Tuple = mem::zeroed();
     let new = match conntrack::lookup(&pkt, dir::UPLINK_INGRESS, len, &mut xlat) {
         Lookup::Hit(kind) => {
             stats::inc(if kind == ct_kind::DNAT {
@@ -573,7 +574,7 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
         }
         _ => return Err(Stat::DropEthertype),
     }
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| Stat::DropMalformed)?;
+    let ip: Ipv4Hdr = Frame::new(ctx).get(ETH_HLEN).ok_or(Stat::DropMalformed)?;
     if ip.saddr != port.addr {
         return Err(Stat::DropSpoofedIp);
     }
@@ -608,11 +609,11 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
     // A routed destination (`--no-masquerade`, `--allow-inbound`) is the stack's: not
     // translated here, the host routes it (and the uplink's egress counts it). A port
     // forward's reply to such a peer is translated there too.
-    if routed_dest(ip.daddr) {
+    if routed_dest(cfg, ip.daddr) {
         return Ok(Fast::STACK);
     }
     // Routed through the gateway to the outside: translate here and send it out.
-    let mut macs = [0u8; 12];
+    let mut macs: fastpath::Macs = mem::zeroed();
     let fast = fastpath::route_out(ctx, cfg, &ip, &mut macs);
     if fast.is_stack() {
         return Ok(Fast::STACK);
@@ -675,7 +676,7 @@ fn hairpin(ctx: &TcContext, cfg: &Config, out: &mut u32) -> Result<u32, Stat> {
         return Ok(1);
     }
     let len = ctx.len();
-    let mut xlat = Tuple::default();
+    let mut xlat: Tuple = mem::zeroed();
     let new = match conntrack::lookup(pkt, dir::BRIDGE, len, &mut xlat) {
         Lookup::Hit(_) => xlat,
         Lookup::BlindRst => return Err(Stat::TcpBlindRst),

@@ -1,13 +1,17 @@
-//! Header parsing and rewriting through `bpf_skb_load_bytes` / `bpf_skb_store_bytes` and
-//! the checksum helpers. No direct packet access: nothing to pull, no pointer to
-//! re-derive after a helper changed the packet, and IPv4 options are handled by reading
-//! the real header length.
+//! Header parsing and rewriting of IPv4 packets with direct packet access: the headers
+//! are pulled into the linear area once ([`Frame::new`]), read and written in place,
+//! the IPv4 checksum updated inline. Only the L4 checksum goes through
+//! `bpf_l4_csum_replace`, which knows whether the checksum is partial (offloaded),
+//! complete or absent; it may move the packet, so pointers are taken again after it.
+//! IPv4 options are handled by reading the real header length.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use netns_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple};
+use netns_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat, Tuple, csum};
+
+use crate::mem;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -27,8 +31,6 @@ pub const IPH_DADDR: usize = 16;
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
 pub const TCP_DOFF_FLAGS: usize = 12;
-pub const TCP_SEQ: usize = 4;
-pub const TCP_WIN: usize = 14;
 pub const ICMP_CSUM: usize = 2;
 pub const ICMP_ID: usize = 4;
 pub const ICMP_QUOTE: usize = 8;
@@ -59,6 +61,20 @@ pub struct Ipv4Hdr {
     pub saddr: u32,
     pub daddr: u32,
 }
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpHdr {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub doff_flags: [u8; 2],
+    pub win: u16,
+    pub check: u16,
+    pub urg: u16,
+}
+const _: () = assert!(core::mem::size_of::<TcpHdr>() == TCP_HLEN);
 
 /// What the datapath needs of an IPv4 packet.
 #[derive(Clone, Copy)]
@@ -162,9 +178,72 @@ pub enum Parsed {
     IcmpError(Packet),
 }
 
+/// Direct access to a frame's headers: the linear data between `data` and `end`,
+/// every access bounds checked (the verifier demands it, and a short packet fails it).
+#[derive(Clone, Copy)]
+pub struct Frame {
+    data: usize,
+    end: usize,
+}
+
+/// What a parse reads at most: Ethernet, an IPv4 header with all options, a TCP header.
+const HEADERS_LEN: u32 = (ETH_HLEN + 60 + TCP_HLEN) as u32;
+/// Largest offset a read may start at (bounds the offset for the verifier).
+const MAX_OFF: usize = HEADERS_LEN as usize;
+
+impl Frame {
+    /// The frame's headers, pulled into the linear area first if they are not all there
+    /// (paged or GSO frames; almost never on veth).
+    #[inline(always)]
+    pub fn new(ctx: &TcContext) -> Frame {
+        let f = Frame::at(ctx);
+        let len = ctx.len();
+        let want = if len < HEADERS_LEN { len } else { HEADERS_LEN } as usize;
+        if f.data + want <= f.end {
+            return f;
+        }
+        // A failed pull leaves the frame as it is: reads past its linear part fail.
+        let _ = ctx.pull_data(want as u32);
+        Frame::at(ctx)
+    }
+
+    /// The linear data as it is now (after a helper that may have moved it).
+    #[inline(always)]
+    pub fn at(ctx: &TcContext) -> Frame {
+        Frame {
+            data: ctx.data(),
+            end: ctx.data_end(),
+        }
+    }
+
+    /// A pointer to a `T` at `off`, if the frame's linear data holds it.
+    #[inline(always)]
+    pub fn ptr<T>(&self, off: usize) -> Option<*mut T> {
+        if off > MAX_OFF {
+            return None;
+        }
+        let p = self.data + off;
+        if p + core::mem::size_of::<T>() > self.end {
+            return None;
+        }
+        Some(p as *mut T)
+    }
+
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, off: usize) -> Option<T> {
+        // SAFETY: bounds checked; packet data is plain bytes (x86 loads unaligned).
+        self.ptr::<T>(off).map(|p| unsafe { *p })
+    }
+
+    #[inline(always)]
+    pub fn ip(&self) -> Option<*mut Ipv4Hdr> {
+        self.ptr::<Ipv4Hdr>(ETH_HLEN)
+    }
+}
+
 #[inline(always)]
 pub fn eth(ctx: &TcContext) -> Result<EthHdr, Stat> {
-    ctx.load::<EthHdr>(0).map_err(|_| Stat::DropMalformed)
+    Frame::at(ctx).get::<EthHdr>(0).ok_or(Stat::DropMalformed)
 }
 
 /// What [`parse_into`] found.
@@ -195,14 +274,15 @@ pub fn parse_into(ctx: &TcContext, out: &mut Packet) -> Result<Kind, Stat> {
 /// Parses Ethernet + IPv4 + the ports (or ICMP identifier) of TCP, UDP and ICMP.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
-    let proto: u16 = match ctx.load::<u16>(ETH_PROTO_OFF) {
-        Ok(p) => u16::from_be(p),
-        Err(_) => return Ok(Parsed::Other),
+    let f = Frame::new(ctx);
+    let proto: u16 = match f.get::<u16>(ETH_PROTO_OFF) {
+        Some(p) => u16::from_be(p),
+        None => return Ok(Parsed::Other),
     };
     if proto != ETH_P_IP {
         return Ok(Parsed::Other);
     }
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| Stat::DropMalformed)?;
+    let ip: Ipv4Hdr = f.get(ETH_HLEN).ok_or(Stat::DropMalformed)?;
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ip.vihl >> 4 != 4 || ihl < 20 {
         return Err(Stat::DropMalformed);
@@ -241,63 +321,40 @@ fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
         return Ok(Parsed::Ipv4(pkt));
     }
     let len = ctx.len() as usize;
+    // Each L4 header is read through one pointer, bounds checked once: LLVM would
+    // otherwise fold the checks of separate reads into one the verifier cannot follow.
     match ip.proto {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            let hlen = if ip.proto == IPPROTO_TCP {
-                TCP_HLEN
-            } else {
-                UDP_HLEN
-            };
-            if len < pkt.l4_off + hlen {
+        IPPROTO_TCP => {
+            let th: TcpHdr = f.get(pkt.l4_off).ok_or(Stat::DropMalformed)?;
+            pkt.tuple.sport = th.sport;
+            pkt.tuple.dport = th.dport;
+            let doff = (th.doff_flags[0] >> 4) as usize * 4;
+            if doff < TCP_HLEN || len < pkt.l4_off + doff {
                 return Err(Stat::DropMalformed);
             }
-            let ports: [u16; 2] = ctx
-                .load(pkt.l4_off + L4_SPORT)
-                .map_err(|_| Stat::DropMalformed)?;
-            pkt.tuple.sport = ports[0];
-            pkt.tuple.dport = ports[1];
-            if ip.proto == IPPROTO_TCP {
-                let doff_flags: [u8; 2] = ctx
-                    .load(pkt.l4_off + TCP_DOFF_FLAGS)
-                    .map_err(|_| Stat::DropMalformed)?;
-                let doff = (doff_flags[0] >> 4) as usize * 4;
-                if doff < TCP_HLEN || len < pkt.l4_off + doff {
-                    return Err(Stat::DropMalformed);
-                }
-                pkt.l4_flags = doff_flags[1];
-                let seq: u32 = ctx
-                    .load(pkt.l4_off + TCP_SEQ)
-                    .map_err(|_| Stat::DropMalformed)?;
-                let win: u16 = ctx
-                    .load(pkt.l4_off + TCP_WIN)
-                    .map_err(|_| Stat::DropMalformed)?;
-                pkt.tcp_seq = u32::from_be(seq);
-                pkt.tcp_win = u16::from_be(win);
-                let payload = (u16::from_be(ip.tot_len) as u32).saturating_sub((ihl + doff) as u32);
-                let flags = doff_flags[1];
-                pkt.tcp_seg_len =
-                    payload + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
-            }
+            let flags = th.doff_flags[1];
+            pkt.l4_flags = flags;
+            pkt.tcp_seq = u32::from_be(th.seq);
+            pkt.tcp_win = u16::from_be(th.win);
+            let payload = (u16::from_be(ip.tot_len) as u32).saturating_sub((ihl + doff) as u32);
+            pkt.tcp_seg_len =
+                payload + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
+        }
+        IPPROTO_UDP => {
+            let uh: [u16; UDP_HLEN / 2] = f.get(pkt.l4_off).ok_or(Stat::DropMalformed)?;
+            pkt.tuple.sport = uh[0];
+            pkt.tuple.dport = uh[1];
         }
         _ => {
-            if len < pkt.l4_off + ICMP_HLEN {
-                return Err(Stat::DropMalformed);
-            }
-            let ty: u8 = ctx.load(pkt.l4_off).map_err(|_| Stat::DropMalformed)?;
+            let ih: [u16; ICMP_HLEN / 2] = f.get(pkt.l4_off).ok_or(Stat::DropMalformed)?;
+            // Type and code in the first word, as they lie in memory.
+            let ty = ih[0].to_ne_bytes()[0];
             pkt.l4_flags = ty;
             match icmp_query(ty) {
                 // The identifier acts as the port: source port of a request, destination
                 // port of a reply, so that a reply's tuple is the request's reversed.
-                Some(true) => {
-                    pkt.tuple.sport = ctx
-                        .load(pkt.l4_off + ICMP_ID)
-                        .map_err(|_| Stat::DropMalformed)?;
-                }
-                Some(false) => {
-                    pkt.tuple.dport = ctx
-                        .load(pkt.l4_off + ICMP_ID)
-                        .map_err(|_| Stat::DropMalformed)?;
-                }
+                Some(true) => pkt.tuple.sport = ih[ICMP_ID / 2],
+                Some(false) => pkt.tuple.dport = ih[ICMP_ID / 2],
                 None => match ty {
                     ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB => {
                         return Ok(Parsed::IcmpError(pkt));
@@ -310,42 +367,50 @@ fn parse(ctx: &TcContext) -> Result<Parsed, Stat> {
     Ok(Parsed::Ipv4(pkt))
 }
 
-/// Sets the Ethernet addresses of a frame about to be redirected to a bridge port.
+/// Sets the Ethernet addresses of a frame about to be redirected.
 #[inline(always)]
 pub fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Stat> {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(dst);
-    macs[6..].copy_from_slice(src);
-    ctx.store(0, &macs, 0).map_err(|_| Stat::DropCsumHelper)
+    let p = Frame::at(ctx)
+        .ptr::<EthHdr>(0)
+        .ok_or(Stat::DropCsumHelper)?;
+    // SAFETY: bounds checked by `ptr`.
+    unsafe {
+        mem::copy_mac(&raw mut (*p).dst, dst);
+        mem::copy_mac(&raw mut (*p).src, src);
+    }
+    Ok(())
 }
 
-/// Rewrites one IPv4 address at `off`: the L4 checksum (pseudo header, if the packet
-/// carries an L4 header that has one), the IP header checksum, then the bytes.
+/// Decrements the TTL of a packet about to be forwarded, updating the header checksum.
+/// False (nothing changed) when it would expire: the stack sends the time-exceeded
+/// error then.
 #[inline(always)]
-fn rewrite_addr(
-    ctx: &TcContext,
-    csum_off: usize,
-    l4_addr: bool,
-    mangled0: u64,
-    off: usize,
-    old: u32,
-    new: u32,
-) -> Result<(), Stat> {
+pub fn dec_ttl(ctx: &TcContext) -> bool {
+    let Some(ip) = Frame::at(ctx).ip() else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ip`. The TTL and protocol share a checksum word.
+    unsafe {
+        let w = (ip as *const u8).add(8) as *const u16;
+        let old = *w;
+        if (*ip).ttl <= 1 {
+            return false;
+        }
+        (*ip).ttl -= 1;
+        (*ip).check = csum::replace2((*ip).check, old, *w);
+    }
+    true
+}
+
+/// Fixes the L4 checksum at `csum_off` for a field that changes from `old` to `new`
+/// (`flags`: its size, and whether it is in the pseudo header).
+#[inline(always)]
+fn l4_fix(ctx: &TcContext, csum_off: usize, old: u64, new: u64, flags: u64) -> Result<(), Stat> {
     if old == new {
         return Ok(());
     }
-    if l4_addr {
-        ctx.l4_csum_replace(
-            csum_off,
-            old as u64,
-            new as u64,
-            BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
-        )
-        .map_err(|_| Stat::DropCsumHelper)?;
-    }
-    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
-        .map_err(|_| Stat::DropCsumHelper)?;
-    ctx.store(off, &new, 0).map_err(|_| Stat::DropCsumHelper)
+    ctx.l4_csum_replace(csum_off, old, new, flags)
+        .map_err(|_| Stat::DropCsumHelper)
 }
 
 #[inline(always)]
@@ -358,8 +423,8 @@ pub fn l4_csum_off(proto: u8) -> usize {
 }
 
 /// Rewrites `pkt`'s addresses and ports to `new`, fixing the IPv4 header checksum and the
-/// L4 checksum incrementally. The helpers do the right thing for CHECKSUM_PARTIAL
-/// (they only adjust the pseudo-header part) and, with `BPF_F_MARK_MANGLED_0`, leave a
+/// L4 checksum incrementally. The L4 helper does the right thing for CHECKSUM_PARTIAL
+/// (it only adjusts the pseudo-header part) and, with `BPF_F_MARK_MANGLED_0`, leaves a
 /// zero (absent) UDP checksum alone. A later fragment has no L4 header: only L3 changes.
 #[inline(never)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
@@ -373,56 +438,68 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, new: &Tuple) -> Result<(), Stat> {
     } else {
         0
     };
-    // The pseudo header covers the addresses for TCP and UDP; ICMP has none.
-    let l4_addr = has_l4 && pkt.proto != IPPROTO_ICMP;
+    // Echo identifier: `sport` of a request, `dport` of a reply.
+    let icmp = pkt.proto == IPPROTO_ICMP;
+    let request = icmp_query(pkt.l4_flags) == Some(true);
 
-    rewrite_addr(
-        ctx,
-        csum_off,
-        l4_addr,
-        mangled0,
-        IP_SADDR_OFF,
-        old.saddr,
-        new.saddr,
-    )?;
-    rewrite_addr(
-        ctx,
-        csum_off,
-        l4_addr,
-        mangled0,
-        IP_DADDR_OFF,
-        old.daddr,
-        new.daddr,
-    )?;
+    // The L4 checksum first, through the helper: it may move the packet data.
+    if has_l4 {
+        if !icmp {
+            // The pseudo header covers the addresses for TCP and UDP; ICMP has none.
+            let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled0 | 4;
+            l4_fix(ctx, csum_off, old.saddr as u64, new.saddr as u64, pseudo)?;
+            l4_fix(ctx, csum_off, old.daddr as u64, new.daddr as u64, pseudo)?;
+            l4_fix(
+                ctx,
+                csum_off,
+                old.sport as u64,
+                new.sport as u64,
+                mangled0 | 2,
+            )?;
+            l4_fix(
+                ctx,
+                csum_off,
+                old.dport as u64,
+                new.dport as u64,
+                mangled0 | 2,
+            )?;
+        } else if request {
+            l4_fix(ctx, csum_off, old.sport as u64, new.sport as u64, 2)?;
+        } else {
+            l4_fix(ctx, csum_off, old.dport as u64, new.dport as u64, 2)?;
+        }
+    }
+    // Then the bytes and the IPv4 checksum, in place.
+    let f = Frame::at(ctx);
+    let ip = f.ip().ok_or(Stat::DropCsumHelper)?;
+    // SAFETY: bounds checked by `ip`.
+    unsafe {
+        let mut check = (*ip).check;
+        if old.saddr != new.saddr {
+            check = csum::replace4(check, old.saddr, new.saddr);
+            (*ip).saddr = new.saddr;
+        }
+        if old.daddr != new.daddr {
+            check = csum::replace4(check, old.daddr, new.daddr);
+            (*ip).daddr = new.daddr;
+        }
+        (*ip).check = check;
+    }
     if !has_l4 {
         return Ok(());
     }
-    if pkt.proto == IPPROTO_ICMP {
-        // Echo identifier: `sport` of a request, `dport` of a reply.
-        let (o, n) = if icmp_query(pkt.l4_flags) == Some(true) {
-            (old.sport, new.sport)
-        } else {
-            (old.dport, new.dport)
-        };
-        if o != n {
-            ctx.l4_csum_replace(csum_off, o as u64, n as u64, 2)
-                .map_err(|_| Stat::DropCsumHelper)?;
-            ctx.store(pkt.l4_off + ICMP_ID, &n, 0)
-                .map_err(|_| Stat::DropCsumHelper)?;
-        }
+    if icmp {
+        let id = f
+            .ptr::<u16>(pkt.l4_off + ICMP_ID)
+            .ok_or(Stat::DropCsumHelper)?;
+        // SAFETY: bounds checked by `ptr`.
+        unsafe { *id = if request { new.sport } else { new.dport } };
         return Ok(());
     }
-    if old.sport != new.sport {
-        ctx.l4_csum_replace(csum_off, old.sport as u64, new.sport as u64, mangled0 | 2)
-            .map_err(|_| Stat::DropCsumHelper)?;
-        ctx.store(pkt.l4_off + L4_SPORT, &new.sport, 0)
-            .map_err(|_| Stat::DropCsumHelper)?;
-    }
-    if old.dport != new.dport {
-        ctx.l4_csum_replace(csum_off, old.dport as u64, new.dport as u64, mangled0 | 2)
-            .map_err(|_| Stat::DropCsumHelper)?;
-        ctx.store(pkt.l4_off + L4_DPORT, &new.dport, 0)
-            .map_err(|_| Stat::DropCsumHelper)?;
-    }
+    let ports = f
+        .ptr::<[u16; 2]>(pkt.l4_off + L4_SPORT)
+        .ok_or(Stat::DropCsumHelper)?;
+    // SAFETY: bounds checked by `ptr`.
+    unsafe { *ports = [new.sport, new.dport] };
     Ok(())
 }

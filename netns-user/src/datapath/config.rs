@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use aya::maps::{Array, MapData};
-use netns_common::{Config, In6, Timeouts, maps};
+use netns_common::{Config, In6, Timeouts, empty, maps};
 
 use super::{Cidr, Datapath, DatapathError, io, map_err, sys};
 
@@ -65,6 +65,8 @@ pub struct Settings {
     pub fast_path: bool,
     /// Conntrack entries count packets and bytes (`--ct-counters on`).
     pub ct_counters: bool,
+    /// [`netns_common::empty`] bits: the tries the programs need not look up.
+    pub empty: u8,
 }
 
 impl Settings {
@@ -82,6 +84,8 @@ impl Settings {
             bridge_mac: self.bridge_mac,
             fast_path: self.fast_path as u8,
             ct_counters: self.ct_counters as u8,
+            empty: self.empty,
+            _pad: [0; 3],
             netns_cookie: self.netns_cookie,
             timeouts: self.timeouts,
             ct_per_container: self.ct_per_container,
@@ -114,6 +118,7 @@ impl Settings {
             port_seed: c.port_seed,
             fast_path: c.fast_path != 0,
             ct_counters: c.ct_counters != 0,
+            empty: c.empty,
             gateway6: (!c.gateway6.is_zero()).then(|| {
                 (
                     Ipv6Addr::from(c.gateway6.octets()),
@@ -175,6 +180,16 @@ impl DatapathConfig {
             port_seed: 0,
             fast_path: self.fast_path,
             ct_counters: self.ct_counters,
+            // The tries are made to hold exactly these lists right after.
+            empty: if self.no_masquerade.is_empty() {
+                empty::NOMASQ
+            } else {
+                0
+            } | if self.allow_inbound.is_empty() {
+                empty::INBOUND
+            } else {
+                0
+            },
         })
     }
 }
@@ -253,6 +268,7 @@ mod tests {
             port_seed: 7,
             fast_path: true,
             ct_counters: true,
+            empty: empty::INBOUND,
             gateway6: Some(("fd00:19::1".parse().unwrap(), 64)),
             uplink_addr6: Some("2001:db8:100::2".parse().unwrap()),
         };

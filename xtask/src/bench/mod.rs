@@ -89,6 +89,10 @@ struct Opts {
     /// measuring) during UDP rate runs.
     #[arg(long)]
     profile: bool,
+    /// With the profile: a system-wide `perf record -a -g` beside each profiled run,
+    /// written to DIR/<topology letter>-<out|in|c2c>.data (`perf report -i ...`).
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
     /// Comma-separated subset of: latency,tcprr,udp,c2c,tcp,conn,ipv6,install,start,cni [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -539,15 +543,23 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
         }
     }
 
-    if o.profile
-        && let Some(b) = beds.iter_mut().find(|b| b.kind() == Kind::Ebpf)
-    {
+    if o.profile || o.perf.is_some() {
         step("profiling the eBPF programs (BPF run-time statistics) during UDP rate runs");
-        match profile(b, d.max(3)) {
-            Ok(n) => res.notes.extend(n),
-            Err(e) => res
-                .notes
-                .push(format!("profile failed: {}", first_line(&e))),
+        if let Some(dir) = &o.perf {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        for b in beds
+            .iter_mut()
+            .filter(|b| matches!(b.kind(), Kind::Ebpf | Kind::EbpfFast))
+        {
+            match profile(b, d.max(3), o.perf.as_deref()) {
+                Ok(n) => res.notes.extend(n),
+                Err(e) => res.notes.push(format!(
+                    "profile of {} failed: {}",
+                    b.kind().label(),
+                    first_line(&e)
+                )),
+            }
         }
     }
 
@@ -1588,8 +1600,10 @@ fn starts(
 
 /// Per-packet cost of the datapath's programs: BPF run-time statistics (switched on
 /// through a BPF_ENABLE_STATS fd for the measurement only) during 64-byte UDP load in
-/// each direction. (`bpftool prog profile` is not built into Debian's bpftool.)
-fn profile(b: &mut Bed, d: u64) -> anyhow::Result<Vec<String>> {
+/// each direction and between the containers, for the eBPF topology with the fast path
+/// off and on. (`bpftool prog profile` is not built into Debian's bpftool.) With
+/// `--perf DIR`, a system-wide `perf record` runs beside each measurement.
+fn profile(b: &mut Bed, d: u64, perf: Option<&Path>) -> anyhow::Result<Vec<String>> {
     let bpffs_dir = b.t.netns()?.bpffs_dir.clone();
     // Programs pinned under our own bpffs directory only.
     let pinned = sh_run(sys::cmd("find").arg(&bpffs_dir).args(["-type", "f"]))?;
@@ -1618,15 +1632,36 @@ fn profile(b: &mut Bed, d: u64) -> anyhow::Result<Vec<String>> {
     };
     let mut notes = vec![];
     let _fd = sys::enable_bpf_stats()?;
-    for inbound in [false, true] {
+    for (what, tag) in [
+        ("container → wan", "out"),
+        ("wan → container", "in"),
+        ("container a → container b", "c2c"),
+    ] {
         let before: Vec<_> = progs.iter().map(|(id, _)| stats(*id)).collect();
-        let rate = udp_rate(b, inbound, d)?;
+        let mut rec = match perf {
+            Some(dir) => Some(perf_record(
+                &dir.join(format!("{}-{tag}.data", b.kind().letter())),
+                d,
+            )?),
+            None => None,
+        };
+        let rate = match tag {
+            "out" => udp_rate(b, false, d),
+            "in" => udp_rate(b, true, d),
+            _ => c2c_rate(b, d),
+        };
+        if let Some(r) = rec.as_mut() {
+            let _ = r.child.wait();
+        }
+        let rate = rate?;
         let after: Vec<_> = progs.iter().map(|(id, _)| stats(*id)).collect();
         let mut parts = vec![];
         let mut total_ns = 0.0;
         for (i, (_, name)) in progs.iter().enumerate() {
             let (t, c) = (after[i].0 - before[i].0, after[i].1 - before[i].1);
-            if c > 0 {
+            // A program that ran for a handful of packets (an ARP, a log poll) is not
+            // part of the path measured.
+            if c > 1000 {
                 parts.push(format!(
                     "{name} {:.0} ns × {}",
                     t as f64 / c as f64,
@@ -1637,14 +1672,23 @@ fn profile(b: &mut Bed, d: u64) -> anyhow::Result<Vec<String>> {
         }
         let delivered = rate * d as f64;
         notes.push(format!(
-            "BPF run time during 64 B UDP {} ({:.0} msg/s delivered): {}; ≈ {:.0} ns of BPF per delivered datagram",
-            if inbound { "wan → container" } else { "container → wan" },
+            "BPF run time, {}, during 64 B UDP {what} ({:.0} msg/s delivered): {}; ≈ {:.0} ns of BPF per delivered datagram",
+            b.kind().label(),
             rate,
             parts.join(", "),
             if delivered > 0.0 { total_ns / delivered } else { 0.0 }
         ));
     }
     Ok(notes)
+}
+
+/// `perf record -a -g` for `d` seconds into `out` (the caller waits for it).
+fn perf_record(out: &Path, d: u64) -> anyhow::Result<Bg> {
+    let mut c = sys::cmd("perf");
+    c.args(["record", "-a", "-g", "-F", "2999", "-o"])
+        .arg(out)
+        .args(["--", "sleep", &d.to_string()]);
+    Bg::spawn(&mut c, &out.with_extension("log"))
 }
 
 fn loadavg() -> String {
