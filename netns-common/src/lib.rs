@@ -9,7 +9,7 @@
 /// Bumped whenever a map key, value or map definition changes. It is part of the bpffs
 /// pin directory name because aya reuses an existing pinned map without checking its
 /// layout: a new layout must never open an old map.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Map names; maps are pinned by these names (at most 15 bytes: `BPF_OBJ_NAME_LEN`).
 pub mod maps {
@@ -42,6 +42,29 @@ pub mod maps {
     pub const SOCK_REVNAT6: &str = "NETNS_SKREV6";
     /// Container IPv6 addresses -> bridge port and MAC (hairpin).
     pub const ENDPOINTS6: &str = "NETNS_EPS6";
+    /// Host ports outside the NAT range that a port forward or a masqueraded flow
+    /// (which kept its port) uses: the uplink passes other ports' packets before any
+    /// table lookup.
+    pub const PORT_USE: &str = "NETNS_PORTUSE";
+}
+
+/// `NETNS_PORTUSE`: one byte per port (host order), nonzero once the port was used,
+/// in rows of [`PORT_USE_ROW`] bytes (an array map's value). Two tables of
+/// [`PORT_USE_TABLE`] rows: port forwards' host ports (written by user space, which
+/// rewrites whole rows) and masqueraded flows' kept ports (written by the programs, a
+/// byte at a time), so that neither writer can overwrite the other's marks.
+pub const PORT_USE_ROW: usize = 64;
+pub const PORT_USE_TABLE: u32 = (65536 / PORT_USE_ROW) as u32;
+pub const PORT_USE_ROWS: u32 = 2 * PORT_USE_TABLE;
+
+/// The row (in the port forwards' table; add [`PORT_USE_TABLE`] for the flows') and
+/// the byte in it of `port` (host order) in `NETNS_PORTUSE`.
+#[inline(always)]
+pub const fn port_use_slot(port: u16) -> (u32, usize) {
+    (
+        (port as usize / PORT_USE_ROW) as u32,
+        port as usize % PORT_USE_ROW,
+    )
 }
 
 /// Program (function) names in the eBPF object.
@@ -907,10 +930,13 @@ pub enum Stat {
     Dnat6ReplyPackets,
     /// IPv6 hairpin: a container reached a port forward through a host address.
     Hairpin6Packets,
+    /// TCP/UDP through the uplink to or from a host port no translated flow or port
+    /// forward uses: passed before any table lookup (the host's own traffic).
+    HostPortPassed,
 }
 
 impl Stat {
-    pub const COUNT: u32 = Stat::Hairpin6Packets as u32 + 1;
+    pub const COUNT: u32 = Stat::HostPortPassed as u32 + 1;
 
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::SnatPackets,
@@ -977,6 +1003,7 @@ impl Stat {
         Stat::Dnat6Packets,
         Stat::Dnat6ReplyPackets,
         Stat::Hairpin6Packets,
+        Stat::HostPortPassed,
     ];
 
     /// Stable name used by `netns stats`.
@@ -1046,6 +1073,7 @@ impl Stat {
             Stat::Dnat6Packets => "dnat6_packets",
             Stat::Dnat6ReplyPackets => "dnat6_reply_packets",
             Stat::Hairpin6Packets => "hairpin6_packets",
+            Stat::HostPortPassed => "host_port_passed",
         }
     }
 

@@ -22,7 +22,7 @@ use netns_common::{
 };
 
 use crate::{
-    maps::{CONNTRACK, CT_COUNT, CT_KEEP, CT_NEW, CT_SCRATCH, ENDPOINTS, config},
+    maps::{CONNTRACK, CT_COUNT, CT_KEEP, CT_NEW, CT_SCRATCH, ENDPOINTS, config, mark_port_used},
     packet::{L4, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, icmp_query},
     stats, sweep,
 };
@@ -782,6 +782,15 @@ fn create_pair(pkt: &Packet, xlat: &mut Tuple, spec: &PairSpec, len: u32) -> Res
         });
     }
     xlat.sport = rk.tuple.dport;
+    // Replies will come to this port: outside the NAT range (a kept port), the uplink
+    // must not pass them as the host's before the lookup.
+    let p = u16::from_be(xlat.sport);
+    if spec.rev_dir == dir::UPLINK_INGRESS
+        && (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)
+        && (p < spec.min || p > spec.max)
+    {
+        mark_port_used(xlat.sport);
+    }
     let fwd = entry(1, *xlat, pkt, spec.kind, owner, now, len, true)?;
     let fk = key(pkt, spec.fwd_dir);
     if adopted {

@@ -11,9 +11,9 @@ use netns_common::{
     CT6_MAX_ENTRIES, Config, Ct6Entry, Ct6Key, CtCount, CtEntry, CtKeep, CtKey,
     ENDPOINTS_MAX_ENTRIES, Endpoint, FRAG_STASH_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FRAGS6_MAX_ENTRIES,
     Frag6Key, Frag6Xlat, FragKey, FragPorts, INBOUND_MAX_ENTRIES, In6, NOMASQ_MAX_ENTRIES,
-    PORTS_MAX_ENTRIES, PORTS6_MAX_ENTRIES, Port6Key, Port6Target, PortKey, PortTarget,
-    SOCK_REVNAT_MAX_ENTRIES, SOCK_REVNAT6_MAX_ENTRIES, Sock6Key, Sock6Orig, SockKey, SockOrig,
-    StashKey, StashedFrame, Stat, empty,
+    PORT_USE_ROW, PORT_USE_ROWS, PORT_USE_TABLE, PORTS_MAX_ENTRIES, PORTS6_MAX_ENTRIES, Port6Key,
+    Port6Target, PortKey, PortTarget, SOCK_REVNAT_MAX_ENTRIES, SOCK_REVNAT6_MAX_ENTRIES, Sock6Key,
+    Sock6Orig, SockKey, SockOrig, StashKey, StashedFrame, Stat, empty, port_use_slot,
 };
 
 /// Both directions of every translated flow (see `CtEntry`). LRU: a full table evicts the
@@ -57,6 +57,11 @@ pub static SOCK_REVNAT6: LruHashMap<Sock6Key, Sock6Orig> =
 /// Container IPv6 addresses -> bridge port and MAC (IPv6 hairpin).
 #[map(name = "NETNS_EPS6")]
 pub static ENDPOINTS6: HashMap<In6, Endpoint> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
+
+/// Host ports (outside the NAT range) that a port forward or a masqueraded flow uses,
+/// a byte per port: see [`port_maybe_ours`].
+#[map(name = "NETNS_PORTUSE")]
+pub static PORT_USE: Array<[u8; PORT_USE_ROW]> = Array::pinned(PORT_USE_ROWS, 0);
 
 #[map(name = "NETNS_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -150,4 +155,36 @@ pub fn routed_dest(cfg: &Config, addr: u32) -> bool {
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     CONFIG.get(0)
+}
+
+/// Can a TCP or UDP packet through the uplink to or from this host port (network
+/// order) belong to a translated flow or a port forward? Ports in the NAT range may;
+/// others only once marked in [`PORT_USE`] (by user space for each forward, by
+/// [`mark_port_used`] for each masqueraded flow that kept its port). A mark is never
+/// taken back while the datapath lives: a stale one costs a lookup, a missing one
+/// would break a flow.
+#[inline(always)]
+pub fn port_maybe_ours(cfg: &Config, port: u16) -> bool {
+    let p = u16::from_be(port);
+    if p >= cfg.nat_port_min && p <= cfg.nat_port_max {
+        return true;
+    }
+    let (row, i) = port_use_slot(p);
+    PORT_USE.get(row).is_none_or(|r| r[i] != 0)
+        || PORT_USE.get(row + PORT_USE_TABLE).is_none_or(|r| r[i] != 0)
+}
+
+/// Marks host port `port` (network order) as used by a flow (see [`port_maybe_ours`]).
+#[inline(always)]
+pub fn mark_port_used(port: u16) {
+    let (row, i) = port_use_slot(u16::from_be(port));
+    if let Some(r) = PORT_USE.get_ptr_mut(row + PORT_USE_TABLE) {
+        // SAFETY: a valid map value; a byte store, so CPUs marking at once lose nothing.
+        // Read first: a port marked already keeps its cache line clean.
+        unsafe {
+            if (*r)[i] == 0 {
+                (*r)[i] = 1;
+            }
+        }
+    }
 }

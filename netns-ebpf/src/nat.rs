@@ -16,7 +16,7 @@ use crate::{
     fastpath::{self, Fast},
     frag, icmp,
     ipv6::ETH_P_IPV6,
-    maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed, routed_dest},
+    maps::{BRIDGE_PORTS, ENDPOINTS, FRAGS, config, inbound_allowed, port_maybe_ours, routed_dest},
     mem, nat6,
     packet::{
         self, ETH_HLEN, EthHdr, Frame, ICMP_REDIRECT, ICMP_ROUTER_ADVERT, Ipv4Hdr, Kind, L4, Packet,
@@ -110,6 +110,20 @@ fn frag_key(pkt: &Packet) -> FragKey {
         proto: pkt.proto,
         _pad: 0,
     }
+}
+
+/// Is this TCP or UDP packet through the uplink, by its host-side `port`, the host's
+/// own for certain (counted)? Only whole datagrams: fragments need their entries.
+#[inline(always)]
+fn host_port(cfg: &Config, pkt: &Packet, port: u16) -> bool {
+    if pkt.l4 != L4::Ports || pkt.later_fragment || pkt.first_fragment {
+        return false;
+    }
+    if port_maybe_ours(cfg, port) {
+        return false;
+    }
+    stats::inc(Stat::HostPortPassed);
+    true
 }
 
 /// What the fragment cache knows about a later fragment's datagram.
@@ -269,6 +283,10 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
         stats::inc(Stat::FragAddrOnly);
         return packet::rewrite(ctx, pkt, &new).map(|()| true);
     }
+    if !in_subnet(cfg, pkt.tuple.saddr) && host_port(cfg, pkt, pkt.tuple.sport) {
+        // The host's own, from a port no container flow holds: nothing to reclaim.
+        return Ok(false);
+    }
     let len = ctx.len();
     let mut xlat: Tuple = mem::zeroed();
     let hit = match conntrack::lookup(pkt, dir::UPLINK_EGRESS, len, &mut xlat) {
@@ -414,6 +432,9 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
     // 127/8 from the wire is a martian the kernel drops; a loopback-only mapping must
     // never be reached this way (TC ingress runs before that check: CVE-2020-8558).
     if is_loopback(pkt.tuple.daddr) {
+        return Ok(Fast::STACK);
+    }
+    if host_port(cfg, &pkt, pkt.tuple.dport) {
         return Ok(Fast::STACK);
     }
     // Replies and port forwards may be addressed to any address of the uplink (a

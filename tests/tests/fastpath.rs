@@ -684,3 +684,87 @@ fn loading_the_fast_path_warns_about_forward_rules_it_bypasses() {
     assert_eq!(mode(&off), false);
     assert!(on.netns(&["datapath", "status"]).contains("fast path: on"));
 }
+
+/// Traffic the datapath does not touch does not pay for it: TCP and UDP between wan
+/// and a host port that is neither in the NAT range nor used by a port forward or by a
+/// container flow that kept its port pass the uplink, both ways, before any table
+/// lookup (`host_port_passed`). A forward and a kept port outside the NAT range are
+/// marked (`NETNS_PORTUSE`) and still translate.
+#[test]
+fn the_hosts_own_ports_pass_before_any_lookup_and_used_ports_still_translate() {
+    use netns_tests::util::{ChildGuard, tcp_ask};
+    let run_sh = |mut sh: Command, script: &str| sh.arg("-c").arg(script).output().expect("sh");
+    let t = topology("on");
+    let c = Container::start(&t);
+    t.netns(&["port", "add", &c.id, "7400:7401/tcp"]);
+    let who = |port: u16| {
+        format!(
+            "socat -t 10 TCP-LISTEN:{port},reuseaddr,fork \
+             SYSTEM:'echo peer=$SOCAT_PEERADDR port=$SOCAT_PEERPORT'"
+        )
+    };
+    let _host_tcp = ChildGuard::spawn(t.host.cmd("sh").arg("-c").arg(who(7402)));
+    t.host.wait_listen("tcp", 7402);
+    let _host_udp = ChildGuard::spawn(t.host.cmd("python3").args(["-c", UDP_WHO, "7403"]));
+    t.host.wait_listen("udp", 7403);
+    let s0 = t.stats();
+    let o = out(&run_sh(t.wan.cmd("sh"), &tcp_ask(UPLINK_IP, 7402)));
+    assert!(
+        o.starts_with(&format!("peer={WAN_IP} port=")),
+        "host TCP: {o}"
+    );
+    let o = out(&run_sh(t.wan.cmd("sh"), &udp_ask(UPLINK_IP, 7403)));
+    assert_eq!(o, format!("peer={WAN_IP}"), "host UDP");
+    let s1 = t.stats();
+    // TCP: SYN, ACK, data, FIN... each way; UDP: one datagram each way.
+    let passed = grew(&s0, &s1, "host_port_passed");
+    assert!(
+        passed >= 6,
+        "the host's packets skipped the tables: +{passed}"
+    );
+    for s in [
+        "dnat_packets",
+        "snat_reply_packets",
+        "snat_packets",
+        "ct_created",
+    ] {
+        assert_eq!(
+            grew(&s0, &s1, s),
+            0,
+            "the host's traffic was not translated: {s}"
+        );
+    }
+
+    // The forward on 7400 and a container flow keeping port 40002 translate as before.
+    let _ctr = c.spawn(&who(7401));
+    c.wait_listen("tcp", 7401);
+    let o = out(&run_sh(t.wan.cmd("sh"), &tcp_ask(UPLINK_IP, 7400)));
+    assert!(
+        o.starts_with(&format!("peer={WAN_IP} port=")),
+        "forward: {o}"
+    );
+    let _wan = ChildGuard::spawn(t.wan.cmd("sh").arg("-c").arg(who(7404)));
+    t.wan.wait_listen("tcp", 7404);
+    let o = out(&c.sh(&format!(
+        "timeout 20 socat -u TCP:{WAN_IP}:7404,sourceport=40002 STDOUT"
+    )));
+    assert_eq!(
+        o,
+        format!("peer={UPLINK_IP} port=40002"),
+        "kept port, masqueraded"
+    );
+    let s2 = t.stats();
+    assert!(grew(&s1, &s2, "dnat_packets") >= 3, "forward translated");
+    assert!(
+        grew(&s1, &s2, "snat_reply_packets") >= 3,
+        "replies translated"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).expect("JSON");
+    let marked = status["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "NETNS_PORTUSE"))
+        .and_then(|m| m["entries"].as_u64())
+        .unwrap_or_else(|| panic!("NETNS_PORTUSE in datapath status: {status}"));
+    assert_eq!(marked, 2, "7400 (forward) and 40002 (kept port) are marked");
+}

@@ -4,9 +4,10 @@
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use netns_common::{
-    IPPROTO_TCP, IPPROTO_UDP, In6, Port6Key, Port6Target, PortKey, PortTarget, maps,
+    IPPROTO_TCP, IPPROTO_UDP, In6, PORT_USE_ROW, Port6Key, Port6Target, PortKey, PortTarget, maps,
+    port_use_slot,
 };
 use serde::{Deserialize, Serialize};
 
@@ -133,8 +134,49 @@ impl PortForwardKey {
     }
 }
 
-/// The port-forward map.
-pub struct PortForwards(HashMap<MapData, PortKey, PortTarget>);
+/// The port-forward map, with the port-use table the uplink's programs check first.
+pub struct PortForwards(HashMap<MapData, PortKey, PortTarget>, PortUse);
+
+/// `NETNS_PORTUSE`'s port-forward table: host ports outside the NAT range whose
+/// packets the uplink must look up (others it passes as the host's before any
+/// lookup). Marks are never taken back: a stale one only costs the lookup.
+pub struct PortUse {
+    map: Array<MapData, [u8; PORT_USE_ROW]>,
+    /// Rows read so far (this handle's writes go through it).
+    rows: std::collections::HashMap<u32, [u8; PORT_USE_ROW]>,
+}
+
+impl PortUse {
+    /// Marks `port` (host order); writes its row only if the mark is new.
+    pub fn mark(&mut self, port: u16) -> Result<(), DatapathError> {
+        let (row, i) = port_use_slot(port);
+        let r = match self.rows.entry(row) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                self.map
+                    .get(&row, 0)
+                    .map_err(map_err("reading the port-use table"))?,
+            ),
+        };
+        if r[i] == 0 {
+            r[i] = 1;
+            self.map
+                .set(row, *r, 0)
+                .map_err(map_err(format!("marking host port {port} in use")))?;
+        }
+        Ok(())
+    }
+
+    /// Marks in both tables (a port marked in both counts twice).
+    pub fn count(&self) -> Result<usize, DatapathError> {
+        let mut n = 0;
+        for row in self.map.iter() {
+            let r = row.map_err(map_err("reading the port-use table"))?;
+            n += r.iter().filter(|b| **b != 0).count();
+        }
+        Ok(n)
+    }
+}
 
 impl PortForwards {
     pub fn get(&self, key: PortForwardKey) -> Result<Option<PortForward>, DatapathError> {
@@ -145,12 +187,19 @@ impl PortForwards {
         )
     }
 
-    /// Writes (or overwrites) a forward.
+    /// Writes (or overwrites) a forward. Its host port is marked in use first, so that
+    /// no packet for it is taken for the host's once the forward is there.
     pub fn insert(&mut self, f: &PortForward) -> Result<(), DatapathError> {
+        self.1.mark(f.host_port)?;
         let (k, t) = f.to_raw();
         self.0
             .insert(k, t, 0)
             .map_err(map_err(format!("writing port forward {f}")))
+    }
+
+    /// The port-use table.
+    pub fn port_use(&self) -> &PortUse {
+        &self.1
     }
 
     /// Removes a forward; false if there was none.
@@ -304,8 +353,15 @@ impl PortForwards6 {
 
 impl Datapath {
     pub fn port_forwards(&self) -> Result<PortForwards, DatapathError> {
-        self.hash_map(maps::PORTS, false, "opening the port map")
-            .map(PortForwards)
+        let used = Array::try_from(aya::maps::Map::Array(self.map_data(maps::PORT_USE)?))
+            .map_err(map_err("opening the port-use table"))?;
+        Ok(PortForwards(
+            self.hash_map(maps::PORTS, false, "opening the port map")?,
+            PortUse {
+                map: used,
+                rows: Default::default(),
+            },
+        ))
     }
 
     pub fn port_forwards6(&self) -> Result<PortForwards6, DatapathError> {

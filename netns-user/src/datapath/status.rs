@@ -235,6 +235,7 @@ impl Datapath {
             maps::PORTS6,
             maps::FRAGS6,
             maps::SOCK_REVNAT6,
+            maps::PORT_USE,
         ] {
             let data = self.map_data(name)?;
             let info = data
@@ -286,6 +287,8 @@ impl Datapath {
                     true,
                     "IPv6 socket reverse map",
                 )?),
+                // Marked ports (forwards' and flows' tables).
+                maps::PORT_USE => self.port_forwards()?.port_use().count()?,
                 // Arrays: every slot exists.
                 _ => info.max_entries() as usize,
             };

@@ -85,10 +85,10 @@ struct Opts {
     /// Print only; leave docs/BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
-    /// Measure the eBPF programs' run time per packet (BPF_ENABLE_STATS, on only while
-    /// measuring) during UDP rate runs.
+    /// Skip measuring the eBPF programs' run time per packet (BPF_ENABLE_STATS, on
+    /// only while measuring) during extra 64 B UDP runs of both eBPF topologies.
     #[arg(long)]
-    profile: bool,
+    no_profile: bool,
     /// With the profile: a system-wide `perf record -a -g` beside each profiled run,
     /// written to DIR/<topology letter>-<out|in|c2c>.data (`perf report -i ...`).
     #[arg(long, value_name = "DIR")]
@@ -543,7 +543,7 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
         }
     }
 
-    if o.profile || o.perf.is_some() {
+    if (!o.no_profile && (o.wants("udp") || o.wants("c2c"))) || o.perf.is_some() {
         step("profiling the eBPF programs (BPF run-time statistics) during UDP rate runs");
         if let Some(dir) = &o.perf {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
