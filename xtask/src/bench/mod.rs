@@ -548,9 +548,10 @@ fn bench(o: &Opts, bin: &Path, tag: &str, tmp: &Path, res: &mut Results) -> anyh
         if let Some(dir) = &o.perf {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // With --perf, also the topologies without programs, to compare profiles.
         for b in beds
             .iter_mut()
-            .filter(|b| matches!(b.kind(), Kind::Ebpf | Kind::EbpfFast))
+            .filter(|b| matches!(b.kind(), Kind::Ebpf | Kind::EbpfFast) || o.perf.is_some())
         {
             match profile(b, d.max(3), o.perf.as_deref()) {
                 Ok(n) => res.notes.extend(n),
@@ -1604,9 +1605,11 @@ fn starts(
 /// off and on. (`bpftool prog profile` is not built into Debian's bpftool.) With
 /// `--perf DIR`, a system-wide `perf record` runs beside each measurement.
 fn profile(b: &mut Bed, d: u64, perf: Option<&Path>) -> anyhow::Result<Vec<String>> {
-    let bpffs_dir = b.t.netns()?.bpffs_dir.clone();
-    // Programs pinned under our own bpffs directory only.
-    let pinned = sh_run(sys::cmd("find").arg(&bpffs_dir).args(["-type", "f"]))?;
+    // Programs pinned under our own bpffs directory only (none without netns).
+    let pinned = match b.t.netns() {
+        Ok(n) => sh_run(sys::cmd("find").arg(&n.bpffs_dir).args(["-type", "f"]))?,
+        Err(_) => String::new(),
+    };
     let mut progs = vec![];
     for p in pinned.lines() {
         if let Ok(s) = sh_run(sys::cmd("bpftool").args(["-j", "prog", "show", "pinned", p]))
@@ -1648,7 +1651,8 @@ fn profile(b: &mut Bed, d: u64, perf: Option<&Path>) -> anyhow::Result<Vec<Strin
         let rate = match tag {
             "out" => udp_rate(b, false, d),
             "in" => udp_rate(b, true, d),
-            _ => c2c_rate(b, d),
+            _ if b.t.ctrs.len() > 1 => c2c_rate(b, d),
+            _ => Ok(0.0),
         };
         if let Some(r) = rec.as_mut() {
             let _ = r.child.wait();
@@ -1669,6 +1673,9 @@ fn profile(b: &mut Bed, d: u64, perf: Option<&Path>) -> anyhow::Result<Vec<Strin
                 ));
                 total_ns += t as f64;
             }
+        }
+        if progs.is_empty() {
+            continue;
         }
         let delivered = rate * d as f64;
         notes.push(format!(
