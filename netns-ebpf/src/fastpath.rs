@@ -6,17 +6,18 @@
 //! resolved yet); between containers it goes to the other container's veth peer.
 //! Anything the lookup cannot settle (no route via the uplink, a packet too big for
 //! its MTU, TTL about to expire) takes the stack's path, which answers with the right
-//! ICMP error.
+//! ICMP error. IPv6 (NAT66) takes the same paths, with the hop limit for the TTL.
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
 };
-use netns_common::{Config, Stat};
+use netns_common::{Config, In6, Stat};
 
 use crate::{
-    maps::ENDPOINTS,
+    ipv6::{IP6_HLEN, Ip6Hdr, Packet6},
+    maps::{ENDPOINTS, ENDPOINTS6},
     mem,
     packet::{self, ETH_HLEN, Ipv4Hdr},
     stats::{self, Verdict},
@@ -27,6 +28,7 @@ use crate::{
 pub const MARK: u32 = 0x6e65_7473;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Where the fast path sends a packet: its kind above the ifindex in one scalar,
 /// [`Fast::STACK`] for the stack's path. Not an enum: LLVM moves an enum's payload
@@ -98,6 +100,41 @@ pub fn to_container(ctx: &TcContext, cfg: &Config, daddr: u32) -> Fast {
     Fast::peer(ep.ifindex)
 }
 
+/// Uplink ingress, IPv6, after NAT66: the same for a packet now addressed to a
+/// container's IPv6 address. Returns its host veth's ifindex, 0 for the stack.
+#[inline(always)]
+pub fn to_container6(ctx: &TcContext, cfg: &Config, daddr: &In6) -> u32 {
+    if cfg.fast_path == 0 {
+        return 0;
+    }
+    // SAFETY: a valid map value, copied out.
+    let Some(ep) = (unsafe { ENDPOINTS6.get(daddr) }).copied() else {
+        return 0;
+    };
+    if packet::set_macs(ctx, &ep.mac, &cfg.bridge_mac).is_err() || !dec_hop_limit(ctx) {
+        return 0;
+    }
+    stats::inc(Stat::FastIn);
+    ep.ifindex
+}
+
+/// Decrements the IPv6 hop limit (IPv6 has no header checksum). False (nothing
+/// changed) when it would expire: the stack sends the time-exceeded error then.
+#[inline(always)]
+fn dec_hop_limit(ctx: &TcContext) -> bool {
+    let Some(ip) = packet::Frame::at(ctx).ptr::<Ip6Hdr>(ETH_HLEN) else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ptr`.
+    unsafe {
+        if (*ip).hop_limit <= 1 {
+            return false;
+        }
+        (*ip).hop_limit -= 1;
+    }
+    true
+}
+
 /// A container's packet to another container on the bridge (addressed to its MAC):
 /// straight to that container's veth peer.
 #[inline(always)]
@@ -163,6 +200,71 @@ pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut Macs) -
     }
 }
 
+/// [`route_out`] for a container's IPv6 packet (`pkt`, parsed).
+#[inline(never)]
+pub fn route_out6(ctx: &TcContext, cfg: &Config, pkt: &Packet6, macs: &mut Macs) -> Fast {
+    let Some(ip) = packet::Frame::at(ctx).get::<Ip6Hdr>(ETH_HLEN) else {
+        return Fast::STACK;
+    };
+    if cfg.fast_path == 0 || ip.hop_limit <= 1 {
+        return Fast::STACK;
+    }
+    let mut p = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    mem::zero_in_place(p.as_mut_ptr());
+    // SAFETY: every byte written just above.
+    let p = unsafe { &mut *p.as_mut_ptr() };
+    p.family = AF_INET6;
+    p.l4_protocol = pkt.proto;
+    p.__bindgen_anon_1.tot_len = wire_len6(ctx, pkt);
+    p.ifindex = cfg.bridge_ifindex;
+    // Traffic class and flow label, as the kernel's forwarding looks them up.
+    let v = ip.vtc_flow;
+    p.__bindgen_anon_2.flowinfo = u32::from_ne_bytes([v[0] & 0x0f, v[1], v[2], v[3]]);
+    p.__bindgen_anon_3.ipv6_src = ip.saddr.0;
+    p.__bindgen_anon_4.ipv6_dst = ip.daddr.0;
+    // SAFETY: helper call with a valid context and parameter block.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    } as u32;
+    if p.ifindex != cfg.uplink_ifindex {
+        return Fast::STACK;
+    }
+    macs.0[..6].copy_from_slice(&p.dmac);
+    macs.0[6..].copy_from_slice(&p.smac);
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Fast::out(p.ifindex),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Fast::neigh(p.ifindex),
+        _ => Fast::STACK,
+    }
+}
+
+/// [`wire_len`] for IPv6: the header plus the payload, or for a GSO packet the
+/// headers plus one segment.
+#[inline(always)]
+fn wire_len6(ctx: &TcContext, pkt: &Packet6) -> u16 {
+    let tot = (IP6_HLEN as u32 + pkt.payload_len).min(u16::MAX as u32) as u16;
+    // SAFETY: reading fields of the context the kernel handed us.
+    let (segs, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    if segs <= 1 || size == 0 {
+        return tot;
+    }
+    let l4 = if pkt.proto == netns_common::IPPROTO_TCP {
+        match ctx.load::<u8>(pkt.l4_off + 12) {
+            Ok(doff) => ((doff >> 4) as u32) * 4,
+            Err(_) => return tot,
+        }
+    } else {
+        8
+    };
+    let seg = (pkt.l4_off - ETH_HLEN) as u32 + l4 + size;
+    if seg < tot as u32 { seg as u16 } else { tot }
+}
+
 /// The length of the packets that will be on the wire: a GSO packet (a container's
 /// TCP sends 64 KiB at a time) is checked by the size of its segments, as the
 /// kernel's forwarding does, not by its total length.
@@ -187,9 +289,9 @@ fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
     if seg < tot as u32 { seg as u16 } else { tot }
 }
 
-/// After the packet was translated: the MACs, the TTL, the mark.
+/// After the packet was translated: the MACs, the TTL (hop limit for `v6`), the mark.
 #[inline(always)]
-pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &Macs) -> Fast {
+pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &Macs, v6: bool) -> Fast {
     // Marked first: translated, it must not be translated again at the uplink, even
     // if it falls back to the stack below.
     // SAFETY: writing a field of the context the kernel handed us (writable in TC).
@@ -201,7 +303,11 @@ pub fn finish_out(ctx: &TcContext, fast: Fast, macs: &Macs) -> Fast {
         // SAFETY: bounds checked by `ptr`.
         unsafe { *p = macs.0 };
     }
-    if !packet::dec_ttl(ctx) {
+    if !(if v6 {
+        dec_hop_limit(ctx)
+    } else {
+        packet::dec_ttl(ctx)
+    }) {
         return Fast::STACK;
     }
     stats::inc(Stat::FastOut);

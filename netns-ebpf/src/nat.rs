@@ -352,7 +352,11 @@ fn egress_translate_inner(ctx: &TcContext) -> Result<bool, Stat> {
 
 pub fn uplink_ingress(ctx: &TcContext) -> Verdict {
     if is_ipv6(ctx) {
-        return into_verdict(config().map_or(Ok(()), |cfg| nat6::uplink_ingress6(ctx, cfg)));
+        return match config().map_or(Ok(0), |cfg| nat6::uplink_ingress6(ctx, cfg)) {
+            Ok(0) => Verdict::Pass,
+            Ok(ifindex) => Verdict::RedirectPeer(ifindex),
+            Err(s) => Verdict::Drop(s),
+        };
     }
     let mut drop = Stat::PortPassed;
     let raw = uplink_ingress4(ctx, &mut drop);
@@ -558,10 +562,13 @@ fn own_port(ctx: &TcContext) -> Result<(EthHdr, &'static BridgePort), Stat> {
 /// IPv6 from a container: its own MAC and port, then [`nat6::port_check6`].
 #[inline(always)]
 fn try_port_ingress6(ctx: &TcContext) -> Result<Fast, Stat> {
-    let (_, port) = own_port(ctx)?;
+    let (eth, port) = own_port(ctx)?;
     let cfg = config().ok_or(Stat::DropIpv6Off)?;
     Ok(match nat6::port_check6(ctx, cfg, port)? {
         0 => Fast::STACK,
+        // Routed through the gateway to the outside.
+        nat6::OUTSIDE if eth.dst == cfg.bridge_mac => nat6::fast_out6(ctx, cfg)?,
+        nat6::OUTSIDE => Fast::STACK,
         ifindex => Fast::out(ifindex),
     })
 }
@@ -642,7 +649,7 @@ fn try_port_ingress(ctx: &TcContext) -> Result<Fast, Stat> {
     if egress_translate(ctx)? == 0 {
         return Ok(Fast::STACK);
     }
-    Ok(fastpath::finish_out(ctx, fast, &macs))
+    Ok(fastpath::finish_out(ctx, fast, &macs, false))
 }
 
 /// Hairpin NAT: destination -> the target container (port forward), source -> the

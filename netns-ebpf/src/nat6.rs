@@ -1,6 +1,8 @@
 //! IPv6 (`--ip6`): source checks at bridge ports and NAT66 masquerade on the uplink.
-//! IPv6 packets take the host stack's path (no fast-path bypass yet): the bridge
-//! port program checks them, the host routes them, the uplink programs translate.
+//! With the fast path off, IPv6 packets take the host stack's path: the bridge port
+//! program checks them, the host routes them, the uplink programs translate. With it
+//! on, they bypass the host stack as IPv4 does (`fastpath`): NAT66 at the bridge port
+//! and straight to the uplink, and from the uplink into the container's namespace.
 //!
 //! Do no harm, as for IPv4: the host's own IPv6 (NDP, RAs on the uplink, its own
 //! flows and fragments) passes untouched; nothing from outside reaches a container
@@ -16,6 +18,7 @@ use netns_common::{
 
 use crate::{
     conntrack6::{Spec6, create6, lookup6},
+    fastpath::{self, Fast},
     ipv6::{
         self, ICMP6_QUOTE, IP6_DADDR_OFF, IP6_HLEN, IP6_SADDR_OFF, IP6H_DADDR, IP6H_SADDR,
         ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, Packet6,
@@ -32,6 +35,8 @@ pub struct Work6 {
     pkt: Packet6,
     xlat: Tuple6,
     frag: Frag6Key,
+    /// The fast path's next-hop MACs.
+    macs: fastpath::Macs,
 }
 
 #[aya_ebpf::macros::map(name = "NETNS_PKT6SCR")]
@@ -62,7 +67,9 @@ fn scratch() -> Result<&'static mut Work6, Stat> {
 /// detection); neighbour adverts only for its own addresses, with its own MAC; no
 /// router adverts or redirects. What passes goes on to the bridge and the host stack,
 /// except hairpin traffic (a port forward reached through a host address), which is
-/// translated and sent to the target's bridge port: returns that port's ifindex, or 0.
+/// translated and sent to the target's bridge port: returns that port's ifindex, or 0,
+/// or [`OUTSIDE`] for a container's flow to the outside the fast path may take (the
+/// packet parsed in scratch, see [`fast_out6`]).
 #[inline(never)]
 pub fn port_check6(ctx: &TcContext, cfg: &Config, port: &BridgePort) -> Result<u32, Stat> {
     if !ipv6_on(cfg) || port.addr6.is_zero() {
@@ -94,10 +101,39 @@ pub fn port_check6(ctx: &TcContext, cfg: &Config, port: &BridgePort) -> Result<u
     stats::inc(Stat::PortPassed);
     let d = &pkt.tuple.daddr;
     let to_host = *d == cfg.gateway6 || (*d == cfg.uplink_addr6 && !d.is_zero());
-    if !to_host || pkt.l4 != L4::Ports || pkt.later_fragment {
+    if !to_host {
+        let outside = cfg.fast_path != 0
+            && !cfg.uplink_addr6.is_zero()
+            && matches!(pkt.l4, L4::Ports | L4::IcmpQuery)
+            && !pkt.fragment
+            && !pkt.icmp_error
+            && !in_subnet6(cfg, d)
+            && !is_multicast(d);
+        return Ok(if outside { OUTSIDE } else { 0 });
+    }
+    if pkt.l4 != L4::Ports || pkt.later_fragment {
         return Ok(0);
     }
     hairpin6(ctx, cfg)
+}
+
+/// What [`port_check6`] returns for a container's packet to the outside.
+pub const OUTSIDE: u32 = u32::MAX;
+
+/// The fast path of a container's IPv6 packet to the outside ([`OUTSIDE`]): routed by
+/// `bpf_fib_lookup`, masqueraded here (the uplink egress program's NAT66), sent to the
+/// uplink. Anything the route lookup does not settle takes the stack.
+#[inline(always)]
+pub fn fast_out6(ctx: &TcContext, cfg: &Config) -> Result<Fast, Stat> {
+    // The MACs in scratch: this frame is under the NAT66 egress path's frames, and the
+    // BPF stack is 512 bytes for all of them.
+    let w = scratch()?;
+    let fast = fastpath::route_out6(ctx, cfg, &w.pkt, &mut w.macs);
+    if fast.is_stack() {
+        return Ok(Fast::STACK);
+    }
+    uplink_egress6(ctx, cfg)?;
+    Ok(fastpath::finish_out(ctx, fast, &scratch()?.macs, true))
 }
 
 /// Hairpin NAT, as for IPv4: destination -> the port forward's target, source -> the
@@ -233,11 +269,12 @@ pub fn uplink_egress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
 }
 
 /// Uplink ingress: replies of NAT66 flows back to their container; nothing else from
-/// outside reaches a container address.
+/// outside reaches a container address. Returns the container's host veth for the
+/// fast path (`bpf_redirect_peer`), 0 for the stack.
 #[inline(never)]
-pub fn uplink_ingress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
+pub fn uplink_ingress6(ctx: &TcContext, cfg: &Config) -> Result<u32, Stat> {
     if !ipv6_on(cfg) {
-        return Ok(());
+        return Ok(0);
     }
     let w = scratch()?;
     let a = &mut w.xlat;
@@ -250,12 +287,12 @@ pub fn uplink_ingress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
         return Err(Stat::DropInbound);
     }
     if cfg.uplink_addr6.is_zero() || a.daddr != cfg.uplink_addr6 || is_multicast(&a.daddr) {
-        return Ok(());
+        return Ok(0);
     }
     let pkt = &mut w.pkt;
     if parse6(ctx, pkt).is_err() {
         // To the host's own address: its stack judges its own packets.
-        return Ok(());
+        return Ok(0);
     }
     let len = ctx.len();
     let fk = &mut w.frag;
@@ -270,26 +307,26 @@ pub fn uplink_ingress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
             Some(f) => {
                 rewrite_addr(ctx, IP6_DADDR_OFF, &pkt.tuple.daddr, &f.addr, None, 0)?;
                 stats::inc(Stat::Snat6ReplyPackets);
-                Ok(())
+                Ok(0)
             }
             // The host's own datagram (or one whose first fragment is still to come:
             // the host reassembles nothing of it and drops it in time).
-            None => Ok(()),
+            None => Ok(0),
         };
     }
     if pkt.icmp_error {
         translate_error6(ctx, pkt, dir::UPLINK_INGRESS)?;
-        return Ok(());
+        return Ok(0);
     }
     if matches!(pkt.l4, L4::IcmpOther) {
-        return Ok(());
+        return Ok(0);
     }
     // A port forward answers on the uplink's address (docker's "0.0.0.0" is every
     // host address; IPv6 mappings on others are not taken from the wire yet).
     let x = &mut w.xlat;
     let kind = lookup6(cfg, pkt, dir::UPLINK_INGRESS, len, x);
     if kind == 0 && !port_forward6(ctx, cfg, pkt, len, x)? {
-        return Ok(());
+        return Ok(0);
     }
     rewrite6(ctx, pkt, x)?;
     if pkt.fragment {
@@ -300,7 +337,10 @@ pub fn uplink_ingress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
     } else {
         Stat::Snat6ReplyPackets
     });
-    Ok(())
+    if pkt.fragment {
+        return Ok(0);
+    }
+    Ok(fastpath::to_container6(ctx, cfg, &x.daddr))
 }
 
 /// A new flow from outside to a mapped port of the uplink's address: its pair, and

@@ -1215,3 +1215,99 @@ print("ok", ok)
     );
     drop(srv);
 }
+
+/// UDP over IPv6 on argv[1]: answers each datagram with the hop limit it arrived
+/// with and the peer address (`hl=H peer=A`).
+const HOP_WHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+s.bind(("::", int(sys.argv[1])))
+while True:
+    d, anc, fl, a = s.recvmsg(2048, socket.CMSG_SPACE(4))
+    hl = [int.from_bytes(c[2][:4], "little") for c in anc if c[1] == socket.IPV6_HOPLIMIT]
+    s.sendto(("hl=%d peer=%s" % (hl[0] if hl else -1, a[0])).encode(), a)
+"#;
+
+/// Sends argv[3] datagrams (hop limit 64) to [argv[1]]:argv[2] one by one, each
+/// answered; prints the last answer and the hop limit that answer arrived with.
+const HOP_ASK: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 64)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+s.settimeout(2)
+s.connect((sys.argv[1], int(sys.argv[2])))
+got = 0
+for i in range(int(sys.argv[3])):
+    s.send(b"hi")
+    try:
+        d, anc, fl, a = s.recvmsg(2048, socket.CMSG_SPACE(4))
+    except socket.timeout:
+        continue
+    got += 1
+    hl = [int.from_bytes(c[2][:4], "little") for c in anc if c[1] == socket.IPV6_HOPLIMIT]
+    last = "%s back_hl=%d" % (d.decode(), hl[0] if hl else -1)
+print("%d %s" % (got, last))
+"#;
+
+/// `Ip6OutForwDatagrams` of the host namespace: what its stack forwarded.
+fn forwarded6(t: &Topology) -> u64 {
+    let snmp = run(t.host.cmd("cat").arg("/proc/net/snmp6"));
+    snmp.lines()
+        .find_map(|l| l.strip_prefix("Ip6OutForwDatagrams"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Ip6OutForwDatagrams: {snmp}"))
+}
+
+/// Issue 12 for IPv6: with the fast path on (the default), NAT66 traffic bypasses the
+/// host stack both ways (`fast_out` at the bridge port, `fast_in` from the uplink; the
+/// host forwards next to nothing), and the hop limit drops by one each way, as a
+/// router's would. A hop limit of 1 still gets "time exceeded" from the gateway (the
+/// stack's answer). With `--fast-path off` the same traffic is forwarded by the stack.
+#[test]
+fn nat66_takes_the_fast_path_and_hop_limits_drop_by_one() {
+    const N: u64 = 200;
+    for mode in ["on", "off"] {
+        let t = Topology::with_flags(&["--ip6", PREFIX6, "--fast-path", mode]);
+        t.enable_ipv6();
+        let c = Container::start(&t);
+        let _srv = ChildGuard::spawn(t.wan.cmd("python3").args(["-c", HOP_WHO, "7500"]));
+        t.wan.wait_listen("udp", 7500);
+        let (s0, f0) = (t.stats(), forwarded6(&t));
+        let o = out(&output(c.cmd("python3").args([
+            "-c",
+            HOP_ASK,
+            WAN_IP6,
+            "7500",
+            &N.to_string(),
+        ])));
+        let (s1, fwd) = (t.stats(), forwarded6(&t) - f0);
+        let (got, last) = o.split_once(' ').unwrap_or_else(|| panic!("{mode}: {o:?}"));
+        let got: u64 = got.parse().unwrap_or_else(|_| panic!("{mode}: {o:?}"));
+        assert!(got >= N - 5, "{mode}: answers {got} of {N}: {o}");
+        assert_eq!(
+            last,
+            format!("hl=63 peer={UPLINK_IP6} back_hl=63"),
+            "{mode}: masqueraded, one hop each way"
+        );
+        let (fin, fout) = (grew(&s0, &s1, "fast_in"), grew(&s0, &s1, "fast_out"));
+        let report = format!("{mode}: fast_in +{fin}, fast_out +{fout}, forwarded {fwd}");
+        if mode == "on" {
+            assert!(fin >= got && fout >= got, "both ways fast: {report}");
+            assert!(fwd <= 8, "the stack forwarded next to nothing: {report}");
+        } else {
+            assert!(fin == 0 && fout == 0, "no fast path: {report}");
+            assert!(fwd >= 2 * got, "the stack forwarded both ways: {report}");
+        }
+        let p = output(
+            c.cmd("ping")
+                .args(["-6", "-c", "1", "-t", "1", "-W", "2", WAN_IP6]),
+        );
+        let text = both(&p);
+        assert!(
+            text.contains(&format!("From {GATEWAY6}")) && text.contains("Time exceeded"),
+            "{mode}: hop limit 1 gets time exceeded from the gateway: {text}"
+        );
+    }
+}

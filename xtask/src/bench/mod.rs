@@ -1785,8 +1785,7 @@ fn document(o: &Opts, bin: &Path, res: &Results, elapsed: Duration, load: &str) 
          request/response). The four with a host are dual stack for workload 8: uplink \
          2001:db8:100::2/64, wan 2001:db8:100::1/64, bridge fd00:19::1/64, containers fd00:19::2 \
          and ::3; no NAT routes fd00:19::/64 back, iptables has an `ip6tables` `MASQUERADE` for \
-         fd00:19::/64, eBPF runs with `--ip6` (NAT66, which has no fast path: eBPF fast measures the \
-         same IPv6 path). sockperf 3.7 has no IPv6, so workload 8 uses iperf3 (64-byte UDP sent as \
+         fd00:19::/64, eBPF runs with `--ip6` (NAT66; eBPF fast takes the IPv6 fast path too). sockperf 3.7 has no IPv6, so workload 8 uses iperf3 (64-byte UDP sent as \
          fast as one iperf3 thread can, TCP bulk both ways) and the connection-rate tool through an \
          IPv6-only forward `[::]:8083` → container a 5004 (netns `port add`, an `ip6tables` DNAT; \
          no NAT connects to the container directly); the floor is IPv4 only. \
