@@ -42,16 +42,15 @@ pub mod maps {
     pub const SOCK_REVNAT6: &str = "NETNS_SKREV6";
     /// Container IPv6 addresses -> bridge port and MAC (hairpin).
     pub const ENDPOINTS6: &str = "NETNS_EPS6";
-    /// Host ports outside the NAT range that a port forward or a masqueraded flow
-    /// (which kept its port) uses: the uplink passes other ports' packets before any
-    /// table lookup.
+    /// Host ports that a port forward or a masqueraded flow uses: the uplink passes
+    /// other ports' packets (outside the NAT range) before any table lookup.
     pub const PORT_USE: &str = "NETNS_PORTUSE";
 }
 
 /// `NETNS_PORTUSE`: one byte per port (host order), nonzero once the port was used,
 /// in rows of [`PORT_USE_ROW`] bytes (an array map's value). Two tables of
 /// [`PORT_USE_TABLE`] rows: port forwards' host ports (written by user space, which
-/// rewrites whole rows) and masqueraded flows' kept ports (written by the programs, a
+/// rewrites whole rows) and masqueraded flows' ports (written by the programs, a
 /// byte at a time), so that neither writer can overwrite the other's marks.
 pub const PORT_USE_ROW: usize = 64;
 pub const PORT_USE_TABLE: u32 = (65536 / PORT_USE_ROW) as u32;

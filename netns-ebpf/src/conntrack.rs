@@ -782,12 +782,10 @@ fn create_pair(pkt: &Packet, xlat: &mut Tuple, spec: &PairSpec, len: u32) -> Res
         });
     }
     xlat.sport = rk.tuple.dport;
-    // Replies will come to this port: outside the NAT range (a kept port), the uplink
-    // must not pass them as the host's before the lookup.
-    let p = u16::from_be(xlat.sport);
-    if spec.rev_dir == dir::UPLINK_INGRESS
-        && (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)
-        && (p < spec.min || p > spec.max)
+    // Replies will come to this port: the uplink must not pass them as the host's
+    // before the lookup. Marked also inside the NAT range, which `--nat-ports` may
+    // move while the flow lives.
+    if spec.rev_dir == dir::UPLINK_INGRESS && (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)
     {
         mark_port_used(xlat.sport);
     }

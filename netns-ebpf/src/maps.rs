@@ -58,8 +58,8 @@ pub static SOCK_REVNAT6: LruHashMap<Sock6Key, Sock6Orig> =
 #[map(name = "NETNS_EPS6")]
 pub static ENDPOINTS6: HashMap<In6, Endpoint> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
 
-/// Host ports (outside the NAT range) that a port forward or a masqueraded flow uses,
-/// a byte per port: see [`port_maybe_ours`].
+/// Host ports that a port forward or a masqueraded flow uses, a byte per port: see
+/// [`port_maybe_ours`].
 #[map(name = "NETNS_PORTUSE")]
 pub static PORT_USE: Array<[u8; PORT_USE_ROW]> = Array::pinned(PORT_USE_ROWS, 0);
 
@@ -160,7 +160,7 @@ pub fn config() -> Option<&'static Config> {
 /// Can a TCP or UDP packet through the uplink to or from this host port (network
 /// order) belong to a translated flow or a port forward? Ports in the NAT range may;
 /// others only once marked in [`PORT_USE`] (by user space for each forward, by
-/// [`mark_port_used`] for each masqueraded flow that kept its port). A mark is never
+/// [`mark_port_used`] for each masqueraded flow's port). A mark is never
 /// taken back while the datapath lives: a stale one costs a lookup, a missing one
 /// would break a flow.
 #[inline(always)]

@@ -102,7 +102,10 @@ pub fn port_check6(ctx: &TcContext, cfg: &Config, port: &BridgePort) -> Result<u
     let d = &pkt.tuple.daddr;
     let to_host = *d == cfg.gateway6 || (*d == cfg.uplink_addr6 && !d.is_zero());
     if !to_host {
+        // From its global address only: a link-local or unspecified source is never
+        // forwarded (the stack refuses it), let alone masqueraded.
         let outside = cfg.fast_path != 0
+            && src == port.addr6
             && !cfg.uplink_addr6.is_zero()
             && matches!(pkt.l4, L4::Ports | L4::IcmpQuery)
             && !pkt.fragment

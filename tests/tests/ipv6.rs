@@ -880,6 +880,10 @@ frames = []
 for src in ("fd00:19::99", b6, uplink6):
     frames += [udp_frame(src, b"spoofed-src")] * 2
 frames += [na(b6, a_mac), na(gw6, a_mac), na(a6, b_mac)]
+# A's own link-local address passes its port (NDP needs it) but is never forwarded.
+m = mac(a_mac)
+ll = "fe80::%02x%02x:%02xff:fe%02x:%02x%02x" % (m[0] ^ 2, m[1], m[2], m[3], m[4], m[5])
+frames += [udp_frame(ll, b"link-local-src")] * 2
 frames.append(udp_frame(a6, b"own-marker"))
 send_l2("eth0", *frames)
 "#;
@@ -942,11 +946,11 @@ while True:
     let spoofed: Vec<String> = sink
         .lines()
         .into_iter()
-        .filter(|l| l.contains("spoofed-src"))
+        .filter(|l| l.contains("spoofed-src") || l.contains("link-local-src"))
         .collect();
     assert!(
         spoofed.is_empty(),
-        "datagrams with forged sources left the host: {spoofed:?}"
+        "datagrams with forged or link-local sources left the host: {spoofed:?}"
     );
     // The host's and B's neighbour tables kept the right MACs.
     let n = neigh(t.host.cmd("ip"), &b6, BRIDGE);
