@@ -167,37 +167,16 @@ pub fn route_out(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, macs: &mut Macs) -
     if cfg.fast_path == 0 || ip.ttl <= 1 {
         return Fast::STACK;
     }
-    // Zeroed is a valid bpf_fib_lookup; the IPv4 members are filled in.
-    let mut p = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
-    mem::zero_in_place(p.as_mut_ptr());
-    // SAFETY: every byte written just above.
-    let p = unsafe { &mut *p.as_mut_ptr() };
-    p.family = AF_INET;
-    p.l4_protocol = ip.proto;
-    p.__bindgen_anon_1.tot_len = wire_len(ctx, ip);
-    p.ifindex = cfg.bridge_ifindex;
-    p.__bindgen_anon_2.tos = ip.tos;
-    p.__bindgen_anon_3.ipv4_src = ip.saddr;
-    p.__bindgen_anon_4.ipv4_dst = ip.daddr;
-    // SAFETY: helper call with a valid context and parameter block.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
-    if p.ifindex != cfg.uplink_ifindex {
-        return Fast::STACK;
-    }
-    macs.0[..6].copy_from_slice(&p.dmac);
-    macs.0[6..].copy_from_slice(&p.smac);
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Fast::out(p.ifindex),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Fast::neigh(p.ifindex),
-        _ => Fast::STACK,
-    }
+    let l4_off = ETH_HLEN + ((ip.vihl & 0x0f) as usize) * 4;
+    let tot_len = wire_len(ctx, u16::from_be(ip.tot_len), l4_off, ip.proto);
+    fib_out(ctx, cfg, macs, |p| {
+        p.family = AF_INET;
+        p.l4_protocol = ip.proto;
+        p.__bindgen_anon_1.tot_len = tot_len;
+        p.__bindgen_anon_2.tos = ip.tos;
+        p.__bindgen_anon_3.ipv4_src = ip.saddr;
+        p.__bindgen_anon_4.ipv4_dst = ip.daddr;
+    })
 }
 
 /// [`route_out`] for a container's IPv6 packet (`pkt`, parsed).
@@ -209,19 +188,36 @@ pub fn route_out6(ctx: &TcContext, cfg: &Config, pkt: &Packet6, macs: &mut Macs)
     if cfg.fast_path == 0 || ip.hop_limit <= 1 {
         return Fast::STACK;
     }
+    let tot = (IP6_HLEN as u32 + pkt.payload_len).min(u16::MAX as u32) as u16;
+    let tot_len = wire_len(ctx, tot, pkt.l4_off, pkt.proto);
+    fib_out(ctx, cfg, macs, |p| {
+        p.family = AF_INET6;
+        p.l4_protocol = pkt.proto;
+        p.__bindgen_anon_1.tot_len = tot_len;
+        // Traffic class and flow label, as the kernel's forwarding looks them up.
+        let v = ip.vtc_flow;
+        p.__bindgen_anon_2.flowinfo = u32::from_ne_bytes([v[0] & 0x0f, v[1], v[2], v[3]]);
+        p.__bindgen_anon_3.ipv6_src = ip.saddr.0;
+        p.__bindgen_anon_4.ipv6_dst = ip.daddr.0;
+    })
+}
+
+/// `bpf_fib_lookup` from the bridge with the members `fill` sets (the rest zero):
+/// out of the uplink with the looked-up MACs, through the kernel's neighbour
+/// resolution when the next hop has no entry yet, or the stack's path.
+#[inline(always)]
+fn fib_out(
+    ctx: &TcContext,
+    cfg: &Config,
+    macs: &mut Macs,
+    fill: impl FnOnce(&mut bpf_fib_lookup),
+) -> Fast {
     let mut p = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
     mem::zero_in_place(p.as_mut_ptr());
-    // SAFETY: every byte written just above.
+    // SAFETY: every byte written just above; all-zero is a valid bpf_fib_lookup.
     let p = unsafe { &mut *p.as_mut_ptr() };
-    p.family = AF_INET6;
-    p.l4_protocol = pkt.proto;
-    p.__bindgen_anon_1.tot_len = wire_len6(ctx, pkt);
     p.ifindex = cfg.bridge_ifindex;
-    // Traffic class and flow label, as the kernel's forwarding looks them up.
-    let v = ip.vtc_flow;
-    p.__bindgen_anon_2.flowinfo = u32::from_ne_bytes([v[0] & 0x0f, v[1], v[2], v[3]]);
-    p.__bindgen_anon_3.ipv6_src = ip.saddr.0;
-    p.__bindgen_anon_4.ipv6_dst = ip.daddr.0;
+    fill(p);
     // SAFETY: helper call with a valid context and parameter block.
     let rc = unsafe {
         fib_lookup(
@@ -243,49 +239,26 @@ pub fn route_out6(ctx: &TcContext, cfg: &Config, pkt: &Packet6, macs: &mut Macs)
     }
 }
 
-/// [`wire_len`] for IPv6: the header plus the payload, or for a GSO packet the
-/// headers plus one segment.
+/// The length of the packets that will be on the wire (`tot`: the IP packet's): a
+/// GSO packet (a container's TCP sends 64 KiB at a time) is checked by the size of its
+/// segments (IP headers up to `l4_off`, the L4 header, one segment), as the kernel's
+/// forwarding does, not by its total length.
 #[inline(always)]
-fn wire_len6(ctx: &TcContext, pkt: &Packet6) -> u16 {
-    let tot = (IP6_HLEN as u32 + pkt.payload_len).min(u16::MAX as u32) as u16;
+fn wire_len(ctx: &TcContext, tot: u16, l4_off: usize, proto: u8) -> u16 {
     // SAFETY: reading fields of the context the kernel handed us.
     let (segs, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
     if segs <= 1 || size == 0 {
         return tot;
     }
-    let l4 = if pkt.proto == netns_common::IPPROTO_TCP {
-        match ctx.load::<u8>(pkt.l4_off + 12) {
+    let l4 = if proto == netns_common::IPPROTO_TCP {
+        match ctx.load::<u8>(l4_off + 12) {
             Ok(doff) => ((doff >> 4) as u32) * 4,
             Err(_) => return tot,
         }
     } else {
         8
     };
-    let seg = (pkt.l4_off - ETH_HLEN) as u32 + l4 + size;
-    if seg < tot as u32 { seg as u16 } else { tot }
-}
-
-/// The length of the packets that will be on the wire: a GSO packet (a container's
-/// TCP sends 64 KiB at a time) is checked by the size of its segments, as the
-/// kernel's forwarding does, not by its total length.
-#[inline(always)]
-fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
-    let tot = u16::from_be(ip.tot_len);
-    // SAFETY: reading fields of the context the kernel handed us.
-    let (segs, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
-    if segs <= 1 || size == 0 {
-        return tot;
-    }
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    let l4 = if ip.proto == netns_common::IPPROTO_TCP {
-        match ctx.load::<u8>(ETH_HLEN + ihl + 12) {
-            Ok(doff) => ((doff >> 4) as u32) * 4,
-            Err(_) => return tot,
-        }
-    } else {
-        8
-    };
-    let seg = ihl as u32 + l4 + size;
+    let seg = (l4_off - ETH_HLEN) as u32 + l4 + size;
     if seg < tot as u32 { seg as u16 } else { tot }
 }
 

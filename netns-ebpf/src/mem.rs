@@ -9,15 +9,8 @@ use core::mem::{MaybeUninit, align_of, size_of};
 /// accesses must be aligned) and a multiple of 4 bytes.
 #[inline(always)]
 pub fn zeroed<T>() -> T {
-    const { assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4) };
     let mut v = MaybeUninit::<T>::uninit();
-    let p = v.as_mut_ptr().cast::<u32>();
-    let mut i = 0;
-    while i < size_of::<T>() / 4 {
-        // SAFETY: in bounds of `v`, 4-aligned.
-        unsafe { core::ptr::write_volatile(p.add(i), 0) };
-        i += 1;
-    }
+    zero_in_place(v.as_mut_ptr());
     // SAFETY: every byte written; all-zero is a valid `T` (the caller's promise).
     unsafe { v.assume_init() }
 }
