@@ -24,7 +24,7 @@ use crate::{
         ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, Packet6,
         eui64_link_local, is_multicast, parse6, rewrite_addr, rewrite6,
     },
-    maps::{CONNTRACK6, ENDPOINTS6, FRAGS6},
+    maps::{CONNTRACK6, ENDPOINTS6, FRAGS6, mark_port_used, port_maybe_ours},
     packet::{self, L4, L4_DPORT, L4_SPORT, TCP_ACK, TCP_SYN},
     portfwd, stats,
 };
@@ -261,6 +261,12 @@ pub fn uplink_egress6(ctx: &TcContext, cfg: &Config) -> Result<(), Stat> {
             owner: pkt.tuple.saddr,
         };
         create6(cfg, pkt, len, &spec, x)?;
+        // Replies will come to this port: the uplink must look them up (as IPv4's
+        // `create_pair` marks; here, out of `create6`, whose frame is on the bridge
+        // port's deepest call chain).
+        if pkt.l4 == L4::Ports {
+            mark_port_used(x.sport);
+        }
     }
     rewrite6(ctx, pkt, x)?;
     stats::inc(if kind == ct_kind::DNAT as u32 {
@@ -295,6 +301,11 @@ pub fn uplink_ingress6(ctx: &TcContext, cfg: &Config) -> Result<u32, Stat> {
     let pkt = &mut w.pkt;
     if parse6(ctx, pkt).is_err() {
         // To the host's own address: its stack judges its own packets.
+        return Ok(0);
+    }
+    // The host's own TCP and UDP pass before any lookup, as for IPv4 (`host_port`).
+    if pkt.l4 == L4::Ports && !pkt.fragment && !port_maybe_ours(cfg, pkt.tuple.dport) {
+        stats::inc(Stat::HostPortPassed);
         return Ok(0);
     }
     let len = ctx.len();

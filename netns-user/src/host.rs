@@ -125,7 +125,9 @@ fn warn_bypassed_forward_rules(cfg: &NetConfig) {
     let rules = crate::network::forward_rules::mentioning(&needles);
     if let Some(first) = rules.first() {
         log::warn!(
-            "--fast-path on bypasses netfilter FORWARD for translated traffic; {} rule(s) there              name {} or its subnet and will not see it (e.g. `{first}`); --fast-path off keeps them              in the path",
+            "--fast-path on bypasses netfilter FORWARD for translated traffic; {} rule(s) there \
+             name {} or its subnet and will not see it (e.g. `{first}`); --fast-path off \
+             keeps them in the path",
             rules.len(),
             cfg.bridge
         );

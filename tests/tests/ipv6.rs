@@ -775,6 +775,105 @@ fn port_forward_from_the_wan_keeps_the_peer_address() {
     assert!(!t.netns(&["port", "ls"]).contains("]:8081"));
 }
 
+/// The host's own IPv6 TCP and UDP to the uplink's address pass before any table
+/// lookup (`host_port_passed`), as IPv4's do; an IPv6 forward's port is marked in the
+/// shared port-use table (else its packets would pass as the host's) and a NAT66
+/// flow's port too.
+#[test]
+fn the_hosts_own_ipv6_ports_pass_before_any_lookup_and_forwards_still_translate() {
+    let t = topology();
+    let c = Container::start(&t);
+    let _host = who(t.host.cmd("python3"), 8091, "h", "6");
+    let s0 = t.stats();
+    let want = format!("h peer={WAN_IP6}");
+    for proto in ["tcp", "udp"] {
+        expect(
+            &format!("{proto} wan -> the host's [{UPLINK_IP6}]:8091"),
+            || ask(t.wan.cmd("python3"), proto, UPLINK_IP6, 8091),
+            &want,
+        );
+    }
+    let s1 = t.stats();
+    // TCP: SYN, ACK, FIN... in; UDP: at least one datagram.
+    let passed = grew(&s0, &s1, "host_port_passed");
+    assert!(
+        passed >= 4,
+        "the host's packets skipped the tables: +{passed}"
+    );
+    for s in ["dnat6_packets", "snat6_reply_packets", "ct6_created"] {
+        assert_eq!(
+            grew(&s0, &s1, s),
+            0,
+            "the host's traffic was not translated: {s}"
+        );
+    }
+
+    let _ctr = who(c.cmd("python3"), 80, "c", "6");
+    t.netns(&["port", "add", &c.id, "[::]:8090:80"]);
+    expect(
+        "TCP wan -> [uplink]:8090 (forward)",
+        || ask(t.wan.cmd("python3"), "tcp", UPLINK_IP6, 8090),
+        &format!("c peer={WAN_IP6}"),
+    );
+    let _wan = who(t.wan.cmd("python3"), 8092, "w", "6");
+    expect(
+        "TCP container -> wan (NAT66)",
+        || ask(c.cmd("python3"), "tcp", WAN_IP6, 8092),
+        &format!("w peer={UPLINK_IP6}"),
+    );
+    let s2 = t.stats();
+    assert!(
+        grew(&s1, &s2, "dnat6_packets") >= 3,
+        "forward translated: {s2}"
+    );
+    assert!(
+        grew(&s1, &s2, "snat6_reply_packets") >= 2,
+        "NAT66 replies translated: {s2}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).expect("JSON");
+    let marked = status["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "NETNS_PORTUSE"))
+        .and_then(|m| m["entries"].as_u64())
+        .unwrap_or_else(|| panic!("NETNS_PORTUSE in datapath status: {status}"));
+    // 8090 (the forward) and the port of each NAT66 flow (one, unless a try was
+    // repeated); 1 would mean one of the two kinds is not marked.
+    assert!(
+        marked >= 2,
+        "8090 and the NAT66 flow's port are marked: {marked}"
+    );
+
+    // A forward written by a build that did not mark IPv6 ports: its mark is gone, so
+    // the bail-out takes its packets for the host's (nothing listens there)...
+    let (row, _) = netns_common::port_use_slot(8090);
+    let pin = t.map_pin(netns_common::maps::PORT_USE);
+    let mut cmd = t.host.cmd("bpftool");
+    cmd.args([
+        "map",
+        "update",
+        "pinned",
+        pin.to_str().expect("utf-8 pin"),
+        "key",
+    ]);
+    cmd.args(row.to_le_bytes().map(|b| b.to_string()));
+    cmd.arg("value")
+        .args(std::iter::repeat_n("0", netns_common::PORT_USE_ROW));
+    run(&mut cmd);
+    let lost = ask(t.wan.cmd("python3"), "tcp", UPLINK_IP6, 8090);
+    assert!(
+        !lost.contains("c peer="),
+        "unmarked, the forward still answered: {lost}"
+    );
+    // ... until a reload, which marks every forward's port before the new programs run.
+    let reload = t.netns(&["datapath", "reload"]);
+    expect(
+        &format!("TCP wan -> [uplink]:8090 after the reload ({reload})"),
+        || ask(t.wan.cmd("python3"), "tcp", UPLINK_IP6, 8090),
+        &format!("c peer={WAN_IP6}"),
+    );
+}
+
 #[test]
 fn spec_without_host_ip_forwards_both_families() {
     let t = topology();

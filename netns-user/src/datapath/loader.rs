@@ -90,6 +90,10 @@ impl Datapath {
         let result = (|| {
             let staged = Pins::staged(&self.pins, &staging);
             load_and_pin(&staged, None)?;
+            let marked = self.mark_forward_ports()?;
+            if marked > 0 {
+                log::info!("marked {marked} port-forward port(s) in use for the new programs");
+            }
             let mut replaced = Vec::new();
             for link in pinned_links(&self.pins)? {
                 switch_link(&link, &staging.join(link.program))?;

@@ -142,28 +142,31 @@ pub struct PortForwards(HashMap<MapData, PortKey, PortTarget>, PortUse);
 /// lookup). Marks are never taken back: a stale one only costs the lookup.
 pub struct PortUse {
     map: Array<MapData, [u8; PORT_USE_ROW]>,
-    /// Rows read so far (this handle's writes go through it).
+    /// Rows as this handle last read or wrote them (a mark seen there is final).
     rows: std::collections::HashMap<u32, [u8; PORT_USE_ROW]>,
 }
 
 impl PortUse {
-    /// Marks `port` (host order); writes its row only if the mark is new.
+    /// Marks `port` (host order); writes its row only if the mark is new. A cached mark
+    /// is final (marks are never taken back); a row without it is read afresh before
+    /// the write, so that marks another handle (the IPv4 and IPv6 maps share the
+    /// table) made since are kept.
     pub fn mark(&mut self, port: u16) -> Result<(), DatapathError> {
         let (row, i) = port_use_slot(port);
-        let r = match self.rows.entry(row) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                self.map
-                    .get(&row, 0)
-                    .map_err(map_err("reading the port-use table"))?,
-            ),
-        };
+        if self.rows.get(&row).is_some_and(|r| r[i] != 0) {
+            return Ok(());
+        }
+        let mut r = self
+            .map
+            .get(&row, 0)
+            .map_err(map_err("reading the port-use table"))?;
         if r[i] == 0 {
             r[i] = 1;
             self.map
-                .set(row, *r, 0)
+                .set(row, r, 0)
                 .map_err(map_err(format!("marking host port {port} in use")))?;
         }
+        self.rows.insert(row, r);
         Ok(())
     }
 
@@ -314,12 +317,14 @@ impl fmt::Display for PortForward6 {
     }
 }
 
-/// The IPv6 port-forward map.
-pub struct PortForwards6(HashMap<MapData, Port6Key, Port6Target>);
+/// The IPv6 port-forward map, with the port-use table (shared with IPv4: a port
+/// marked for either family is looked up for both).
+pub struct PortForwards6(HashMap<MapData, Port6Key, Port6Target>, PortUse);
 
 impl PortForwards6 {
-    /// Writes (or overwrites) a forward.
+    /// Writes (or overwrites) a forward, its host port marked in use first.
     pub fn insert(&mut self, f: &PortForward6) -> Result<(), DatapathError> {
+        self.1.mark(f.host_port)?;
         let (k, t) = f.to_raw();
         self.0
             .insert(k, t, 0)
@@ -352,21 +357,45 @@ impl PortForwards6 {
 }
 
 impl Datapath {
-    pub fn port_forwards(&self) -> Result<PortForwards, DatapathError> {
-        let used = Array::try_from(aya::maps::Map::Array(self.map_data(maps::PORT_USE)?))
+    fn port_use(&self) -> Result<PortUse, DatapathError> {
+        let map = Array::try_from(aya::maps::Map::Array(self.map_data(maps::PORT_USE)?))
             .map_err(map_err("opening the port-use table"))?;
+        Ok(PortUse {
+            map,
+            rows: Default::default(),
+        })
+    }
+
+    pub fn port_forwards(&self) -> Result<PortForwards, DatapathError> {
         Ok(PortForwards(
             self.hash_map(maps::PORTS, false, "opening the port map")?,
-            PortUse {
-                map: used,
-                rows: Default::default(),
-            },
+            self.port_use()?,
         ))
     }
 
+    /// Marks the port of every forward there is, of both families: programs that pass
+    /// unmarked ports may replace ones that did not mark them (an IPv6 forward written
+    /// before IPv6 checked the table). Returns the ports newly marked.
+    pub fn mark_forward_ports(&self) -> Result<usize, DatapathError> {
+        let mut used = self.port_use()?;
+        let before = used.count()?;
+        let v4 = self.port_forwards()?.list()?;
+        let v6 = self.port_forwards6()?.list()?;
+        for port in v4
+            .iter()
+            .map(|f| f.host_port)
+            .chain(v6.iter().map(|f| f.host_port))
+        {
+            used.mark(port)?;
+        }
+        Ok(used.count()? - before)
+    }
+
     pub fn port_forwards6(&self) -> Result<PortForwards6, DatapathError> {
-        self.hash_map(maps::PORTS6, false, "opening the IPv6 port map")
-            .map(PortForwards6)
+        Ok(PortForwards6(
+            self.hash_map(maps::PORTS6, false, "opening the IPv6 port map")?,
+            self.port_use()?,
+        ))
     }
 }
 
