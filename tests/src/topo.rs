@@ -326,6 +326,18 @@ impl Topology {
         bpf::tcx(&self.host, ifname).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// The entry count `netns datapath status --json` gives for map `name` (the
+    /// product's own count, e.g. the marks of `NETNS_PORTUSE`).
+    pub fn status_entries(&self, name: &str) -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.netns(&["datapath", "status", "--json"])).expect("JSON");
+        status["maps"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == name))
+            .and_then(|m| m["entries"].as_u64())
+            .unwrap_or_else(|| panic!("{name} in datapath status: {status}"))
+    }
+
     /// `stats --json` parsed: counter name -> value.
     pub fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&self.netns(&["stats", "--json"])).expect("stats --json is JSON")

@@ -759,12 +759,6 @@ fn the_hosts_own_ports_pass_before_any_lookup_and_used_ports_still_translate() {
         grew(&s1, &s2, "snat_reply_packets") >= 3,
         "replies translated"
     );
-    let status: serde_json::Value =
-        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).expect("JSON");
-    let marked = status["maps"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == "NETNS_PORTUSE"))
-        .and_then(|m| m["entries"].as_u64())
-        .unwrap_or_else(|| panic!("NETNS_PORTUSE in datapath status: {status}"));
+    let marked = t.status_entries("NETNS_PORTUSE");
     assert_eq!(marked, 2, "7400 (forward) and 40002 (kept port) are marked");
 }

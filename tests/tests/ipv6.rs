@@ -830,13 +830,7 @@ fn the_hosts_own_ipv6_ports_pass_before_any_lookup_and_forwards_still_translate(
         grew(&s1, &s2, "snat6_reply_packets") >= 2,
         "NAT66 replies translated: {s2}"
     );
-    let status: serde_json::Value =
-        serde_json::from_str(&t.netns(&["datapath", "status", "--json"])).expect("JSON");
-    let marked = status["maps"]
-        .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == "NETNS_PORTUSE"))
-        .and_then(|m| m["entries"].as_u64())
-        .unwrap_or_else(|| panic!("NETNS_PORTUSE in datapath status: {status}"));
+    let marked = t.status_entries("NETNS_PORTUSE");
     // 8090 (the forward) and the port of each NAT66 flow (one, unless a try was
     // repeated); 1 would mean one of the two kinds is not marked.
     assert!(

@@ -147,27 +147,28 @@ pub struct PortUse {
 }
 
 impl PortUse {
-    /// Marks `port` (host order); writes its row only if the mark is new. A cached mark
+    /// Marks `port` (host order); writes its row only if the mark is new (then true). A cached mark
     /// is final (marks are never taken back); a row without it is read afresh before
     /// the write, so that marks another handle (the IPv4 and IPv6 maps share the
     /// table) made since are kept.
-    pub fn mark(&mut self, port: u16) -> Result<(), DatapathError> {
+    pub fn mark(&mut self, port: u16) -> Result<bool, DatapathError> {
         let (row, i) = port_use_slot(port);
         if self.rows.get(&row).is_some_and(|r| r[i] != 0) {
-            return Ok(());
+            return Ok(false);
         }
         let mut r = self
             .map
             .get(&row, 0)
             .map_err(map_err("reading the port-use table"))?;
-        if r[i] == 0 {
+        let new = r[i] == 0;
+        if new {
             r[i] = 1;
             self.map
                 .set(row, r, 0)
                 .map_err(map_err(format!("marking host port {port} in use")))?;
         }
         self.rows.insert(row, r);
-        Ok(())
+        Ok(new)
     }
 
     /// Marks in both tables (a port marked in both counts twice).
