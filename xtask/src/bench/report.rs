@@ -101,6 +101,7 @@ impl Metric {
                 Some((false, 0.95))
             }
             Metric::TcpUp | Metric::TcpDown => Some((true, 1.00)),
+            Metric::Conn1 | Metric::Conn10k => Some((true, 1.15)),
             _ => None,
         }
     }
