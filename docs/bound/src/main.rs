@@ -66,6 +66,17 @@ fn put<T>(base: usize, off: usize, v: T) {
     unsafe { core::ptr::write_unaligned((base + off) as *mut T, v) }
 }
 
+/// Writes the IPv4 address at `off` (`old` -> `new`) with both checksums fixed;
+/// returns the packet's start again.
+#[inline(always)]
+fn set_addr(ctx: &TcContext, off: usize, old: u32, new: u32) -> Option<usize> {
+    let _ = ctx.l3_csum_replace(IP_CSUM, old as u64, new as u64, 4);
+    let _ = ctx.l4_csum_replace(UDP_CSUM, old as u64, new as u64, F_PSEUDO | F_MANGLED_0 | 4);
+    let s = headers(ctx)?;
+    put(s, off, new);
+    Some(s)
+}
+
 #[classifier]
 pub fn bound_in(ctx: TcContext) -> i32 {
     let Some(s) = headers(&ctx) else {
@@ -75,18 +86,10 @@ pub fn bound_in(ctx: TcContext) -> i32 {
     if at::<u8>(s, PROTO) != 17 || d != C.uplink_ip || dp != C.fwd_port {
         return TC_ACT_OK;
     }
-    let _ = ctx.l3_csum_replace(IP_CSUM, d as u64, C.ctr_ip as u64, 4);
-    let _ = ctx.l4_csum_replace(
-        UDP_CSUM,
-        d as u64,
-        C.ctr_ip as u64,
-        F_PSEUDO | F_MANGLED_0 | 4,
-    );
     let _ = ctx.l4_csum_replace(UDP_CSUM, dp as u64, C.ctr_port as u64, F_MANGLED_0 | 2);
-    let Some(s) = headers(&ctx) else {
+    let Some(s) = set_addr(&ctx, DADDR, d, C.ctr_ip) else {
         return TC_ACT_OK;
     };
-    put(s, DADDR, C.ctr_ip);
     put(s, DPORT, C.ctr_port);
     put(s, 0, C.ctr_mac);
     put(s, 6, C.br_mac);
@@ -110,17 +113,9 @@ pub fn bound_port(ctx: TcContext) -> i32 {
     if sa != C.ctr_ip || d & 0xffff == C.ctr_ip & 0xffff {
         return TC_ACT_OK;
     }
-    let _ = ctx.l3_csum_replace(IP_CSUM, sa as u64, C.uplink_ip as u64, 4);
-    let _ = ctx.l4_csum_replace(
-        UDP_CSUM,
-        sa as u64,
-        C.uplink_ip as u64,
-        F_PSEUDO | F_MANGLED_0 | 4,
-    );
-    let Some(s) = headers(&ctx) else {
+    let Some(s) = set_addr(&ctx, SADDR, sa, C.uplink_ip) else {
         return TC_ACT_OK;
     };
-    put(s, SADDR, C.uplink_ip);
     put(s, 0, C.wan_mac);
     put(s, 6, C.up_mac);
     // SAFETY: a plain helper call.
