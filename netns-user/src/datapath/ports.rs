@@ -147,10 +147,10 @@ pub struct PortUse {
 }
 
 impl PortUse {
-    /// Marks `port` (host order); writes its row only if the mark is new (then true). A cached mark
-    /// is final (marks are never taken back); a row without it is read afresh before
-    /// the write, so that marks another handle (the IPv4 and IPv6 maps share the
-    /// table) made since are kept.
+    /// Marks `port` (host order); writes its row only if the mark is new, and then
+    /// returns true. A cached mark is final (marks are never taken back); a row without
+    /// it is read afresh before the write, so that marks another handle (the IPv4 and
+    /// IPv6 maps share the table) made since are kept.
     pub fn mark(&mut self, port: u16) -> Result<bool, DatapathError> {
         let (row, i) = port_use_slot(port);
         if self.rows.get(&row).is_some_and(|r| r[i] != 0) {
@@ -379,17 +379,17 @@ impl Datapath {
     /// before IPv6 checked the table). Returns the ports newly marked.
     pub fn mark_forward_ports(&self) -> Result<usize, DatapathError> {
         let mut used = self.port_use()?;
-        let before = used.count()?;
         let v4 = self.port_forwards()?.list()?;
         let v6 = self.port_forwards6()?.list()?;
+        let mut marked = 0;
         for port in v4
             .iter()
             .map(|f| f.host_port)
             .chain(v6.iter().map(|f| f.host_port))
         {
-            used.mark(port)?;
+            marked += usize::from(used.mark(port)?);
         }
-        Ok(used.count()? - before)
+        Ok(marked)
     }
 
     pub fn port_forwards6(&self) -> Result<PortForwards6, DatapathError> {
